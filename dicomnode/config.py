@@ -1,0 +1,344 @@
+"""The node's configuration: one TOML file read into typed, frozen dataclasses.
+
+Every key is checked (type, range, allowed values) and unknown keys are refused, so a typo never
+silently falls back to a default. Errors are :class:`ConfigError` naming the offending key, e.g.
+``node.port: must be an integer in 0..65535, got 70000``. Relative paths resolve against the folder
+of the config file, so a config and its weights can move together.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from dicomnode.records import Destination
+
+MIB = 1024 * 1024
+DEFAULT_MAX_PDU = 4 * MIB
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, not TOML, or has a bad key or value."""
+
+
+class OtherSopClasses(StrEnum):
+    """What the listener does with storage SOP classes other than CR and DX."""
+
+    DISCARD = "discard"
+    REJECT = "reject"
+
+
+class Device(StrEnum):
+    """Where inference runs."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """``[node]``: the listener's identity, address, state and limits."""
+
+    ae_title: str
+    bind: str
+    port: int
+    state_dir: Path
+    other_sop_classes: OtherSopClasses
+    max_pdu: int
+    max_associations: int
+    log_level: str
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """``[study]``: when a study counts as complete."""
+
+    stable_seconds: float
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """``[inference]``: the ensemble to load and where to run it."""
+
+    weights: Path
+    device: Device
+
+
+@dataclass(frozen=True)
+class OutputsConfig:
+    """``[outputs]``: which result objects the worker writes."""
+
+    sr: bool
+    sc: bool
+    gsps: bool
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """``[queue]``: job leases and attempts."""
+
+    lease_seconds: float
+    max_attempts: int
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """``[delivery]``: exponential back-off of result deliveries.
+
+    Attempt ``n`` (1-based) that fails transiently is retried after
+    ``min(retry_initial_seconds * 2 ** (n - 1), retry_max_seconds)``; a delivery still failing
+    ``give_up_after_seconds`` after it was created is marked failed.
+    """
+
+    retry_initial_seconds: float
+    retry_max_seconds: float
+    give_up_after_seconds: float
+
+    def backoff(self, attempts: int) -> float:
+        """Seconds to wait after the ``attempts``-th failed attempt (``attempts >= 1``)."""
+        if attempts < 1:
+            raise ValueError(f"attempts must be >= 1, got {attempts}")
+        exponent = min(attempts - 1, 62)
+        return float(min(self.retry_initial_seconds * 2.0**exponent, self.retry_max_seconds))
+
+
+@dataclass(frozen=True)
+class AllowedCaller:
+    """``[[allowed_callers]]``: a calling AE title and the IP address it must come from."""
+
+    ae_title: str
+    host: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration file."""
+
+    node: NodeConfig
+    study: StudyConfig
+    inference: InferenceConfig
+    outputs: OutputsConfig
+    queue: QueueConfig
+    delivery: DeliveryConfig
+    destinations: tuple[Destination, ...]
+    allowed_callers: tuple[AllowedCaller, ...]
+    source: Path | None = None
+
+
+class _Table:
+    """Reads typed keys out of one TOML table and refuses keys nobody asked for."""
+
+    def __init__(self, raw: object, name: str, base_dir: Path) -> None:
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"{name}: must be a table, got {type(raw).__name__}")
+        self._raw: Mapping[str, Any] = raw
+        self._name = name
+        self._base_dir = base_dir
+        self._seen: set[str] = set()
+
+    def _key(self, key: str) -> str:
+        return f"{self._name}.{key}"
+
+    def _get(self, key: str, default: object) -> object:
+        self._seen.add(key)
+        if key in self._raw:
+            return self._raw[key]
+        if default is _REQUIRED:
+            raise ConfigError(f"{self._key(key)}: is required")
+        return default
+
+    def string(self, key: str, default: object = None) -> str:
+        value = self._get(key, default)
+        if not isinstance(value, str):
+            raise ConfigError(f"{self._key(key)}: must be a string, got {value!r}")
+        return value
+
+    def choice(self, key: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = self.string(key, default)
+        if value not in allowed:
+            raise ConfigError(f"{self._key(key)}: must be one of {allowed}, got {value!r}")
+        return value
+
+    def integer(self, key: str, default: object, low: int, high: int) -> int:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(
+                f"{self._key(key)}: must be an integer in {low}..{high}, got {value!r}"
+            )
+        return value
+
+    def seconds(self, key: str, default: object) -> float:
+        value = self._get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ConfigError(f"{self._key(key)}: must be a number of seconds > 0, got {value!r}")
+        return float(value)
+
+    def flag(self, key: str, default: object) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self._key(key)}: must be true or false, got {value!r}")
+        return value
+
+    def path(self, key: str, default: object = None) -> Path:
+        value = Path(self.string(key, default)).expanduser()
+        return value if value.is_absolute() else (self._base_dir / value).resolve()
+
+    def ae_title(self, key: str, default: object = None) -> str:
+        value = self.string(key, default)
+        try:
+            return validate_ae_title(value)
+        except ValueError as exc:
+            raise ConfigError(f"{self._key(key)}: {exc}") from exc
+
+    def host(self, key: str, default: object = None, *, ip_only: bool = False) -> str:
+        value = self.string(key, default)
+        if ip_only:
+            try:
+                return str(ipaddress.ip_address(value))
+            except ValueError as exc:
+                raise ConfigError(
+                    f"{self._key(key)}: must be an IP address, got {value!r}"
+                ) from exc
+        if not value or any(c.isspace() for c in value):
+            raise ConfigError(f"{self._key(key)}: must be a host name or address, got {value!r}")
+        return value
+
+    def finish(self) -> None:
+        """Refuse keys that no reader asked for (typos, keys from another version)."""
+        unknown = sorted(set(self._raw) - self._seen)
+        if unknown:
+            raise ConfigError(f"{self._name}: unknown key(s) {', '.join(unknown)}")
+
+
+_REQUIRED = object()
+
+
+def validate_ae_title(value: str) -> str:
+    """Return ``value`` if it is a usable AE title (1-16 printable ASCII characters, no ``\\``).
+
+    Leading and trailing spaces are not significant in DICOM and are refused here, so what is
+    configured is what is compared.
+    """
+    if not value or value.strip() != value:
+        raise ValueError(f"AE title must be non-empty without leading/trailing spaces: {value!r}")
+    if len(value) > 16:
+        raise ValueError(f"AE title is longer than 16 characters: {value!r}")
+    if not all(" " <= c <= "~" and c != "\\" for c in value):
+        raise ValueError(f"AE title must be printable ASCII without backslash: {value!r}")
+    return value
+
+
+def _array_of_tables(raw: object, name: str) -> list[object]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"{name}: must be an array of tables ([[{name}]]), got {raw!r}")
+    return raw
+
+
+def _node(t: _Table) -> NodeConfig:
+    return NodeConfig(
+        ae_title=t.ae_title("ae_title", "FRACTURE_AI"),
+        bind=t.host("bind", "127.0.0.1", ip_only=True),
+        port=t.integer("port", 11112, 0, 65535),
+        state_dir=t.path("state_dir", _REQUIRED),
+        other_sop_classes=OtherSopClasses(
+            t.choice("other_sop_classes", "discard", tuple(OtherSopClasses))
+        ),
+        max_pdu=t.integer("max_pdu", DEFAULT_MAX_PDU, 0, 2**32 - 1),
+        max_associations=t.integer("max_associations", 16, 1, 1024),
+        log_level=t.choice("log_level", "info", LOG_LEVELS),
+    )
+
+
+def _destination(t: _Table) -> Destination:
+    return Destination(
+        ae_title=t.ae_title("ae_title", _REQUIRED),
+        host=t.host("host", _REQUIRED),
+        port=t.integer("port", _REQUIRED, 1, 65535),
+    )
+
+
+def _allowed_caller(t: _Table) -> AllowedCaller:
+    return AllowedCaller(
+        ae_title=t.ae_title("ae_title", _REQUIRED), host=t.host("host", _REQUIRED, ip_only=True)
+    )
+
+
+def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = None) -> Config:
+    """Build a :class:`Config` from parsed TOML; relative paths resolve against ``base_dir``."""
+    root = _Table(data, "config", base_dir)
+
+    def table(name: str) -> _Table:
+        return _Table(root._get(name, {}), name, base_dir)
+
+    node_t, study_t, inference_t = table("node"), table("study"), table("inference")
+    outputs_t, queue_t, delivery_t = table("outputs"), table("queue"), table("delivery")
+    node = _node(node_t)
+    study = StudyConfig(stable_seconds=study_t.seconds("stable_seconds", 10.0))
+    inference = InferenceConfig(
+        weights=inference_t.path("weights", "ensemble_weights"),
+        device=Device(inference_t.choice("device", "auto", tuple(Device))),
+    )
+    outputs = OutputsConfig(
+        sr=outputs_t.flag("sr", True),
+        sc=outputs_t.flag("sc", True),
+        gsps=outputs_t.flag("gsps", False),
+    )
+    queue = QueueConfig(
+        lease_seconds=queue_t.seconds("lease_seconds", 600.0),
+        max_attempts=queue_t.integer("max_attempts", 3, 1, 100),
+    )
+    delivery = DeliveryConfig(
+        retry_initial_seconds=delivery_t.seconds("retry_initial_seconds", 30.0),
+        retry_max_seconds=delivery_t.seconds("retry_max_seconds", 3600.0),
+        give_up_after_seconds=delivery_t.seconds("give_up_after_seconds", 48 * 3600.0),
+    )
+    if delivery.retry_max_seconds < delivery.retry_initial_seconds:
+        raise ConfigError("delivery.retry_max_seconds: must be >= delivery.retry_initial_seconds")
+    destinations = []
+    for i, raw in enumerate(_array_of_tables(root._get("destinations", []), "destinations")):
+        t = _Table(raw, f"destinations[{i}]", base_dir)
+        destinations.append(_destination(t))
+        t.finish()
+    callers = []
+    for i, raw in enumerate(_array_of_tables(root._get("allowed_callers", []), "allowed_callers")):
+        t = _Table(raw, f"allowed_callers[{i}]", base_dir)
+        callers.append(_allowed_caller(t))
+        t.finish()
+    for t in (root, node_t, study_t, inference_t, outputs_t, queue_t, delivery_t):
+        t.finish()
+    keys = [d.key for d in destinations]
+    if len(set(keys)) != len(keys):
+        raise ConfigError(
+            f"destinations: listed twice: {sorted(k for k in keys if keys.count(k) > 1)}"
+        )
+    return Config(
+        node=node,
+        study=study,
+        inference=inference,
+        outputs=outputs,
+        queue=queue,
+        delivery=delivery,
+        destinations=tuple(destinations),
+        allowed_callers=tuple(callers),
+        source=source,
+    )
+
+
+def load_config(path: Path | str) -> Config:
+    """Read and check the TOML file at ``path``."""
+    path = Path(path).expanduser().resolve()
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_config(data, path.parent, source=path)

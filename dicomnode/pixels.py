@@ -1,0 +1,186 @@
+"""Decode a stored radiograph into the grey-level array that ``inference`` expects.
+
+The chain follows the DICOM grayscale pipeline (PS3.3 C.11, PS3.4 N.2): stored values →
+Modality LUT (rescale or LUT) → VOI LUT or window (the first one where several are given) →
+polarity (MONOCHROME1 is inverted so bone is bright) → a float32 array in ``[0, 1]``,
+0 the darkest display value. Pixels marked by Pixel Padding Value (and Range Limit) are set to 0
+so the black-border crop in ``inference`` removes them. Everything that cannot be turned into one
+grey-level plane (colour, multi-frame, an undecodable codestream) raises :class:`PixelDataError`,
+a ``ValueError`` whose message says why, without a traceback from the decoder plugins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels.processing import apply_voi
+
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
+
+
+class PixelDataError(ValueError):
+    """A stored instance whose pixels cannot become one grey-level image (reason in the message)."""
+
+
+@dataclass(frozen=True, eq=False)
+class View:
+    """One decoded radiograph: display-ready pixels plus the source header without pixel data.
+
+    ``pixels``: 2-D float32 in ``[0, 1]``, MONOCHROME2 polarity (bone bright), padding at 0.
+    ``header``: the source data set with the pixel data removed (patient, study, series and
+    image attributes, used by the result writers as evidence and reference).
+    """
+
+    pixels: np.ndarray
+    header: Dataset
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return str(self.header.SOPInstanceUID)
+
+    @property
+    def sop_class_uid(self) -> str:
+        return str(self.header.SOPClassUID)
+
+    @property
+    def study_instance_uid(self) -> str:
+        return str(self.header.StudyInstanceUID)
+
+    @property
+    def rows(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def columns(self) -> int:
+        return int(self.pixels.shape[1])
+
+
+@dataclass(frozen=True)
+class RegionHints:
+    """Header text that helps choose the anatomical region of an image (may all be empty)."""
+
+    body_part: str
+    descriptions: tuple[str, ...]
+
+
+def load_view(path: str | Path) -> View:
+    """Read the instance at ``path`` and return its display-ready pixels and header."""
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, EOFError) as exc:
+        raise PixelDataError(f"{Path(path).name}: not a readable DICOM file ({exc})") from None
+    check_single_grey_frame(ds)
+    raw = decode_stored_values(ds)
+    pixels = to_display(raw, ds)
+    for keyword in _PIXEL_KEYWORDS:
+        if keyword in ds:
+            delattr(ds, keyword)
+    return View(pixels=pixels, header=ds)
+
+
+def check_single_grey_frame(ds: Dataset) -> None:
+    """Raise :class:`PixelDataError` unless ``ds`` holds exactly one grey-level frame."""
+    if "PixelData" not in ds:
+        raise PixelDataError("the instance has no Pixel Data (not an image)")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    samples = int(ds.get("SamplesPerPixel", 1))
+    if samples != 1 or photometric not in _GREYSCALE:
+        raise PixelDataError(
+            f"colour or unsupported image (Photometric Interpretation {photometric or 'missing'}, "
+            f"{samples} samples per pixel); only MONOCHROME1/MONOCHROME2 radiographs are analysed"
+        )
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames != 1:
+        raise PixelDataError(f"multi-frame image ({frames} frames); only single-frame radiographs "
+                             "are analysed")
+
+
+def decode_stored_values(ds: Dataset) -> np.ndarray:
+    """Decode the stored pixel values of a single-frame image (any supported transfer syntax)."""
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    syntax_name = getattr(syntax, "name", str(syntax))
+    try:
+        raw = ds.pixel_array
+    except Exception as exc:  # decoder plugins raise RuntimeError, ValueError, NotImplementedError
+        reason = " ".join(str(exc).split())
+        raise PixelDataError(f"cannot decode pixel data ({syntax_name}): {reason}") from None
+    if raw.ndim != 2:
+        raise PixelDataError(f"decoded pixel data has shape {raw.shape}, expected one 2-D frame")
+    return np.asarray(raw)
+
+
+def padding_mask(raw: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Pixels marked as padding by Pixel Padding Value (and Range Limit), in stored values."""
+    value = ds.get("PixelPaddingValue")
+    if value is None:
+        return np.zeros(raw.shape, dtype=bool)
+    limit = ds.get("PixelPaddingRangeLimit")
+    low, high = (value, value) if limit is None else (min(value, limit), max(value, limit))
+    return np.asarray((raw >= low) & (raw <= high))
+
+
+def to_display(raw: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Stored values → float32 ``[0, 1]`` MONOCHROME2 image (Modality LUT, VOI, polarity, padding).
+
+    The VOI output is scaled by its own output range (a window's ``[y_min, y_max]``, a VOI LUT's
+    entry range), so the result does not depend on bit depth. Without any VOI the modality values
+    are scaled by their minimum and maximum over the non-padding pixels.
+    """
+    padding = padding_mask(raw, ds)
+    modality = np.asarray(apply_modality_lut(raw, ds))
+    scaled = _scaled_voi(modality, ds, padding)
+    if str(ds.PhotometricInterpretation).strip() == "MONOCHROME1":
+        scaled = 1.0 - scaled
+    scaled[padding] = 0.0
+    return np.clip(scaled, 0.0, 1.0).astype(np.float32)
+
+
+def _scaled_voi(modality: np.ndarray, ds: Dataset, padding: np.ndarray) -> np.ndarray:
+    """Apply the first VOI LUT or window to modality values and scale its output to [0, 1]."""
+    if ds.get("VOILUTSequence"):
+        lut_item = ds.VOILUTSequence[0]
+        entries = int(lut_item.LUTDescriptor[0]) or 65536
+        first_mapped = int(lut_item.LUTDescriptor[1])
+        domain = np.arange(first_mapped, first_mapped + entries)
+        table = apply_voi(domain, ds).astype(np.float64)
+        out = apply_voi(np.rint(modality).astype(np.int64), ds).astype(np.float64)
+        return _unit_scale(out, float(table.min()), float(table.max()))
+    if ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        try:
+            out = np.asarray(apply_voi_lut(modality, ds), dtype=np.float64)
+            low, high = np.asarray(apply_voi_lut(np.array([-np.inf, np.inf]), ds))
+        except ValueError as exc:
+            raise PixelDataError(f"invalid window in the VOI LUT module: {exc}") from None
+        return _unit_scale(out, float(low), float(high))
+    values = modality[~padding] if (~padding).any() else modality
+    return _unit_scale(modality.astype(np.float64), float(values.min()), float(values.max()))
+
+
+def _unit_scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map ``[low, high]`` linearly to ``[0, 1]`` (a constant image maps to 0)."""
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.float64)
+    return np.clip((values - low) / (high - low), 0.0, 1.0)
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """A ``[0, 1]`` float image as 8-bit grey levels (for Secondary Capture and PNG)."""
+    return np.round(np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def region_hints(ds: Dataset) -> RegionHints:
+    """Body Part Examined and the study/series/protocol descriptions, stripped, '' if absent."""
+    def text(keyword: str) -> str:
+        return str(ds.get(keyword, "") or "").strip()
+
+    return RegionHints(
+        body_part=text("BodyPartExamined"),
+        descriptions=(text("StudyDescription"), text("SeriesDescription"), text("ProtocolName")),
+    )

@@ -1,0 +1,344 @@
+"""The listener: a pynetdicom Storage SCP that answers C-ECHO and C-STORE.
+
+Each instance arrives through pynetdicom's chunked receive (``STORE_RECV_CHUNKED_DATASET``): the
+dataset is streamed to a temporary file as it comes in, so a large radiograph never sits whole in
+memory. The C-STORE handler reads only the identifying attributes, copies the file durably into
+the state directory (``dicomnode.storage``), records it, and only then answers success. Every
+failure maps to one documented status (:class:`StoreStatus`); the handler never raises.
+
+Only CR and DX images are kept. Other storage SOP classes are accepted and discarded, or refused
+with 0x0122, as ``node.other_sop_classes`` says (PACS routing rules often send whole studies).
+
+While it runs, the listener also assembles studies: every poll it queues a job for each study
+that has been quiet for ``study.stable_seconds``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sqlite3
+import threading
+from enum import IntEnum
+from pathlib import Path
+from types import TracebackType
+from typing import Any, cast
+
+import pydicom
+from pydicom import uid as dcm_uid
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import EventHandlerType
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicomnode.config import AllowedCaller, Config, OtherSopClasses
+from dicomnode.logging import get_logger
+from dicomnode.records import InstanceHeader
+from dicomnode.state import SqliteJobQueue, StateDB
+from dicomnode.storage import InstanceStore, StateLayout, check_uid
+
+CR_DX_SOP_CLASSES = frozenset(
+    {
+        dcm_uid.ComputedRadiographyImageStorage,
+        dcm_uid.DigitalXRayImageStorageForPresentation,
+        dcm_uid.DigitalXRayImageStorageForProcessing,
+    }
+)
+"""The SOP classes the node stores and processes."""
+
+TRANSFER_SYNTAXES = (
+    dcm_uid.ImplicitVRLittleEndian,
+    dcm_uid.ExplicitVRLittleEndian,
+    dcm_uid.DeflatedExplicitVRLittleEndian,
+    dcm_uid.ExplicitVRBigEndian,
+    dcm_uid.RLELossless,
+    dcm_uid.JPEGBaseline8Bit,
+    dcm_uid.JPEGExtended12Bit,
+    dcm_uid.JPEGLossless,
+    dcm_uid.JPEGLosslessSV1,
+    dcm_uid.JPEGLSLossless,
+    dcm_uid.JPEGLSNearLossless,
+    dcm_uid.JPEG2000Lossless,
+    dcm_uid.JPEG2000,
+    dcm_uid.HTJ2KLossless,
+    dcm_uid.HTJ2KLosslessRPCL,
+    dcm_uid.HTJ2K,
+)
+"""Accepted for every storage SOP class, so compressed images are kept as they were sent."""
+
+_HEADER_TAGS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+_REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED = 0x01, 0x01, 0x03
+
+log = get_logger(__name__)
+
+
+class StoreStatus(IntEnum):
+    """The C-STORE response statuses the listener sends (PS3.4 Annex B.2.3, PS3.7 Annex C)."""
+
+    SUCCESS = 0x0000
+    """Stored durably and recorded; also an identical re-send, or a discarded other SOP class."""
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    """Not CR/DX and ``node.other_sop_classes = "reject"``."""
+    OUT_OF_RESOURCES = 0xA700
+    """The file could not be written or recorded (disk full, permissions, database error)."""
+    DATASET_MISMATCH = 0xA900
+    """Identifying attributes missing, not valid UIDs, or not matching the request."""
+    CANNOT_UNDERSTAND = 0xC000
+    """The dataset header could not be parsed."""
+    INTERNAL_ERROR = 0xC001
+    """An unexpected error in the handler (logged with its traceback)."""
+
+
+class HeaderError(ValueError):
+    """A received dataset's header cannot be parsed."""
+
+
+def read_header(path: Path) -> InstanceHeader:
+    """Read the identifying UIDs of the DICOM file at ``path`` (no pixel data is read).
+
+    Raises :class:`HeaderError` if the file cannot be parsed and ValueError if a UID is missing
+    or unusable.
+    """
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
+        values = {tag: str(ds.get(tag, "") or "").strip() for tag in _HEADER_TAGS}
+        transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+    except Exception as exc:
+        raise HeaderError(f"dataset header cannot be parsed ({type(exc).__name__})") from exc
+    for tag, value in values.items():
+        if not value:
+            raise ValueError(f"{tag} is missing or empty")
+        check_uid(value, tag)
+    return InstanceHeader(
+        sop_class_uid=values["SOPClassUID"],
+        sop_instance_uid=values["SOPInstanceUID"],
+        study_instance_uid=values["StudyInstanceUID"],
+        series_instance_uid=values["SeriesInstanceUID"],
+        transfer_syntax_uid=transfer_syntax,
+    )
+
+
+def check_matches_request(
+    header: InstanceHeader, sop_class_uid: str, sop_instance_uid: str
+) -> None:
+    """Raise ValueError unless the dataset's SOP Class/Instance UIDs are those of the request."""
+    if header.sop_class_uid != sop_class_uid:
+        raise ValueError(
+            f"dataset SOPClassUID {header.sop_class_uid} differs from the request's {sop_class_uid}"
+        )
+    if header.sop_instance_uid != sop_instance_uid:
+        raise ValueError(
+            f"dataset SOPInstanceUID {header.sop_instance_uid} differs from the request's "
+            f"{sop_instance_uid}"
+        )
+
+
+def normalise_address(address: str) -> str:
+    """The canonical text of an IP address (IPv4-mapped IPv6 addresses as plain IPv4)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def caller_allowed(allowed: tuple[AllowedCaller, ...], ae_title: str, address: str) -> bool:
+    """True if no callers are listed, or ``(ae_title, address)`` is one of them."""
+    if not allowed:
+        return True
+    host = normalise_address(address)
+    return any(c.ae_title == ae_title.strip() and c.host == host for c in allowed)
+
+
+def build_ae(config: Config) -> AE:
+    """The pynetdicom AE: our AE title, limits, Verification and every storage SOP class."""
+    ae = AE(ae_title=config.node.ae_title)
+    ae.maximum_pdu_size = config.node.max_pdu
+    ae.maximum_associations = config.node.max_associations
+    ae.require_called_aet = True
+    ae.add_supported_context(Verification)
+    for context in AllStoragePresentationContexts:
+        if context.abstract_syntax is not None:
+            ae.add_supported_context(context.abstract_syntax, list(TRANSFER_SYNTAXES))
+    return ae
+
+
+class Listener:
+    """A running Storage SCP on ``config.node.bind``:``port`` plus its state and store.
+
+    Use as a context manager or call :meth:`start` and :meth:`stop`. ``port`` is the bound port
+    (useful when ``node.port = 0`` picks a free one).
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.layout = StateLayout(config.node.state_dir)
+        self.db: StateDB | None = None
+        self.queue: SqliteJobQueue | None = None
+        self.store: InstanceStore | None = None
+        self._server: Any = None
+        self._chunked_before = _config.STORE_RECV_CHUNKED_DATASET
+
+    @property
+    def port(self) -> int:
+        """The TCP port the listener is bound to."""
+        if self._server is None:
+            raise RuntimeError("listener is not running")
+        return int(self._server.server_address[1])
+
+    def start(self) -> Listener:
+        """Open the state, bind the port and serve associations in background threads."""
+        self.db = self.layout.open_db()
+        self.queue = SqliteJobQueue.from_config(self.db, self.config)
+        self.store = InstanceStore(self.layout, self.db)
+        self._chunked_before = _config.STORE_RECV_CHUNKED_DATASET
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        handlers: list[EventHandlerType] = [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        try:
+            self._server = build_ae(self.config).start_server(
+                (self.config.node.bind, self.config.node.port), block=False, evt_handlers=handlers
+            )
+        except Exception:
+            self.stop()
+            raise
+        log.info(
+            "listener_started",
+            ae_title=self.config.node.ae_title,
+            bind=self.config.node.bind,
+            port=self.port,
+            state_dir=str(self.layout.root),
+        )
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting, close running associations and the state database."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+            log.info("listener_stopped", ae_title=self.config.node.ae_title)
+        _config.STORE_RECV_CHUNKED_DATASET = self._chunked_before
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+    def __enter__(self) -> Listener:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def assemble(self, now: float | None = None) -> tuple[str, ...]:
+        """Queue a job for every study quiet for ``stable_seconds``; returns their UIDs."""
+        if self.queue is None:
+            raise RuntimeError("listener is not running")
+        queued = self.queue.enqueue_stable_studies(now)
+        for study_uid in queued:
+            log.info("study_queued", study_instance_uid=study_uid)
+        return queued
+
+    # -- event handlers (run in pynetdicom's association threads) -----------------------------
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """Reject (A-ASSOCIATE-RJ, permanent, calling AE not recognised) unknown callers."""
+        primitive = event.assoc.requestor.primitive
+        calling_ae = str(primitive.calling_ae_title if primitive else "").strip()
+        address = event.assoc.requestor.address
+        if caller_allowed(self.config.allowed_callers, calling_ae, address):
+            return
+        log.warning(
+            "association_rejected",
+            calling_ae=calling_ae,
+            peer=address,
+            reason="calling AE title and host not in allowed_callers",
+        )
+        event.assoc.acse.send_reject(
+            _REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED
+        )
+
+    def _on_echo(self, event: evt.Event) -> int:
+        log.info(
+            "echo", calling_ae=event.assoc.requestor.ae_title, peer=event.assoc.requestor.address
+        )
+        return int(StoreStatus.SUCCESS)
+
+    def _on_store(self, event: evt.Event) -> int:
+        """C-STORE: one log event per instance and a status from :class:`StoreStatus`."""
+        request = cast(C_STORE, event.request)
+        bound = log.bind(
+            sop_class_uid=str(request.AffectedSOPClassUID),
+            sop_instance_uid=str(request.AffectedSOPInstanceUID),
+            calling_ae=event.assoc.requestor.ae_title,
+            peer=event.assoc.requestor.address,
+        )
+        try:
+            status, fields = self._store(event)
+        except Exception:
+            bound.exception("instance_failed", status=f"0x{StoreStatus.INTERNAL_ERROR:04X}")
+            return int(StoreStatus.INTERNAL_ERROR)
+        level = "info" if status is StoreStatus.SUCCESS else "warning"
+        getattr(bound, level)("instance_received", status=f"0x{status:04X}", **fields)
+        return int(status)
+
+    def _store(self, event: evt.Event) -> tuple[StoreStatus, dict[str, object]]:
+        if self.store is None:
+            raise RuntimeError("listener is not running")
+        request = cast(C_STORE, event.request)
+        sop_class = str(request.AffectedSOPClassUID)
+        if sop_class not in CR_DX_SOP_CLASSES:
+            if self.config.node.other_sop_classes is OtherSopClasses.REJECT:
+                return StoreStatus.SOP_CLASS_NOT_SUPPORTED, {"outcome": "rejected_sop_class"}
+            return StoreStatus.SUCCESS, {"outcome": "discarded_sop_class"}
+        path = Path(event.dataset_path)
+        try:
+            header = read_header(path)
+        except HeaderError as exc:
+            return StoreStatus.CANNOT_UNDERSTAND, {"outcome": "refused", "reason": str(exc)}
+        except ValueError as exc:
+            return StoreStatus.DATASET_MISMATCH, {"outcome": "refused", "reason": str(exc)}
+        try:
+            check_matches_request(header, sop_class, str(request.AffectedSOPInstanceUID))
+        except ValueError as exc:
+            return StoreStatus.DATASET_MISMATCH, {"outcome": "refused", "reason": str(exc)}
+        ids = {
+            "study_instance_uid": header.study_instance_uid,
+            "series_instance_uid": header.series_instance_uid,
+            "transfer_syntax_uid": header.transfer_syntax_uid,
+        }
+        try:
+            result = self.store.store(path, header, event.assoc.requestor.ae_title)
+        except (OSError, sqlite3.Error) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            return StoreStatus.OUT_OF_RESOURCES, {**ids, "outcome": "not_stored", "reason": reason}
+        fields = {
+            **ids,
+            "outcome": str(result.outcome),
+            "size": result.instance.size,
+            "sha256": result.instance.sha256,
+        }
+        return StoreStatus.SUCCESS, fields
+
+
+def run_listener(config: Config, stop_event: threading.Event) -> None:
+    """Serve until ``stop_event`` is set, assembling studies every poll; then shut down.
+
+    The poll interval is a quarter of ``stable_seconds`` (at most 1 s), so a study is queued
+    within that long after it became stable.
+    """
+    poll = min(1.0, config.study.stable_seconds / 4)
+    with Listener(config) as listener:
+        while not stop_event.wait(poll):
+            try:
+                listener.assemble()
+            except sqlite3.Error as exc:
+                log.error("study_assembly_failed", error=f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,189 @@
+"""Durable, bit-preserving storage of received instances in the state directory.
+
+Layout under ``node.state_dir``::
+
+    state.sqlite                      the state database (see ``dicomnode.state``)
+    instances/<StudyUID>/<SOPUID>.dcm every accepted instance, exactly as received
+    results/                          the worker's result objects
+    tmp/                              partial writes; emptied when the node starts
+
+An instance is written to ``tmp/``, fsynced, renamed into place and the folder fsynced, and only
+then recorded in the database, so a row always points at a complete file. A crash before the row
+commits leaves at most a file without a row, which the peer's re-send (it never got a success)
+overwrites.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from dicomnode.records import InstanceHeader, StoredInstance
+from dicomnode.state import StateDB
+
+COPY_CHUNK = 1024 * 1024
+_UID_CHARS = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+def check_uid(value: str, name: str) -> str:
+    """Return ``value`` if it is usable as a UID and as a file name, else raise ValueError.
+
+    Deliberately lenient about DICOM's finer rules (leading zeros in components occur in real
+    devices' UIDs and must not cost an image) but strict about what could escape the folder:
+    only digits and single dots, 1-64 characters.
+    """
+    if not 0 < len(value) <= 64 or _UID_CHARS.fullmatch(value) is None:
+        raise ValueError(f"{name} is not a valid UID: {value!r}")
+    return value
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of folder ``path`` (a rename, a new file) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_durably(src: Path, dst: Path) -> tuple[int, str]:
+    """Stream ``src`` into the new file ``dst`` in 1 MiB chunks and fsync it.
+
+    Returns the size and SHA-256 hex digest of what was written. Memory use stays at one chunk
+    whatever the file size.
+    """
+    digest = hashlib.sha256()
+    size = 0
+    with src.open("rb") as fin, dst.open("xb") as fout:
+        while chunk := fin.read(COPY_CHUNK):
+            digest.update(chunk)
+            fout.write(chunk)
+            size += len(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())
+    return size, digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """Where things live in the state directory."""
+
+    root: Path
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / "state.sqlite"
+
+    @property
+    def instances_dir(self) -> Path:
+        return self.root / "instances"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.root / "results"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    def create(self) -> StateLayout:
+        """Create the folders and empty ``tmp/`` of partial writes left by a crash."""
+        for folder in (self.root, self.instances_dir, self.results_dir, self.tmp_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        for leftover in self.tmp_dir.iterdir():
+            if leftover.is_dir():
+                shutil.rmtree(leftover)
+            else:
+                leftover.unlink()
+        return self
+
+    def instance_path(self, study_uid: str, sop_instance_uid: str) -> Path:
+        """Where an instance is kept: ``instances/<StudyUID>/<SOPInstanceUID>.dcm``."""
+        study = check_uid(study_uid, "StudyInstanceUID")
+        sop = check_uid(sop_instance_uid, "SOPInstanceUID")
+        return self.instances_dir / study / f"{sop}.dcm"
+
+    def open_db(self) -> StateDB:
+        """Create the layout and open its state database."""
+        self.create()
+        return StateDB(self.db_path)
+
+
+class StoreOutcome(StrEnum):
+    """What storing one received instance did."""
+
+    NEW = "new"
+    REPLACED = "replaced"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """The stored instance (for a duplicate: the one kept) and what happened."""
+
+    instance: StoredInstance
+    outcome: StoreOutcome
+
+
+class InstanceStore:
+    """Writes received instances durably and records them, one row per SOP Instance UID.
+
+    Same SOP Instance UID again: identical bytes (same SHA-256) are a duplicate and change
+    nothing; different bytes replace the stored file and row and make the study run again (a
+    corrected re-send). The check-rename-record step runs under a lock so two associations
+    sending the same instance at once cannot leave a row that disagrees with its file.
+    """
+
+    def __init__(self, layout: StateLayout, db: StateDB) -> None:
+        self.layout = layout
+        self.db = db
+        self._lock = threading.Lock()
+
+    def store(
+        self, received: Path, header: InstanceHeader, calling_ae: str, now: float | None = None
+    ) -> StoreResult:
+        """Store the DICOM file ``received`` (File Meta + dataset as received) durably.
+
+        Raises OSError (disk full, permissions) or sqlite3.Error; nothing is recorded then.
+        """
+        final = self.layout.instance_path(header.study_instance_uid, header.sop_instance_uid)
+        partial = self.layout.tmp_dir / f"{uuid.uuid4().hex}.part"
+        try:
+            size, sha256 = copy_durably(received, partial)
+            instance = StoredInstance(
+                sop_instance_uid=header.sop_instance_uid,
+                sop_class_uid=header.sop_class_uid,
+                study_instance_uid=header.study_instance_uid,
+                series_instance_uid=header.series_instance_uid,
+                transfer_syntax_uid=header.transfer_syntax_uid,
+                path=final,
+                size=size,
+                sha256=sha256,
+                calling_ae=calling_ae,
+            )
+            with self._lock:
+                existing = self.db.instance(header.sop_instance_uid)
+                if existing is not None and existing.sha256 == sha256 and existing.path.exists():
+                    return StoreResult(existing, StoreOutcome.DUPLICATE)
+                self._publish(partial, final)
+                self.db.record_instance(instance, time.time() if now is None else now)
+        finally:
+            partial.unlink(missing_ok=True)
+        outcome = StoreOutcome.NEW if existing is None else StoreOutcome.REPLACED
+        return StoreResult(instance, outcome)
+
+    def _publish(self, partial: Path, final: Path) -> None:
+        """Rename ``partial`` to ``final`` and fsync the folders whose entries changed."""
+        if not final.parent.is_dir():
+            final.parent.mkdir()
+            fsync_dir(final.parent.parent)
+        os.replace(partial, final)
+        fsync_dir(final.parent)

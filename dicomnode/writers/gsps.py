@@ -1,0 +1,105 @@
+"""Grayscale Softcopy Presentation State per image: boxes as graphic annotations, not burned in.
+
+Each box is a closed POLYLINE in PIXEL units on the source image, labelled with its kind and
+score; a text annotation in DISPLAY units states the decision, the score and the disclaimer.
+The source's Modality LUT and VOI are carried over by highdicom; MONOCHROME1 sources get an
+INVERSE presentation LUT so that the presentation looks like the image itself (bone bright).
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+from highdicom import PresentationLUTShapeValues, PresentationLUTTransformation
+from highdicom.pr import (
+    AnnotationUnitsValues,
+    GraphicAnnotation,
+    GraphicLayer,
+    GraphicObject,
+    GraphicTypeValues,
+    TextObject,
+)
+
+from dicomnode.uids import ResultKind, image_result_uid, series_uid, tracking_uid
+from dicomnode.writers.common import (
+    DECISION_TEXT,
+    SERIES_DESCRIPTIONS,
+    SERIES_NUMBERS,
+    ImageFinding,
+    NodeIdentity,
+    banner_lines,
+    box_polyline,
+    contributing_equipment,
+    mark_series_laterality_unknown,
+)
+from inference.records import AlgorithmInfo
+
+LAYER = "AI_FRACTURE"
+CONTENT_LABEL = "AI_FRACTURE"
+
+
+def build_presentation_state(finding: ImageFinding, instance_number: int,
+                             algorithm: AlgorithmInfo, node: NodeIdentity
+                             ) -> hd.pr.GrayscaleSoftcopyPresentationState:
+    """The GSPS of one image with its boxes and a text annotation."""
+    view, result = finding.view, finding.result
+    layer = GraphicLayer(layer_name=LAYER, order=1, description="AI fracture detection")
+    label = DECISION_TEXT[result.decision].lower()
+    graphics = [
+        GraphicObject(
+            graphic_type=GraphicTypeValues.POLYLINE,
+            graphic_data=box_polyline(box, view),
+            units=AnnotationUnitsValues.PIXEL,
+            tracking_id=f"fracture region {index}",
+            tracking_uid=tracking_uid(view.sop_instance_uid, algorithm.version, index,
+                                      node.uid_prefix),
+        )
+        for index, box in enumerate(result.boxes, start=1)
+    ]
+    texts = [
+        TextObject(
+            text_value=" - ".join(banner_lines(result)),
+            units=AnnotationUnitsValues.DISPLAY,
+            bounding_box=(0.01, 0.01, 0.99, 0.06),
+        ),
+        *(
+            TextObject(
+                text_value=f"{label} {box.score:.2f}",
+                units=AnnotationUnitsValues.PIXEL,
+                anchor_point=(box.x0, box.y0),
+                anchor_point_visible=False,
+            )
+            for box in result.boxes
+        ),
+    ]
+    annotation = GraphicAnnotation(
+        referenced_images=[view.header],
+        graphic_layer=layer,
+        graphic_objects=graphics or None,
+        text_objects=texts,
+    )
+    inverse = str(view.header.PhotometricInterpretation).strip() == "MONOCHROME1"
+    shape = PresentationLUTShapeValues.INVERSE if inverse else PresentationLUTShapeValues.IDENTITY
+    gsps = hd.pr.GrayscaleSoftcopyPresentationState(
+        referenced_images=[view.header],
+        series_instance_uid=series_uid(ResultKind.PRESENTATION_STATE, view.study_instance_uid,
+                                       algorithm.version, node.uid_prefix),
+        series_number=SERIES_NUMBERS[ResultKind.PRESENTATION_STATE],
+        sop_instance_uid=image_result_uid(ResultKind.PRESENTATION_STATE, view.sop_instance_uid,
+                                          algorithm.version, node.uid_prefix),
+        instance_number=instance_number,
+        manufacturer=node.manufacturer,
+        manufacturer_model_name=node.model_name,
+        software_versions=node.software_version,
+        device_serial_number=node.device_serial_number,
+        content_label=CONTENT_LABEL,
+        content_description="AI fracture detection, for review by a physician",
+        graphic_annotations=[annotation],
+        graphic_layers=[layer],
+        institution_name=node.institution_name,
+        presentation_lut_transformation=PresentationLUTTransformation(
+            presentation_lut_shape=shape),
+        contributing_equipment=contributing_equipment(node, algorithm),
+        series_description=SERIES_DESCRIPTIONS[ResultKind.PRESENTATION_STATE],
+    )
+    mark_series_laterality_unknown(gsps)
+    return gsps

@@ -1,0 +1,165 @@
+"""Secondary Capture per image: the source image (after VOI, 8-bit) with the boxes burned in.
+
+Solid outlines mark ``fracture`` boxes, dashed outlines ``possible_fracture`` boxes; a banner
+above the image states the decision, the score and that this is an AI result for review by a
+physician. The banner is added above the image (the canvas grows), so no anatomy is hidden and
+the image's row/column orientation is unchanged. Burned In Annotation is YES, Image Type DERIVED.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import highdicom as hd
+import numpy as np
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicomnode.pixels import View, to_uint8
+from dicomnode.uids import ResultKind, image_result_uid, series_uid
+from dicomnode.writers.common import (
+    SERIES_DESCRIPTIONS,
+    SERIES_NUMBERS,
+    ImageFinding,
+    NodeIdentity,
+    banner_lines,
+    box_polyline,
+    contributing_equipment,
+    mark_series_laterality_unknown,
+)
+from inference.records import AlgorithmInfo, Box, Decision, ImageResult
+
+_FONT = cv2.FONT_HERSHEY_SIMPLEX
+_WHITE, _BLACK = 255, 0
+_BIPED = {"A", "P", "R", "L", "H", "F"}
+
+
+def line_width(rows: int, columns: int) -> int:
+    """Outline width in pixels, proportional to the image size (about 0.25 % of the short side)."""
+    return max(1, round(min(rows, columns) / 400))
+
+
+def banner_height(rows: int, columns: int) -> int:
+    """Height of the text banner above the image: 8 % of the short side, at least 32 pixels."""
+    return max(32, round(0.08 * min(rows, columns)))
+
+
+def dashed_segments(start: tuple[float, float], end: tuple[float, float], dash: float,
+                    gap: float) -> list[tuple[tuple[float, float], tuple[float, float]]]:
+    """Split the segment ``start``→``end`` into dashes of length ``dash`` separated by ``gap``."""
+    if dash <= 0 or gap < 0:
+        raise ValueError(f"dash length must be positive and gap non-negative, got {dash}, {gap}")
+    p, q = np.asarray(start, dtype=float), np.asarray(end, dtype=float)
+    length = float(np.linalg.norm(q - p))
+    if length == 0.0:
+        return []
+    unit = (q - p) / length
+    segments = []
+    for offset in np.arange(0.0, length, dash + gap):
+        a, b = p + unit * offset, p + unit * min(offset + dash, length)
+        segments.append(((float(a[0]), float(a[1])), (float(b[0]), float(b[1]))))
+    return segments
+
+
+def render_annotated(view: View, result: ImageResult) -> np.ndarray:
+    """The 8-bit MONOCHROME2 Secondary Capture pixels: banner above, boxes burned in."""
+    image = to_uint8(view.pixels)
+    rows, columns = image.shape
+    width = line_width(rows, columns)
+    dashed = result.decision is Decision.POSSIBLE_FRACTURE
+    for box in result.boxes:
+        box_polyline(box, view)  # validates that the box lies inside the image
+        _draw_box(image, box, width, dashed)
+    return np.vstack([_banner(result, banner_height(rows, columns), columns), image])
+
+
+def render_png(view: View, result: ImageResult, path: str | Path) -> Path:
+    """Write the annotated image (as in the Secondary Capture) to ``path`` as PNG."""
+    target = Path(path)
+    if target.suffix.lower() != ".png":
+        raise ValueError(f"{target} does not end in .png")
+    if not cv2.imwrite(str(target), render_annotated(view, result)):
+        raise OSError(f"could not write {target}")
+    return target
+
+
+def _pixel_rectangle(box: Box) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Integer pixel centres of the outermost pixel ring covered by the box."""
+    x0, y0 = int(np.floor(box.x0)), int(np.floor(box.y0))
+    x1, y1 = max(x0, int(np.ceil(box.x1)) - 1), max(y0, int(np.ceil(box.y1)) - 1)
+    return (x0, y0), (x1, y1)
+
+
+def _draw_box(image: np.ndarray, box: Box, width: int, dashed: bool) -> None:
+    """White outline with a black rim (visible on bright bone and dark background)."""
+    (x0, y0), (x1, y1) = _pixel_rectangle(box)
+    corners = [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+    edges = list(zip(corners, corners[1:] + corners[:1], strict=True))
+    for colour, thickness in ((_BLACK, width + 2), (_WHITE, width)):
+        for start, end in edges:
+            pieces = (dashed_segments(start, end, 6.0 * width, 4.0 * width) if dashed
+                      else [(start, end)])
+            for a, b in pieces:
+                cv2.line(image, (round(a[0]), round(a[1])), (round(b[0]), round(b[1])), colour,
+                         thickness, lineType=cv2.LINE_8)
+
+
+def _banner(result: ImageResult, height: int, columns: int) -> np.ndarray:
+    """Black strip with two white text lines (decision and score; disclaimer), sized to fit."""
+    banner = np.zeros((height, columns), dtype=np.uint8)
+    lines = banner_lines(result)
+    line_height = height / len(lines)
+    margin = max(2, round(0.02 * columns))
+    for index, text in enumerate(lines):
+        (base_w, base_h), _ = cv2.getTextSize(text, _FONT, 1.0, 1)
+        scale = min(0.6 * line_height / base_h, (columns - 2 * margin) / base_w)
+        thickness = max(1, round(scale * 1.5))
+        baseline_y = round((index + 1) * line_height - 0.25 * line_height)
+        cv2.putText(banner, text, (margin, baseline_y), _FONT, scale, _WHITE, thickness,
+                    lineType=cv2.LINE_AA)
+    return banner
+
+
+def _orientation(view: View) -> tuple[str, str] | None:
+    """The source's Patient Orientation when it is two single-letter biped values."""
+    values = [str(v) for v in view.header.get("PatientOrientation", None) or []]
+    if len(values) == 2 and all(v in _BIPED for v in values):
+        return values[0], values[1]
+    return None
+
+
+def build_secondary_capture(finding: ImageFinding, instance_number: int,
+                            algorithm: AlgorithmInfo, node: NodeIdentity) -> hd.sc.SCImage:
+    """The burned-in Secondary Capture of one image, in the source's study, its own series."""
+    view = finding.view
+    orientation = _orientation(view)
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=view.header,
+        pixel_array=render_annotated(view, finding.result),
+        photometric_interpretation=hd.PhotometricInterpretationValues.MONOCHROME2,
+        bits_allocated=8,
+        coordinate_system=hd.CoordinateSystemNames.PATIENT,
+        series_instance_uid=series_uid(ResultKind.SECONDARY_CAPTURE, view.study_instance_uid,
+                                       algorithm.version, node.uid_prefix),
+        series_number=SERIES_NUMBERS[ResultKind.SECONDARY_CAPTURE],
+        sop_instance_uid=image_result_uid(ResultKind.SECONDARY_CAPTURE, view.sop_instance_uid,
+                                          algorithm.version, node.uid_prefix),
+        instance_number=instance_number,
+        manufacturer=node.manufacturer,
+        # highdicom requires an orientation for PATIENT images; where the source has none the
+        # placeholder is replaced by an empty (Type 2) value below.
+        patient_orientation=orientation or ("L", "F"),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        contributing_equipment=contributing_equipment(node, algorithm),
+        series_description=SERIES_DESCRIPTIONS[ResultKind.SECONDARY_CAPTURE],
+        manufacturer_model_name=node.model_name,
+        software_versions=node.software_version,
+        device_serial_number=node.device_serial_number,
+        institution_name=node.institution_name,
+    )
+    if orientation is None:
+        sc.PatientOrientation = None
+    mark_series_laterality_unknown(sc)
+    sc.BurnedInAnnotation = "YES"
+    sc.DerivationDescription = "AI fracture detection result burned into the source image"
+    return sc

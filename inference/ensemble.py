@@ -1,0 +1,244 @@
+"""The ensemble: load the members the manifest lists, run them, average, post-process.
+
+Each member sees the input it was trained on (raw, LCN or both stacked) at its own size. Image
+scores are the unweighted mean of the members' sigmoid scores; the probability map is the
+unweighted mean over the members that have a map head (Jones et al. 2020, "Analysis stage").
+Maps of members at different input sizes are resized to the largest size before averaging; the
+transform of that size maps boxes back to the original pixels.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from inference.manifest import Manifest, ManifestError, MemberSpec, read_manifest
+from inference.manifest import verified_weights_path as verified_weights_path
+from inference.models import DRN, build_model
+from inference.postprocess import postprocess
+from inference.preprocess import Preprocessed, Transform
+from inference.records import AlgorithmInfo, ImageResult
+from inference.regions import group_for
+
+
+def select_device(requested: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else the CPU; ``cuda`` without a GPU is an error."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA device is available")
+    if requested not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {requested!r}")
+    return torch.device(requested)
+
+
+@dataclass(frozen=True)
+class EnsembleOutput:
+    """Averaged outputs for one image, before post-processing.
+
+    ``prob_map`` is in model space of the largest member size (``transform.model_size``), or None
+    when no member has a map head. ``member_scores`` keeps each member's score, in manifest order.
+    """
+
+    score: float
+    prob_map: np.ndarray | None
+    transform: Transform
+    member_scores: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Wall-clock seconds spent in each stage of one ``analyse`` call (all images together)."""
+
+    preprocess: float
+    inference: float
+    postprocess: float
+
+
+def build_member(spec: MemberSpec) -> DRN:
+    """The member's network with random weights (the architecture only)."""
+    options = spec.options.to_mapping()
+    return build_model(spec.arch, **options)
+
+
+def load_member(manifest: Manifest, spec: MemberSpec, device: torch.device) -> DRN:
+    """Build the member and load its verified safetensors weights; errors say what is wrong."""
+    path = verified_weights_path(manifest, spec)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ManifestError(f"member '{spec.name}': {path.name} is not a valid safetensors file: "
+                            f"{exc}") from exc
+    model = build_member(spec)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ManifestError(
+            f"member '{spec.name}': {path.name} does not fit {spec.arch} with its options "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise ManifestError(
+                f"member '{spec.name}': tensor {key} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(expected[key].shape)}"
+            )
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    return model.to(device).eval()
+
+
+def _lcn(view: Preprocessed) -> np.ndarray:
+    if view.lcn is None:
+        raise ValueError("an LCN member was given inputs prepared without LCN")
+    return view.lcn
+
+
+def member_input(spec: MemberSpec, views: Sequence[Preprocessed]) -> torch.Tensor:
+    """Batch tensor [B, C, size, size] of the member's input kind."""
+    if spec.input == "raw":
+        planes = [np.stack([v.raw]) for v in views]
+    elif spec.input == "lcn":
+        planes = [np.stack([_lcn(v)]) for v in views]
+    else:
+        planes = [np.stack([v.raw, _lcn(v)]) for v in views]
+    return torch.from_numpy(np.ascontiguousarray(np.stack(planes), dtype=np.float32))
+
+
+def content_rect(transform: Transform) -> tuple[int, int, int, int]:
+    """Where the image content lies in model space (the rest is resize padding)."""
+    box = transform.content_box
+    return box.x0, box.y0, box.x1, box.y1
+
+
+def _resize_map(prob_map: np.ndarray, size: int) -> np.ndarray:
+    if prob_map.shape[0] == size:
+        return prob_map
+    return cv2.resize(prob_map, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+class Ensemble:
+    """A loaded ensemble. ``Ensemble.load(folder)`` checks every hash before building anything."""
+
+    def __init__(self, manifest: Manifest, models: Sequence[DRN], device: torch.device) -> None:
+        if len(models) != len(manifest.members):
+            raise ValueError("one model per manifest member is required")
+        self.manifest = manifest
+        self.models = tuple(models)
+        self.device = device
+        self.map_size = max(m.size for m in manifest.members)
+
+    @classmethod
+    def load(cls, folder: Path | str, device: str = "auto") -> Ensemble:
+        manifest = read_manifest(Path(folder))
+        target = select_device(device)
+        for spec in manifest.members:  # every hash first: refuse before spending time building
+            verified_weights_path(manifest, spec)
+        models = [load_member(manifest, spec, target) for spec in manifest.members]
+        return cls(manifest, models, target)
+
+    @property
+    def algorithm(self) -> AlgorithmInfo:
+        return AlgorithmInfo(
+            name=f"fracture-drn-ensemble/{self.manifest.name}",
+            version=self.manifest.version,
+            operating_point="92.5% sensitivity per calibration group (possible fracture); "
+            "high-specificity threshold (fracture)",
+        )
+
+    def _sizes(self) -> dict[int, bool]:
+        """Each input size used, and whether any member at that size needs LCN."""
+        sizes: dict[int, bool] = {}
+        for spec in self.manifest.members:
+            sizes[spec.size] = sizes.get(spec.size, False) or spec.input != "raw"
+        return sizes
+
+    def preprocess_all(self, images: Sequence[np.ndarray]) -> dict[int, list[Preprocessed]]:
+        """Pre-process each image once per distinct member size (LCN only where needed)."""
+        base = self.manifest.preprocessing
+        return {
+            size: [replace(base, size=size).apply(img, want_lcn=lcn) for img in images]
+            for size, lcn in self._sizes().items()
+        }
+
+    @torch.inference_mode()
+    def run_members(self, prepared: dict[int, list[Preprocessed]]) -> list[EnsembleOutput]:
+        """Run every member on the whole batch and average scores and maps."""
+        n = len(next(iter(prepared.values())))
+        scores = np.zeros((len(self.models), n), dtype=np.float64)
+        map_sum = np.zeros((n, self.map_size, self.map_size), dtype=np.float32)
+        n_maps = 0
+        for index, (spec, model) in enumerate(zip(self.manifest.members, self.models,
+                                                  strict=True)):
+            batch = member_input(spec, prepared[spec.size]).to(self.device)
+            out = model(batch)
+            scores[index] = torch.sigmoid(out.score_logit.float()).cpu().numpy()
+            if out.map_logit is not None:
+                maps = torch.sigmoid(out.map_logit.float())[:, 0].cpu().numpy()
+                for i in range(n):
+                    map_sum[i] += _resize_map(maps[i], self.map_size)
+                n_maps += 1
+        reference = prepared[self.map_size]
+        return [
+            EnsembleOutput(
+                score=float(scores[:, i].mean()),
+                prob_map=map_sum[i] / n_maps if n_maps else None,
+                transform=reference[i].transform,
+                member_scores=tuple(float(s) for s in scores[:, i]),
+            )
+            for i in range(n)
+        ]
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[EnsembleOutput]:
+        """Averaged score and map per image; the images (views of a study) form one batch."""
+        if not images:
+            return []
+        return self.run_members(self.preprocess_all(images))
+
+    def finish(self, output: EnsembleOutput, region: str | None) -> ImageResult:
+        """Decision and boxes (original pixels) for one image of the given region key."""
+        group, fallback = group_for(region, self.manifest.thresholds)
+        thresholds, missing = self.manifest.thresholds_for(group)
+        if missing:
+            group, fallback = "global", True
+        decision, boxes = postprocess(
+            output.score,
+            output.prob_map,
+            thresholds,
+            valid=content_rect(output.transform),
+            box_to_original=output.transform.box_to_original,
+        )
+        return ImageResult(
+            score=output.score,
+            decision=decision,
+            boxes=tuple(boxes),
+            region=region,
+            group=group,
+            group_fallback=fallback,
+            thresholds=thresholds,
+        )
+
+    def analyse(
+        self, images: Sequence[np.ndarray], regions: Sequence[str | None]
+    ) -> tuple[list[ImageResult], Timings]:
+        """Full pipeline for the views of one study: results per image and stage timings."""
+        if len(images) != len(regions):
+            raise ValueError(f"{len(images)} images but {len(regions)} regions")
+        if not images:
+            return [], Timings(0.0, 0.0, 0.0)
+        t0 = time.perf_counter()
+        prepared = self.preprocess_all(images)
+        t1 = time.perf_counter()
+        outputs = self.run_members(prepared)
+        t2 = time.perf_counter()
+        results = [self.finish(out, region) for out, region in zip(outputs, regions, strict=True)]
+        t3 = time.perf_counter()
+        return results, Timings(preprocess=t1 - t0, inference=t2 - t1, postprocess=t3 - t2)

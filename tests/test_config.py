@@ -1,0 +1,171 @@
+"""Configuration parsing: the shipped example file and every kind of bad value."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dicomnode.config import (
+    DEFAULT_MAX_PDU,
+    AllowedCaller,
+    ConfigError,
+    DeliveryConfig,
+    Device,
+    OtherSopClasses,
+    load_config,
+    parse_config,
+    validate_ae_title,
+)
+from dicomnode.records import Destination
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "systemd" / "dicomnode.example.toml"
+
+
+def test_example_file_parses_to_the_documented_values() -> None:
+    config = load_config(EXAMPLE)
+    assert config.node.ae_title == "FRACTURE_AI"
+    assert config.node.bind == "127.0.0.1"
+    assert config.node.port == 11112
+    assert config.node.state_dir == Path("/var/lib/dicomnode")
+    assert config.node.other_sop_classes is OtherSopClasses.DISCARD
+    assert config.node.max_pdu == DEFAULT_MAX_PDU
+    assert config.node.max_associations == 16
+    assert config.study.stable_seconds == 10.0
+    assert config.inference.weights == REPO / "systemd" / "ensemble_weights"
+    assert config.inference.device is Device.AUTO
+    assert (config.outputs.sr, config.outputs.sc, config.outputs.gsps) == (True, True, False)
+    assert config.destinations == (Destination("PACS", "127.0.0.1", 4242),)
+    assert config.allowed_callers == (AllowedCaller("MODALITY", "127.0.0.1"),)
+    assert config.source == EXAMPLE
+
+
+def test_example_lists_every_key_the_parser_reads() -> None:
+    """Dropping any key of the example must still parse (all have defaults) except state_dir."""
+    raw = tomllib.loads(EXAMPLE.read_text())
+    for section, table in raw.items():
+        if not isinstance(table, dict):
+            continue
+        for key in table:
+            trimmed = {s: dict(t) if isinstance(t, dict) else t for s, t in raw.items()}
+            del trimmed[section][key]
+            if (section, key) == ("node", "state_dir"):
+                with pytest.raises(ConfigError, match=r"node\.state_dir: is required"):
+                    parse_config(trimmed, EXAMPLE.parent)
+            else:
+                parse_config(trimmed, EXAMPLE.parent)
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    cfg = tmp_path / "etc" / "node.toml"
+    cfg.write_text('[node]\nstate_dir = "state"\n[inference]\nweights = "../w"\n')
+    config = load_config(cfg)
+    assert config.node.state_dir == tmp_path / "etc" / "state"
+    assert config.inference.weights == tmp_path / "w"
+
+
+BASE = {"node": {"state_dir": "/srv/state"}}
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("node", "port", 70000, r"node\.port: must be an integer in 0\.\.65535"),
+        ("node", "port", -1, r"node\.port"),
+        ("node", "port", "11112", r"node\.port"),
+        ("node", "port", True, r"node\.port"),
+        ("node", "ae_title", "A" * 17, r"node\.ae_title: AE title is longer than 16"),
+        ("node", "ae_title", "", r"node\.ae_title"),
+        ("node", "ae_title", " PAD", r"node\.ae_title"),
+        ("node", "ae_title", "BACK\\SLASH", r"node\.ae_title"),
+        ("node", "bind", "not-an-ip", r"node\.bind: must be an IP address"),
+        ("node", "other_sop_classes", "keep", r"node\.other_sop_classes: must be one of"),
+        ("node", "max_pdu", 1.5, r"node\.max_pdu"),
+        ("node", "max_associations", 0, r"node\.max_associations"),
+        ("node", "log_level", "loud", r"node\.log_level"),
+        ("node", "state_dir", 5, r"node\.state_dir: must be a string"),
+        ("node", "colour", "blue", r"node: unknown key\(s\) colour"),
+        ("study", "stable_seconds", 0, r"study\.stable_seconds: must be a number of seconds > 0"),
+        ("study", "stable_seconds", "10", r"study\.stable_seconds"),
+        ("inference", "device", "tpu", r"inference\.device"),
+        ("outputs", "sr", "yes", r"outputs\.sr: must be true or false"),
+        ("outputs", "gsps", 1, r"outputs\.gsps"),
+        ("queue", "max_attempts", 0, r"queue\.max_attempts"),
+        ("queue", "lease_seconds", -5, r"queue\.lease_seconds"),
+        ("delivery", "retry_max_seconds", 1, r"delivery\.retry_max_seconds: must be >="),
+    ],
+)
+def test_bad_values_name_the_key(section: str, key: str, value: object, message: str) -> None:
+    raw = {**BASE, section: {**BASE.get(section, {}), key: value}}
+    with pytest.raises(ConfigError, match=message):
+        parse_config(raw, Path("/etc"))
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"nodes": {}}, r"config: unknown key\(s\) nodes"),
+        ({"study": 5}, r"study: must be a table"),
+        ({"destinations": {"ae_title": "X"}}, r"destinations: must be an array of tables"),
+        ({"destinations": [{"ae_title": "PACS", "host": "h"}]}, r"destinations\[0\]\.port: is required"),
+        (
+            {"destinations": [{"ae_title": "PACS", "host": "h", "port": 0}]},
+            r"destinations\[0\]\.port: must be an integer in 1\.\.65535",
+        ),
+        (
+            {"destinations": [{"ae_title": "PACS", "host": "h", "port": 1, "tls": True}]},
+            r"destinations\[0\]: unknown key\(s\) tls",
+        ),
+        (
+            {"destinations": [{"ae_title": "P", "host": "h", "port": 1}] * 2},
+            r"destinations: listed twice",
+        ),
+        ({"allowed_callers": [{"ae_title": "M", "host": "pc.local"}]},
+         r"allowed_callers\[0\]\.host: must be an IP address"),
+        ({"allowed_callers": [{"host": "127.0.0.1"}]}, r"allowed_callers\[0\]\.ae_title: is required"),
+    ],
+)
+def test_bad_structure_names_the_key(raw: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config({**BASE, **raw}, Path("/etc"))
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[node\nport = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_ipv6_caller_addresses_are_normalised() -> None:
+    raw = {**BASE, "allowed_callers": [{"ae_title": "M", "host": "0:0:0:0:0:0:0:1"}]}
+    assert parse_config(raw, Path("/etc")).allowed_callers[0].host == "::1"
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1))
+def test_ae_title_accepts_exactly_short_printable_titles(title: str) -> None:
+    if len(title) <= 16 and "\\" not in title:
+        assert validate_ae_title(title) == title
+    else:
+        with pytest.raises(ValueError):
+            validate_ae_title(title)
+
+
+@given(st.integers(min_value=1, max_value=200))
+def test_backoff_doubles_up_to_the_cap(attempts: int) -> None:
+    policy = DeliveryConfig(
+        retry_initial_seconds=30, retry_max_seconds=3600, give_up_after_seconds=86400
+    )
+    wait = policy.backoff(attempts)
+    assert 30 <= wait <= 3600
+    if attempts > 1 and wait < 3600:
+        assert wait == 2 * policy.backoff(attempts - 1)
+    if attempts > 1:
+        assert wait >= policy.backoff(attempts - 1)
