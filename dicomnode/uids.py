@@ -1,8 +1,9 @@
 """Deterministic UIDs for result objects, so that a re-run never duplicates anything at the PACS.
 
 Every UID is ``pydicom.uid.generate_uid(prefix, entropy_srcs=[...])``: a SHA-512 hash of the
-(JSON-encoded) inputs below, rendered under ``prefix``. The same inputs and model version always give the same
-UID (a re-send after a crash overwrites, it does not add), and any change gives a new one:
+(JSON-encoded) inputs below, rendered under ``prefix``. The same inputs and model version always
+give the same UID (a re-send after a crash overwrites, it does not add), and any change gives a
+new one:
 
 - result series (one per kind and study): study UID, kind, algorithm version;
 - Secondary Capture / presentation state (one per source image): source SOP Instance UID, kind,

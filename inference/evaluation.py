@@ -25,7 +25,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from inference.calibration import binarization_threshold, calibrate_groups
+from inference.calibration import (
+    DEFAULT_SENSITIVITY_TARGET,
+    DEFAULT_SPECIFICITY_TARGET,
+    binarization_threshold,
+    calibrate_groups,
+)
 from inference.ensemble import Ensemble, EnsembleOutput, content_rect
 from inference.imageio import read_grayscale
 from inference.manifest import write_manifest
@@ -39,8 +44,6 @@ from inference.training.dataset import Record, load_dataset
 from inference.training.split import load_split
 
 VIEWS = ("frontal", "lateral", "oblique")
-SENSITIVITY_TARGET = 0.925  # the paper's operating point
-SPECIFICITY_TARGET = 0.90  # the high-specificity operating point ("fracture" rather than "possible")
 
 
 @dataclass(frozen=True)
@@ -147,16 +150,16 @@ def calibrate_predictions(
     """Thresholds per group and a summary table for the manifest's [calibration]."""
     groups = [groups_of(r) for r in preds.records]
     image = calibrate_groups(groups, preds.labels, preds.scores, min_positives=min_positives,
-                             sensitivity_target=SENSITIVITY_TARGET,
-                             specificity_target=SPECIFICITY_TARGET)
+                             sensitivity_target=DEFAULT_SENSITIVITY_TARGET,
+                             specificity_target=DEFAULT_SPECIFICITY_TARGET)
     pooled_binarize = _binarize_for(preds, preds.labels) or 0.5
     thresholds: dict[str, Thresholds] = {}
     summary: dict[str, object] = {
         "date": dt.date.today().isoformat(),
         "images": len(preds.records),
         "positives": int(preds.labels.sum()),
-        "sensitivity_target": SENSITIVITY_TARGET,
-        "specificity_target": SPECIFICITY_TARGET,
+        "sensitivity_target": DEFAULT_SENSITIVITY_TARGET,
+        "specificity_target": DEFAULT_SPECIFICITY_TARGET,
         "binarize_criterion": "F1 of box matching at IoU >= 0.3 on fractured images",
     }
     for name, cal in image.items():

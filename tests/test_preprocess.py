@@ -314,6 +314,22 @@ def test_lcn_removes_a_smooth_gradient() -> None:
     assert np.abs(lcn[margin:-margin, margin:-margin]).max() < 1e-3
 
 
+def test_lcn_divides_by_local_contrast() -> None:
+    # Texture of amplitude 1 on the left and 4 on the right: the mean local std is about 2.5,
+    # so the right half (above that floor) comes out in unit local-std, whatever the scale.
+    rng = np.random.default_rng(3)
+    texture = rng.normal(0.0, 1.0, (128, 256)).astype(np.float32)
+    texture[:, 128:] *= 4.0
+    clip = 3.0
+    lcn = local_contrast_normalize(texture, 2.0, clip)
+    right_std = float(lcn[:, 160:].std())
+    assert 0.8 / clip < right_std < 1.2 / clip
+    assert float(lcn[:, :96].std()) < 0.6 * right_std  # below the floor: not amplified
+    for factor in (0.01, 50.0):
+        scaled = local_contrast_normalize(texture * np.float32(factor), 2.0, clip)
+        np.testing.assert_allclose(scaled, lcn, atol=1e-4)
+
+
 def test_lcn_has_no_false_edge_at_the_padding() -> None:
     # Flat tissue touching the padding: the content border must stay neutral in LCN, while
     # the bone edges inside respond strongly.

@@ -158,7 +158,7 @@ def build_secondary_capture(finding: ImageFinding, instance_number: int,
         institution_name=node.institution_name,
     )
     if orientation is None:
-        sc.PatientOrientation = None
+        sc.PatientOrientation = []
     mark_series_laterality_unknown(sc)
     sc.BurnedInAnnotation = "YES"
     sc.DerivationDescription = "AI fracture detection result burned into the source image"

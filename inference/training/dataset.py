@@ -35,8 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
+from matplotlib.path import Path as MplPath
 
 from inference.imageio import read_grayscale
 
@@ -51,9 +51,6 @@ REQUIRED_COLUMNS = ("image", "region", "fractured")
 
 _BOUNDS_TOLERANCE = 1e-3
 """Pixels a stored coordinate may exceed the image by (float noise) before it is refused."""
-
-_FILL_SHIFT = 4
-"""Fractional bits of the fixed-point vertices handed to cv2.fillPoly (1/16 pixel)."""
 
 BoxTuple = tuple[float, float, float, float]
 Polygon = tuple[tuple[float, float], ...]
@@ -180,10 +177,15 @@ def ground_truth_map(
 ) -> np.ndarray:
     """The 0/1 uint8 fracture map of ``record`` at ``shape`` (rows, cols).
 
-    Each annotation fills its polygon parts where it has any, else its box (cv2.fillPoly on
-    1/16-pixel fixed-point vertices; a pixel is set where its centre is inside or the outline
-    touches it). Without ``to_target`` the map is in stored-image pixels and ``shape`` defaults
-    to ``record.shape``. ``to_target`` maps ``(N, 2)`` stored-image ``(x, y)`` points into the
+    Each annotation fills its polygon parts where it has any, else its box. A pixel is set
+    where its centre lies inside the outline (matplotlib's point-in-polygon test), so a box
+    ``(x0, y0, x1, y1)`` with integer corners sets exactly the pixels ``x0 <= j < x1``,
+    ``y0 <= i < y1`` of :mod:`inference.records`' convention (cv2.fillPoly would also set the
+    pixels its right and bottom edges touch). An outline too thin to hold a pixel centre sets
+    the pixel under its mean vertex instead, so no annotation vanishes from the map.
+
+    Without ``to_target`` the map is in stored-image pixels and ``shape`` defaults to
+    ``record.shape``. ``to_target`` maps ``(N, 2)`` stored-image ``(x, y)`` points into the
     target frame (e.g. the pre-processing transform's ``to_model_points``); then ``shape`` is
     the target's shape and is required. Geometry outside the target is clipped.
     """
@@ -201,10 +203,29 @@ def ground_truth_map(
             raise ValueError(
                 f"ground_truth_map: to_target returned shape {target.shape} for {points.shape}"
             )
-        # Pixel (i, j) has its centre at continuous (j + 0.5, i + 0.5); cv2 puts it at (j, i).
-        fixed = np.round((target - 0.5) * (1 << _FILL_SHIFT)).astype(np.int32)
-        cv2.fillPoly(out, [fixed.reshape(-1, 1, 2)], 1, lineType=cv2.LINE_8, shift=_FILL_SHIFT)
+        _fill_outline(out, target)
     return out
+
+
+def _fill_outline(out: np.ndarray, points: np.ndarray) -> None:
+    """Set the pixels of ``out`` whose centres lie inside the ``(N, 2)`` outline ``points``."""
+    rows, cols = out.shape
+    x_lo, y_lo = np.maximum(np.floor(points.min(axis=0)).astype(int), 0)
+    x_hi = min(int(np.ceil(points[:, 0].max())), cols)
+    y_hi = min(int(np.ceil(points[:, 1].max())), rows)
+    if x_lo >= x_hi or y_lo >= y_hi:
+        return  # entirely outside the target
+    ys, xs = np.mgrid[y_lo:y_hi, x_lo:x_hi]
+    centres = np.column_stack([xs.ravel() + 0.5, ys.ravel() + 0.5])
+    inside = MplPath(points).contains_points(centres).reshape(xs.shape)
+    if inside.any():
+        out[y_lo:y_hi, x_lo:x_hi] |= inside.astype(np.uint8)
+        return
+    mean_x, mean_y = points.mean(axis=0)
+    out[
+        int(np.clip(np.floor(mean_y), y_lo, y_hi - 1)),
+        int(np.clip(np.floor(mean_x), x_lo, x_hi - 1)),
+    ] = 1
 
 
 def _outline_points(record: Record) -> Iterable[np.ndarray]:

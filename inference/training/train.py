@@ -253,7 +253,8 @@ def train_member(
             optimizer.step()
             n = len(label)
             seen += n
-            totals += n * np.array([float(parts.total), float(parts.image), float(parts.map)])
+            totals += n * np.array([float(parts.total.detach()), float(parts.image.detach()),
+                                      float(parts.map.detach())])
             bar.set_postfix(loss=f"{totals[0] / seen:.4f}")
         scores = predict_scores(model, data, tune_idx, channels, device=device,
                                 batch=settings.eval_batch_size, autocast=autocast)

@@ -1,0 +1,351 @@
+"""The SQLite state and job queue: study assembly, leases, results, deliveries, restarts.
+
+Time is passed explicitly (``now``), so lease expiry and back-off are tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dicomnode.config import DeliveryConfig
+from dicomnode.records import (
+    DeliveryOutcome,
+    DeliveryState,
+    Destination,
+    InstanceHeader,
+    JobState,
+    ResultFile,
+    StoredInstance,
+    StudyState,
+)
+from dicomnode.state import LeaseLostError, SqliteJobQueue, StateDB
+from dicomnode.storage import InstanceStore, StateLayout, StoreOutcome
+
+T0 = 1_800_000_000.0
+STABLE = 10.0
+LEASE = 60.0
+DELIVERY = DeliveryConfig(
+    retry_initial_seconds=30.0, retry_max_seconds=120.0, give_up_after_seconds=3600.0
+)
+PACS = Destination("PACS", "127.0.0.1", 4242)
+ARCHIVE = Destination("ARCHIVE", "127.0.0.1", 4243)
+STUDY = "1.2.3.4"
+
+
+def instance(sop: str, study: str = STUDY) -> StoredInstance:
+    return StoredInstance(
+        sop_instance_uid=sop,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        study_instance_uid=study,
+        series_instance_uid=study + ".1",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=Path(f"/state/instances/{study}/{sop}.dcm"),
+        size=10,
+        sha256=hashlib.sha256(sop.encode()).hexdigest(),
+        calling_ae="MODALITY",
+    )
+
+
+KIND_NUMBER = {"sr": 1, "sc": 2, "gsps": 3}
+
+
+def result(job_version: int, kind: str = "sr") -> ResultFile:
+    return ResultFile(
+        kind=kind,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
+        series_instance_uid="9.9",
+        sop_instance_uid=f"9.9.{job_version}.{KIND_NUMBER[kind]}",
+        path=Path(f"/state/results/{kind}{job_version}.dcm"),
+    )
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state.sqlite"
+
+
+@pytest.fixture
+def db(db_path: Path) -> Iterator[StateDB]:
+    with StateDB(db_path) as state:
+        yield state
+
+
+def make_queue(db: StateDB, max_attempts: int = 2) -> SqliteJobQueue:
+    return SqliteJobQueue(
+        db, stable_seconds=STABLE, lease_seconds=LEASE, max_attempts=max_attempts, delivery=DELIVERY
+    )
+
+
+def test_database_is_in_wal_mode(db: StateDB) -> None:
+    assert db.query("PRAGMA journal_mode")[0][0] == "wal"
+
+
+def test_study_is_queued_once_after_it_was_quiet_for_stable_seconds(db: StateDB) -> None:
+    queue = make_queue(db)
+    db.record_instance(instance("1.2.3.4.1"), now=T0)
+    db.record_instance(instance("1.2.3.4.2"), now=T0 + 5)
+    assert queue.enqueue_stable_studies(now=T0 + 5 + STABLE - 0.1) == ()
+    assert db.recent_studies()[0].state is StudyState.RECEIVING
+    assert queue.enqueue_stable_studies(now=T0 + 5 + STABLE) == (STUDY,)
+    assert queue.enqueue_stable_studies(now=T0 + 100) == ()
+    assert queue.depth().queued == 1
+    status = db.recent_studies()[0]
+    assert (status.state, status.instance_count, status.version) == (StudyState.QUEUED, 2, 1)
+
+
+def test_lease_hands_out_the_study_with_its_instances(db: StateDB) -> None:
+    queue = make_queue(db)
+    for i in range(3):
+        db.record_instance(instance(f"1.2.3.4.{i}"), now=T0 + i)
+    queue.enqueue_stable_studies(now=T0 + 20)
+    job = queue.lease("w1", now=T0 + 21)
+    assert job is not None
+    assert job.study_instance_uid == STUDY
+    assert [i.sop_instance_uid for i in job.instances] == ["1.2.3.4.0", "1.2.3.4.1", "1.2.3.4.2"]
+    assert (job.version, job.attempt, job.lease_owner) == (1, 1, "w1")
+    assert job.lease_expires_at == T0 + 21 + LEASE
+    assert job.predecessors == ()
+    assert queue.lease("w2", now=T0 + 22) is None
+    assert db.recent_studies()[0].state is StudyState.LEASED
+
+
+def test_expired_lease_returns_the_job_and_the_old_holder_loses_it(db: StateDB) -> None:
+    queue = make_queue(db, max_attempts=2)
+    db.record_instance(instance("1.2.3.4.1"), now=T0)
+    queue.enqueue_stable_studies(now=T0 + STABLE)
+    first = queue.lease("w1", now=T0 + STABLE)
+    assert first is not None
+    assert queue.lease("w2", now=first.lease_expires_at - 1) is None
+    renewed = queue.renew(first, now=first.lease_expires_at - 1)
+    assert renewed.lease_expires_at == first.lease_expires_at - 1 + LEASE
+    second = queue.lease("w2", now=renewed.lease_expires_at)
+    assert second is not None
+    assert (second.job_id, second.attempt, second.lease_owner) == (first.job_id, 2, "w2")
+    with pytest.raises(LeaseLostError):
+        queue.complete(renewed, [result(1)], [PACS], now=renewed.lease_expires_at + 1)
+    # The second lease also runs out: with max_attempts=2 the job fails with a reason.
+    assert queue.lease("w3", now=second.lease_expires_at) is None
+    state, reason = queue.job_state(first.job_id)
+    assert state is JobState.FAILED
+    assert reason is not None and "lease expired in attempt 2" in reason
+    assert queue.depth().failed == 1
+
+
+def test_fail_requeues_retryable_errors_until_max_attempts(db: StateDB) -> None:
+    queue = make_queue(db, max_attempts=2)
+    db.record_instance(instance("1.2.3.4.1"), now=T0)
+    queue.enqueue_stable_studies(now=T0 + STABLE)
+    job = queue.lease("w1", now=T0 + STABLE)
+    assert job is not None
+    assert queue.fail(job, "GPU out of memory", retryable=True, now=T0 + 11) is JobState.QUEUED
+    job = queue.lease("w1", now=T0 + 12)
+    assert job is not None and job.attempt == 2
+    assert queue.fail(job, "GPU out of memory", retryable=True, now=T0 + 13) is JobState.FAILED
+    assert queue.job_state(job.job_id) == (JobState.FAILED, "GPU out of memory")
+    status = db.recent_studies()[0]
+    assert (status.state, status.last_error) == (StudyState.FAILED, "GPU out of memory")
+
+
+def test_permanent_failure_and_retry_of_one_study_or_all(db: StateDB) -> None:
+    queue = make_queue(db, max_attempts=3)
+    other = "5.6.7"
+    db.record_instance(instance("1.2.3.4.1"), now=T0)
+    db.record_instance(instance("5.6.7.1", study=other), now=T0)
+    queue.enqueue_stable_studies(now=T0 + STABLE)
+    for _ in range(2):
+        job = queue.lease("w1", now=T0 + STABLE)
+        assert job is not None
+        assert queue.fail(job, "no decodable image", retryable=False, now=T0 + 11) is JobState.FAILED
+    assert queue.retry(STUDY, now=T0 + 20) == 1
+    assert queue.depth().queued == 1 and queue.depth().failed == 1
+    retried = queue.lease("w1", now=T0 + 21)
+    assert retried is not None
+    assert (retried.study_instance_uid, retried.attempt) == (STUDY, 1)
+    assert queue.retry(now=T0 + 22) == 1
+    assert queue.depth().failed == 0
+
+
+def test_late_instance_makes_the_study_run_again_with_predecessors(db: StateDB) -> None:
+    queue = make_queue(db)
+    db.record_instance(instance("1.2.3.4.1"), now=T0)
+    queue.enqueue_stable_studies(now=T0 + STABLE)
+    v1 = queue.lease("w1", now=T0 + STABLE)
+    assert v1 is not None
+    late_at = T0 + STABLE + 1
+    db.record_instance(instance("1.2.3.4.2"), now=late_at)
+    assert db.recent_studies()[0].state is StudyState.RECEIVING
+    assert queue.enqueue_stable_studies(now=late_at + STABLE) == (STUDY,)
+    # Only one job per study runs at a time, so v2 waits for v1's results.
+    assert queue.lease("w2", now=late_at + STABLE) is None
+    queue.complete(v1, [result(1), result(1, "sc")], [PACS], now=late_at + STABLE)
+    v2 = queue.lease("w2", now=late_at + STABLE + 1)
+    assert v2 is not None
+    assert v2.version == 2
+    assert {i.sop_instance_uid for i in v2.instances} == {"1.2.3.4.1", "1.2.3.4.2"}
+    assert {(p.kind, p.sop_instance_uid) for p in v2.predecessors} == {
+        ("sr", "9.9.1.1"),
+        ("sc", "9.9.1.2"),
+    }
+
+
+def test_instance_arriving_before_the_lease_joins_the_queued_job(db: StateDB) -> None:
+    queue = make_queue(db)
+    db.record_instance(instance("1.2.3.4.1"), now=T0)
+    queue.enqueue_stable_studies(now=T0 + STABLE)
+    db.record_instance(instance("1.2.3.4.2"), now=T0 + STABLE + 1)
+    # Not leasable while the study is receiving again.
+    assert queue.lease("w1", now=T0 + STABLE + 2) is None
+    job = queue.lease("w1", now=T0 + 2 * STABLE + 1)
+    assert job is not None and len(job.instances) == 2
+    assert queue.enqueue_stable_studies(now=T0 + 100) == ()
+
+
+def test_states_survive_closing_and_reopening(db_path: Path) -> None:
+    with StateDB(db_path) as db:
+        queue = make_queue(db)
+        db.record_instance(instance("1.2.3.4.1"), now=T0)
+        db.record_instance(instance("5.6.7.1", study="5.6.7"), now=T0)
+        queue.enqueue_stable_studies(now=T0 + STABLE)
+        leased = queue.lease("w1", now=T0 + STABLE)
+        assert leased is not None
+        queue.complete(leased, [result(1)], [PACS, ARCHIVE], now=T0 + 11)
+        leased2 = queue.lease("w1", now=T0 + 12)
+        assert leased2 is not None
+        before = (db.queue_depth(), db.recent_studies())
+    with StateDB(db_path) as db:
+        queue = make_queue(db)
+        assert (db.queue_depth(), db.recent_studies()) == before
+        assert before[0].leased == 1 and before[0].deliveries_pending == 2
+        assert queue.lease("w2", now=T0 + 13) is None
+        again = queue.lease("w2", now=leased2.lease_expires_at)
+        assert again is not None and again.job_id == leased2.job_id and again.attempt == 2
+        assert {d.destination for d in queue.claim_deliveries(30, now=T0 + 13)} == {PACS, ARCHIVE}
+
+
+def completed_job(db: StateDB, destinations: list[Destination]) -> tuple[SqliteJobQueue, int]:
+    queue = make_queue(db)
+    db.record_instance(instance("1.2.3.4.1"), now=T0)
+    queue.enqueue_stable_studies(now=T0 + STABLE)
+    job = queue.lease("w1", now=T0 + STABLE)
+    assert job is not None
+    queue.complete(job, [result(1), result(1, "sc")], destinations, now=T0 + STABLE)
+    return queue, job.job_id
+
+
+def test_job_without_destinations_is_delivered(db: StateDB) -> None:
+    queue, job_id = completed_job(db, [])
+    assert queue.job_state(job_id) == (JobState.DELIVERED, None)
+
+
+def test_delivery_backs_off_exponentially_then_succeeds(db: StateDB) -> None:
+    queue, job_id = completed_job(db, [PACS])
+    now = T0 + STABLE
+    (delivery,) = queue.claim_deliveries(claim_seconds=300, now=now)
+    assert delivery.state is DeliveryState.PENDING
+    assert set(delivery.files) == {Path("/state/results/sr1.dcm"), Path("/state/results/sc1.dcm")}
+    assert queue.claim_deliveries(claim_seconds=300, now=now + 299) == ()
+    waits = []
+    for _ in range(4):
+        d = queue.record_delivery_attempt(
+            delivery.delivery_id, DeliveryOutcome.TRANSIENT_FAILURE, "connection refused", now=now
+        )
+        waits.append(d.next_attempt_at - now)
+        now = d.next_attempt_at
+    assert waits == [30.0, 60.0, 120.0, 120.0]
+    assert d.attempts == 4 and d.last_error == "connection refused"
+    assert queue.job_state(job_id)[0] is JobState.RESULTS_WRITTEN
+    d = queue.record_delivery_attempt(delivery.delivery_id, DeliveryOutcome.DELIVERED, now=now)
+    assert (d.state, d.attempts, d.last_error) == (DeliveryState.DELIVERED, 5, None)
+    assert queue.job_state(job_id) == (JobState.DELIVERED, None)
+    with pytest.raises(ValueError, match="already delivered"):
+        queue.record_delivery_attempt(delivery.delivery_id, DeliveryOutcome.DELIVERED, now=now)
+
+
+def test_delivery_gives_up_after_the_window_and_retry_resends(db: StateDB) -> None:
+    queue, job_id = completed_job(db, [PACS, ARCHIVE])
+    pacs, archive = sorted(queue.claim_deliveries(60, now=T0 + STABLE), key=lambda d: d.delivery_id)
+    queue.record_delivery_attempt(archive.delivery_id, DeliveryOutcome.DELIVERED, now=T0 + 11)
+    late = T0 + STABLE + DELIVERY.give_up_after_seconds
+    d = queue.record_delivery_attempt(
+        pacs.delivery_id, DeliveryOutcome.TRANSIENT_FAILURE, "association rejected", now=late
+    )
+    assert d.state is DeliveryState.FAILED
+    assert d.last_error == "gave up after 1 attempts: association rejected"
+    state, reason = queue.job_state(job_id)
+    assert state is JobState.FAILED
+    assert reason == f"delivery to {PACS.key} failed: gave up after 1 attempts: association rejected"
+    assert queue.depth().deliveries_failed == 1
+    assert queue.retry(now=late + 1) == 1
+    assert queue.job_state(job_id) == (JobState.RESULTS_WRITTEN, None)
+    (again,) = queue.claim_deliveries(60, now=late + 1)
+    assert (again.destination, again.attempts) == (PACS, 0)
+    queue.record_delivery_attempt(
+        again.delivery_id, DeliveryOutcome.PERMANENT_FAILURE, "0xA700 out of resources", now=late + 2
+    )
+    assert queue.job_state(job_id)[0] is JobState.FAILED
+
+
+def test_failure_outcomes_need_a_reason(db: StateDB) -> None:
+    queue, _ = completed_job(db, [PACS])
+    (d,) = queue.claim_deliveries(60, now=T0 + STABLE)
+    with pytest.raises(ValueError, match="needs an error message"):
+        queue.record_delivery_attempt(d.delivery_id, DeliveryOutcome.PERMANENT_FAILURE, now=T0 + 11)
+
+
+# -- storage: durable, deduplicated instance files ---------------------------------------------
+
+SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "dicom-samples"
+
+
+def header(sop: str = "1.2.3.4.5") -> InstanceHeader:
+    return InstanceHeader(
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+        sop_instance_uid=sop,
+        study_instance_uid=STUDY,
+        series_instance_uid=STUDY + ".1",
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+    )
+
+
+def test_store_is_byte_identical_and_deduplicates(tmp_path: Path) -> None:
+    layout = StateLayout(tmp_path / "state").create()
+    src = SAMPLE / "CR_cspine_16x16_dicomdir6154.dcm"
+    with layout.open_db() as db:
+        store = InstanceStore(layout, db)
+        first = store.store(src, header(), "MODALITY", now=T0)
+        assert first.outcome is StoreOutcome.NEW
+        assert first.instance.path.read_bytes() == src.read_bytes()
+        assert first.instance.sha256 == hashlib.sha256(src.read_bytes()).hexdigest()
+        assert first.instance.size == src.stat().st_size
+        again = store.store(src, header(), "MODALITY", now=T0 + 1)
+        assert (again.outcome, again.instance) == (StoreOutcome.DUPLICATE, first.instance)
+        queue = make_queue(db)
+        assert queue.enqueue_stable_studies(now=T0 + STABLE) == (STUDY,)
+        assert queue.lease("w1", now=T0 + STABLE) is not None
+        # Different bytes under the same SOP Instance UID: replaced, one row, study runs again.
+        other = SAMPLE / "DX_highdicom_small.dcm"
+        replaced = store.store(other, header(), "MODALITY", now=T0 + 20)
+        assert replaced.outcome is StoreOutcome.REPLACED
+        assert replaced.instance.path == first.instance.path
+        assert replaced.instance.path.read_bytes() == other.read_bytes()
+        assert db.instances_of(STUDY) == (replaced.instance,)
+        assert db.recent_studies()[0].state is StudyState.RECEIVING
+        assert queue.enqueue_stable_studies(now=T0 + 20 + STABLE) == (STUDY,)
+        assert list(layout.tmp_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", ["../1.2", "1.2/3", "", "1..2", "1.2.", "x" * 3, "1." * 40 + "1"])
+def test_instance_paths_refuse_unsafe_uids(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(ValueError, match="not a valid UID"):
+        StateLayout(tmp_path).instance_path(STUDY, bad)
+
+
+def test_layout_creation_empties_tmp(tmp_path: Path) -> None:
+    layout = StateLayout(tmp_path / "state").create()
+    (layout.tmp_dir / "crashed.part").write_bytes(b"partial")
+    layout.create()
+    assert list(layout.tmp_dir.iterdir()) == []
