@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import sqlite3
 import threading
+from collections.abc import Callable
 from enum import IntEnum
 from pathlib import Path
 from types import TracebackType
@@ -265,6 +266,9 @@ class Listener:
         event.assoc.acse.send_reject(
             _REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED
         )
+        # As pynetdicom's own rejection does: kill() waits until the DUL has sent the
+        # A-ASSOCIATE-RJ, so the socket is not closed before the peer reads the reason.
+        event.assoc.kill()
 
     def _on_echo(self, event: evt.Event) -> int:
         log.info(
@@ -329,14 +333,21 @@ class Listener:
         return StoreStatus.SUCCESS, fields
 
 
-def run_listener(config: Config, stop_event: threading.Event) -> None:
+def run_listener(
+    config: Config,
+    stop_event: threading.Event,
+    ready: Callable[[Listener], None] | None = None,
+) -> None:
     """Serve until ``stop_event`` is set, assembling studies every poll; then shut down.
 
-    The poll interval is a quarter of ``stable_seconds`` (at most 1 s), so a study is queued
-    within that long after it became stable.
+    ``ready`` is called once the port is bound (e.g. to notify systemd or learn the port when
+    ``node.port = 0``). The poll interval is a quarter of ``stable_seconds`` (at most 1 s), so a
+    study is queued within that long after it became stable.
     """
     poll = min(1.0, config.study.stable_seconds / 4)
     with Listener(config) as listener:
+        if ready is not None:
+            ready(listener)
         while not stop_event.wait(poll):
             try:
                 listener.assemble()

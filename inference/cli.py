@@ -88,6 +88,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         only=args.member,
         progress=not args.no_progress,
         workers=args.workers,
+        prepare_only=args.prepare_only,
     )
     for result in results:
         print(f"{result.name}: best tuning AUC {result.best_tuning_auc:.4f} at epoch "
@@ -146,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, default=None,
                        help="processes for pre-processing (default: all cores)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--prepare-only", action="store_true",
+                       help="only write the split and the pre-processing cache, then stop")
     train.set_defaults(func=_cmd_train)
 
     calibrate = sub.add_parser("calibrate", help="thresholds from tuning + validation predictions")

@@ -112,7 +112,10 @@ def test_bad_values_name_the_key(section: str, key: str, value: object, message:
         ({"nodes": {}}, r"config: unknown key\(s\) nodes"),
         ({"study": 5}, r"study: must be a table"),
         ({"destinations": {"ae_title": "X"}}, r"destinations: must be an array of tables"),
-        ({"destinations": [{"ae_title": "PACS", "host": "h"}]}, r"destinations\[0\]\.port: is required"),
+        (
+            {"destinations": [{"ae_title": "PACS", "host": "h"}]},
+            r"destinations\[0\]\.port: is required",
+        ),
         (
             {"destinations": [{"ae_title": "PACS", "host": "h", "port": 0}]},
             r"destinations\[0\]\.port: must be an integer in 1\.\.65535",
@@ -125,9 +128,14 @@ def test_bad_values_name_the_key(section: str, key: str, value: object, message:
             {"destinations": [{"ae_title": "P", "host": "h", "port": 1}] * 2},
             r"destinations: listed twice",
         ),
-        ({"allowed_callers": [{"ae_title": "M", "host": "pc.local"}]},
-         r"allowed_callers\[0\]\.host: must be an IP address"),
-        ({"allowed_callers": [{"host": "127.0.0.1"}]}, r"allowed_callers\[0\]\.ae_title: is required"),
+        (
+            {"allowed_callers": [{"ae_title": "M", "host": "pc.local"}]},
+            r"allowed_callers\[0\]\.host: must be an IP address",
+        ),
+        (
+            {"allowed_callers": [{"host": "127.0.0.1"}]},
+            r"allowed_callers\[0\]\.ae_title: is required",
+        ),
     ],
 )
 def test_bad_structure_names_the_key(raw: dict[str, object], message: str) -> None:

@@ -159,7 +159,9 @@ def test_permanent_failure_and_retry_of_one_study_or_all(db: StateDB) -> None:
     for _ in range(2):
         job = queue.lease("w1", now=T0 + STABLE)
         assert job is not None
-        assert queue.fail(job, "no decodable image", retryable=False, now=T0 + 11) is JobState.FAILED
+        assert (
+            queue.fail(job, "no decodable image", retryable=False, now=T0 + 11) is JobState.FAILED
+        )
     assert queue.retry(STUDY, now=T0 + 20) == 1
     assert queue.depth().queued == 1 and queue.depth().failed == 1
     retried = queue.lease("w1", now=T0 + 21)
@@ -277,14 +279,19 @@ def test_delivery_gives_up_after_the_window_and_retry_resends(db: StateDB) -> No
     assert d.last_error == "gave up after 1 attempts: association rejected"
     state, reason = queue.job_state(job_id)
     assert state is JobState.FAILED
-    assert reason == f"delivery to {PACS.key} failed: gave up after 1 attempts: association rejected"
+    assert (
+        reason == f"delivery to {PACS.key} failed: gave up after 1 attempts: association rejected"
+    )
     assert queue.depth().deliveries_failed == 1
     assert queue.retry(now=late + 1) == 1
     assert queue.job_state(job_id) == (JobState.RESULTS_WRITTEN, None)
     (again,) = queue.claim_deliveries(60, now=late + 1)
     assert (again.destination, again.attempts) == (PACS, 0)
     queue.record_delivery_attempt(
-        again.delivery_id, DeliveryOutcome.PERMANENT_FAILURE, "0xA700 out of resources", now=late + 2
+        again.delivery_id,
+        DeliveryOutcome.PERMANENT_FAILURE,
+        "0xA700 out of resources",
+        now=late + 2,
     )
     assert queue.job_state(job_id)[0] is JobState.FAILED
 

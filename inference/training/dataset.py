@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,25 +130,8 @@ def load_dataset(root: Path | str) -> list[Record]:
         path = images_dir / name
         if not path.is_file():
             raise FileNotFoundError(f"{where}: image file {path} is missing")
-        shape, annotations = geometry[name]
         try:
-            records.append(
-                Record(
-                    image_id=name,
-                    path=path,
-                    regions=_split_list(row["region"], "region", required=True),
-                    fractured=_parse_flag(row["fractured"], "fractured"),
-                    boxes=tuple(box for box, _ in annotations),
-                    polygons=tuple(outline for _, outline in annotations),
-                    shape=shape,
-                    hardware=_optional_flag(row.get("hardware"), "hardware"),
-                    views=_split_list(row.get("views") or "", "views", required=False),
-                    dup_group=(row.get("dup_group") or "").strip() or None,
-                    label_conflict=bool(
-                        _optional_flag(row.get("dup_label_conflict"), "dup_label_conflict")
-                    ),
-                )
-            )
+            records.append(_make_record(row, path, *geometry[name]))
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from None
     unlisted = sorted(set(geometry) - seen)
@@ -157,6 +140,28 @@ def load_dataset(root: Path | str) -> list[Record]:
             f"{boxes_path}: {len(unlisted)} image(s) not in {labels_path}, e.g. {unlisted[0]!r}"
         )
     return records
+
+
+def _make_record(
+    row: Mapping[str, str],
+    path: Path,
+    shape: tuple[int, int],
+    annotations: Sequence[tuple[BoxTuple, Outline]],
+) -> Record:
+    """One csv row plus its COCO geometry as a :class:`Record` (ValueError if malformed)."""
+    return Record(
+        image_id=row["image"].strip(),
+        path=path,
+        regions=_split_list(row["region"], "region", required=True),
+        fractured=_parse_flag(row["fractured"], "fractured"),
+        boxes=tuple(box for box, _ in annotations),
+        polygons=tuple(outline for _, outline in annotations),
+        shape=shape,
+        hardware=_optional_flag(row.get("hardware"), "hardware"),
+        views=_split_list(row.get("views") or "", "views", required=False),
+        dup_group=(row.get("dup_group") or "").strip() or None,
+        label_conflict=bool(_optional_flag(row.get("dup_label_conflict"), "dup_label_conflict")),
+    )
 
 
 def load_grayscale(path: Path | str) -> np.ndarray:

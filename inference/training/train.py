@@ -194,6 +194,9 @@ def train_member(
     torch.manual_seed(settings.seed)
     options = draft.model_options()
     model = build_model(draft.arch, **options.to_mapping()).to(device)
+    if device.type == "cuda":  # channels-last convolutions are faster on tensor cores
+        torch.backends.cudnn.benchmark = True
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     autocast = autocast_for(settings.precision, device)
     precision = "bf16" if autocast is not nullcontext else "fp32"
@@ -316,6 +319,7 @@ def train_ensemble(
     only: str | None = None,
     progress: bool = True,
     workers: int | None = None,
+    prepare_only: bool = False,
 ) -> list[MemberResult]:
     """Train the config's members in turn (or only one), exporting each into ``out`` as soon as it
     is done, so that every member can be trained, calibrated and committed on its own."""
@@ -326,7 +330,12 @@ def train_ensemble(
                               preprocessing=config.preprocessing)
     members = [config.member(only)] if only else list(config.members)
     prepared: dict[int, PreparedData] = {}
-    results = []
+    results: list[MemberResult] = []
+    if prepare_only:  # fill the cache (and the split) once, before members train in parallel
+        for size in sorted({m.draft.size for m in members}):
+            prepare(records, size=size, settings=config.preprocessing, cache_dir=runs / "cache",
+                    workers=workers)
+        return results
     for member in members:
         run_dir = runs / member.draft.name
         done = run_dir / "done.json"

@@ -1,0 +1,305 @@
+"""Result writers on real samples: dciodvfy-clean, readable by highdicom, faithful to the result."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import cv2
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from highdicom.sr.utils import find_content_items
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from dicomnode.pixels import View, load_view
+from dicomnode.uids import ResultKind, derive_uid, image_result_uid, report_uid
+from dicomnode.writers import (
+    ImageFinding,
+    NodeIdentity,
+    PreviousReport,
+    ResultObjects,
+    render_annotated,
+    render_png,
+    write_results,
+)
+from dicomnode.writers.common import DECISION_CODES, FRACTURE, PROBABILITY
+from dicomnode.writers.sc import banner_height, dashed_segments
+from inference.records import AlgorithmInfo, Box, Decision, ImageResult, Thresholds
+
+SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "dicom-samples"
+DCIODVFY = Path("/usr/bin/dciodvfy")
+THORAX = Code("51185008", "SCT", "Thorax")
+HIP = Code("24136001", "SCT", "Hip joint")
+ALGORITHM = AlgorithmInfo(name="drn-ensemble", version="2024.1", operating_point="sens-92.5")
+NODE = NodeIdentity(station_name="TESTNODE")
+THRESHOLDS = Thresholds(sensitivity=0.3, high_specificity=0.6, binarize=0.5)
+#: the one dciodvfy warning accepted: result series hold images of both sides, laterality unknown
+ACCEPTED_WARNING = "attribute <Laterality>"
+
+pytestmark = pytest.mark.dicom_peers
+
+
+def _result(decision: Decision, score: float, boxes: tuple[Box, ...]) -> ImageResult:
+    return ImageResult(score=score, decision=decision, boxes=boxes, region="chest",
+                       group="upper", group_fallback=False, thresholds=THRESHOLDS)
+
+
+ONE_BOX = _result(Decision.FRACTURE, 0.81, (Box(10.0, 20.0, 60.5, 80.0, 0.9),))
+TWO_BOXES = _result(Decision.POSSIBLE_FRACTURE, 0.42,
+                    (Box(10.0, 20.0, 60.0, 80.0, 0.5), Box(100.0, 50.0, 211.0, 169.0, 0.45)))
+NO_BOX = _result(Decision.NO_FRACTURE, 0.07, ())
+
+
+@pytest.fixture(scope="module")
+def dx() -> View:
+    return load_view(SAMPLES / "DX_highdicom_small.dcm")
+
+
+def _variant(tmp_path: Path, name: str, **attributes: str) -> View:
+    """A copy of the small DX sample with some attributes changed (e.g. another image)."""
+    ds = pydicom.dcmread(SAMPLES / "DX_highdicom_small.dcm")
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    path = tmp_path / f"{name}.dcm"
+    ds.save_as(path)
+    return load_view(path)
+
+
+def _dciodvfy(path: Path) -> list[str]:
+    """dciodvfy's messages; asserts there is no error and no warning beyond the accepted one."""
+    run = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True, timeout=60)
+    lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error")]
+    warnings = [line for line in lines if line.startswith("Warning")]
+    assert errors == [], f"{path.name}: {errors}"
+    assert all(ACCEPTED_WARNING in line for line in warnings), warnings
+    return lines
+
+
+def _write(tmp_path: Path, findings: list[ImageFinding], **kwargs: object) -> ResultObjects:
+    return write_results(findings, ALGORITHM, NODE, tmp_path / "out", presentation_states=True,
+                         **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("result", [ONE_BOX, TWO_BOXES, NO_BOX], ids=["one", "two", "none"])
+def test_every_written_object_passes_dciodvfy(dx: View, result: ImageResult,
+                                              tmp_path: Path) -> None:
+    written = _write(tmp_path, [ImageFinding(dx, result, THORAX)])
+    assert len(written.all) == 3
+    for item in written.all:
+        _dciodvfy(item.path)
+        ds = pydicom.dcmread(item.path)
+        assert ds.SOPInstanceUID == item.sop_instance_uid and ds.SOPClassUID == item.sop_class_uid
+        assert ds.StudyInstanceUID == dx.study_instance_uid
+        assert ds.SeriesInstanceUID != dx.header.SeriesInstanceUID
+        assert ds.PatientName == dx.header.PatientName and ds.PatientID == dx.header.PatientID
+        equipment = ds.ContributingEquipmentSequence
+        ours = [e for e in equipment if e.Manufacturer == NODE.manufacturer]
+        assert len(ours) == 1
+        purpose = ours[0].PurposeOfReferenceCodeSequence[0]
+        assert (purpose.CodeValue, purpose.CodingSchemeDesignator) == ("109102", "DCM")
+
+
+@pytest.mark.parametrize("result", [ONE_BOX, TWO_BOXES, NO_BOX], ids=["one", "two", "none"])
+def test_sr_reads_back_with_finding_evaluation_score_site_and_regions(
+        dx: View, result: ImageResult, tmp_path: Path) -> None:
+    written = _write(tmp_path, [ImageFinding(dx, result, THORAX)])
+    sr = hd.sr.srread(written.report.path)
+    assert sr.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage
+    assert (sr.PreliminaryFlag, sr.CompletionFlag, sr.VerificationFlag) == (
+        "PRELIMINARY", "PARTIAL", "UNVERIFIED")
+    image_groups = sr.content.get_image_measurement_groups()
+    assert len(image_groups) == 1
+    group = image_groups[0]
+    assert group.finding_type == FRACTURE
+    assert [site.value for site in group.finding_sites] == [THORAX]
+    (evaluation,) = group.get_qualitative_evaluations()
+    assert evaluation.value == DECISION_CODES[result.decision]
+    (score,) = group.get_measurements(name=PROBABILITY)
+    assert score.value == pytest.approx(result.score)
+    assert group.source_images[0].referenced_sop_instance_uid == dx.sop_instance_uid
+    regions = sr.content.get_planar_roi_measurement_groups()
+    assert len(regions) == len(result.boxes)
+    for region, box in zip(regions, result.boxes, strict=True):
+        corners = np.array([[box.x0, box.y0], [box.x1, box.y0], [box.x1, box.y1],
+                            [box.x0, box.y1], [box.x0, box.y0]])
+        assert region.roi.GraphicType == "POLYLINE"
+        np.testing.assert_allclose(region.roi.value, corners, atol=1e-4)
+        assert np.all(region.roi.value >= 0)
+        assert np.all(region.roi.value[:, 0] <= dx.columns)
+        assert np.all(region.roi.value[:, 1] <= dx.rows)
+        source = region.roi.ContentSequence[0].ReferencedSOPSequence[0]
+        assert source.ReferencedSOPInstanceUID == dx.sop_instance_uid
+        assert source.ReferencedSOPClassUID == dx.sop_class_uid
+        (box_score,) = region.get_measurements(name=PROBABILITY)
+        assert box_score.value == pytest.approx(box.score)
+    def texts(concept: Code) -> set[str]:
+        items = find_content_items(sr, name=concept, recursive=True)
+        return {item.TextValue for item in items}
+
+    assert texts(codes.DCM.AlgorithmName) == {ALGORITHM.name}
+    assert texts(codes.DCM.AlgorithmVersion) == {ALGORITHM.version}
+    assert f"operating point: {ALGORITHM.operating_point}" in texts(codes.DCM.AlgorithmParameters)
+
+
+def test_sc_has_burned_in_boxes_and_banner(dx: View, tmp_path: Path) -> None:
+    written = _write(tmp_path, [ImageFinding(dx, ONE_BOX, THORAX)])
+    (sc_file,) = written.secondary_captures
+    ds = pydicom.dcmread(sc_file.path)
+    assert ds.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
+    assert ds.BurnedInAnnotation == "YES" and ds.ImageType[0] == "DERIVED"
+    assert ds.PhotometricInterpretation == "MONOCHROME2" and ds.BitsAllocated == 8
+    banner = banner_height(dx.rows, dx.columns)
+    pixels = ds.pixel_array
+    assert pixels.shape == (dx.rows + banner, dx.columns)
+    np.testing.assert_array_equal(pixels, render_annotated(dx, ONE_BOX))
+    assert pixels[:banner].max() == 255  # banner text
+    box = ONE_BOX.boxes[0]
+    top = pixels[banner + int(box.y0), int(box.x0):int(np.ceil(box.x1))]
+    assert np.all(top == 255)  # solid outline along the top edge
+    inside = pixels[banner + 40:banner + 60, 20:50]
+    expected = render_annotated(dx, NO_BOX)[banner + 40:banner + 60, 20:50]
+    np.testing.assert_array_equal(inside, expected)  # the image inside the box is untouched
+
+
+def test_possible_fracture_boxes_are_dashed(dx: View) -> None:
+    banner = banner_height(dx.rows, dx.columns)
+    dashed = render_annotated(dx, TWO_BOXES)
+    box = TWO_BOXES.boxes[0]
+    edge = dashed[banner + int(box.y0), int(box.x0):int(box.x1)]
+    assert (edge == 255).any() and (edge != 255).any()
+
+
+def test_render_png_writes_the_sc_pixels(dx: View, tmp_path: Path) -> None:
+    path = render_png(dx, TWO_BOXES, tmp_path / "overlay.png")
+    np.testing.assert_array_equal(cv2.imread(str(path), cv2.IMREAD_GRAYSCALE),
+                                  render_annotated(dx, TWO_BOXES))
+    with pytest.raises(ValueError, match="png"):
+        render_png(dx, TWO_BOXES, tmp_path / "overlay.jpg")
+
+
+def test_gsps_has_polyline_boxes_in_pixel_units(dx: View, tmp_path: Path) -> None:
+    written = _write(tmp_path, [ImageFinding(dx, TWO_BOXES, THORAX)])
+    (pr_file,) = written.presentation_states
+    ds = pydicom.dcmread(pr_file.path)
+    assert ds.SOPClassUID == pydicom.uid.GrayscaleSoftcopyPresentationStateStorage
+    annotation = ds.GraphicAnnotationSequence[0]
+    assert annotation.ReferencedImageSequence[0].ReferencedSOPInstanceUID == dx.sop_instance_uid
+    objects = annotation.GraphicObjectSequence
+    assert len(objects) == len(TWO_BOXES.boxes)
+    for item, box in zip(objects, TWO_BOXES.boxes, strict=True):
+        assert item.GraphicType == "POLYLINE" and item.GraphicAnnotationUnits == "PIXEL"
+        points = np.asarray(item.GraphicData).reshape(-1, 2)
+        np.testing.assert_allclose(points[[0, 2]], [[box.x0, box.y0], [box.x1, box.y1]])
+        np.testing.assert_allclose(points[0], points[-1])
+    texts = [t.UnformattedTextValue for t in annotation.TextObjectSequence]
+    assert any("POSSIBLE FRACTURE" in t and "physician" in t for t in texts)
+    # the source is MONOCHROME1: the presentation keeps bone bright
+    assert dx.header.PhotometricInterpretation == "MONOCHROME1"
+    assert ds.PresentationLUTShape == "INVERSE"
+
+
+def test_cr_without_orientation_or_spacing_is_written_cleanly(tmp_path: Path) -> None:
+    cr = load_view(SAMPLES / "RG2_JPLL_derived_EVRLE.dcm")
+    result = _result(Decision.FRACTURE, 0.9, (Box(400, 600, 900, 1100, 0.95),))
+    written = _write(tmp_path, [ImageFinding(cr, result, HIP)])
+    for item in written.all:
+        _dciodvfy(item.path)
+    sc = pydicom.dcmread(written.secondary_captures[0].path, stop_before_pixels=True)
+    assert sc.PatientOrientation == ""  # unknown at the source: left empty, not invented
+
+
+def test_uids_are_deterministic_and_change_with_inputs(dx: View, tmp_path: Path) -> None:
+    first = _write(tmp_path / "a", [ImageFinding(dx, ONE_BOX, THORAX)])
+    again = _write(tmp_path / "b", [ImageFinding(dx, ONE_BOX, THORAX)])
+    assert [w.sop_instance_uid for w in first.all] == [w.sop_instance_uid for w in again.all]
+    assert [w.series_instance_uid for w in first.all] == [
+        w.series_instance_uid for w in again.all]
+    assert first.report.sop_instance_uid == report_uid(
+        dx.study_instance_uid, [dx.sop_instance_uid], ALGORITHM.version, NODE.uid_prefix)
+    assert first.secondary_captures[0].sop_instance_uid == image_result_uid(
+        ResultKind.SECONDARY_CAPTURE, dx.sop_instance_uid, ALGORITHM.version, NODE.uid_prefix)
+    newer = write_results([ImageFinding(dx, ONE_BOX, THORAX)],
+                          AlgorithmInfo(ALGORITHM.name, "2025.1", ALGORITHM.operating_point),
+                          NODE, tmp_path / "c")
+    assert {w.sop_instance_uid for w in newer.all}.isdisjoint(w.sop_instance_uid
+                                                             for w in first.all)
+    # a new generation of the study (one more image): new SR, same SC for the old image
+    other = _variant(tmp_path, "second", SOPInstanceUID=str(derive_uid("test", "second")))
+    grown = _write(tmp_path / "d", [ImageFinding(dx, ONE_BOX, THORAX),
+                                    ImageFinding(other, NO_BOX, THORAX)])
+    assert grown.report.sop_instance_uid != first.report.sop_instance_uid
+    assert grown.report.series_instance_uid == first.report.series_instance_uid
+    assert grown.secondary_captures[0].sop_instance_uid == (
+        first.secondary_captures[0].sop_instance_uid)
+    assert len({w.sop_instance_uid for w in grown.all}) == len(grown.all)
+
+
+def test_rewriting_replaces_the_file(dx: View, tmp_path: Path) -> None:
+    _write(tmp_path, [ImageFinding(dx, ONE_BOX, THORAX)])
+    _write(tmp_path, [ImageFinding(dx, ONE_BOX, THORAX)])
+    assert len(list((tmp_path / "out").iterdir())) == 3
+
+
+def test_predecessor_report_is_referenced(dx: View, tmp_path: Path) -> None:
+    previous = PreviousReport(dx.study_instance_uid, str(derive_uid("prev-series")),
+                              str(derive_uid("prev-sr")), pydicom.uid.Comprehensive3DSRStorage)
+    written = _write(tmp_path, [ImageFinding(dx, ONE_BOX, THORAX)], previous=previous)
+    _dciodvfy(written.report.path)
+    ds = pydicom.dcmread(written.report.path)
+    study = ds.PredecessorDocumentsSequence[0]
+    assert study.StudyInstanceUID == previous.study_instance_uid
+    series = study.ReferencedSeriesSequence[0]
+    assert series.SeriesInstanceUID == previous.series_instance_uid
+    assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == previous.sop_instance_uid
+
+
+@pytest.mark.parametrize(("charset", "name"), [("ISO_IR 100", "Müller^Jörg"),
+                                               ("ISO_IR 192", "山田^太郎"),
+                                               ("ISO_IR 192", "Ærøskøbing^Zoë")])
+def test_non_ascii_patient_names_round_trip(charset: str, name: str, tmp_path: Path) -> None:
+    view = _variant(tmp_path, "named", SpecificCharacterSet=charset, PatientName=name)
+    written = _write(tmp_path, [ImageFinding(view, ONE_BOX, THORAX)])
+    for item in written.all:
+        _dciodvfy(item.path)
+        ds = pydicom.dcmread(item.path)
+        assert ds.SpecificCharacterSet == charset
+        assert str(ds.PatientName) == name
+    assert str(hd.sr.srread(written.report.path).PatientName) == name
+
+
+def test_bad_input_is_refused(dx: View, tmp_path: Path) -> None:
+    outside = _result(Decision.FRACTURE, 0.9, (Box(100.0, 100.0, 300.0, 150.0, 0.9),))
+    with pytest.raises(ValueError, match="outside"):
+        _write(tmp_path, [ImageFinding(dx, outside, THORAX)])
+    with pytest.raises(ValueError, match="no analysed images"):
+        _write(tmp_path, [])
+    other_study = _variant(tmp_path, "other", StudyInstanceUID=str(derive_uid("other-study")),
+                           SOPInstanceUID=str(derive_uid("other-image")))
+    with pytest.raises(ValueError, match="exactly one study"):
+        _write(tmp_path, [ImageFinding(dx, ONE_BOX, THORAX), ImageFinding(other_study, NO_BOX)])
+
+
+@settings(max_examples=60, deadline=None)
+@given(length=st.floats(0.5, 500), dash=st.floats(0.5, 30), gap=st.floats(0.5, 30),
+       angle=st.floats(0, 2 * np.pi))
+def test_dashes_lie_on_the_segment_and_cover_the_dash_share(length: float, dash: float,
+                                                            gap: float, angle: float) -> None:
+    start = (5.0, 7.0)
+    end = (5.0 + length * np.cos(angle), 7.0 + length * np.sin(angle))
+    pieces = dashed_segments(start, end, dash, gap)
+    covered = sum(float(np.hypot(b[0] - a[0], b[1] - a[1])) for a, b in pieces)
+    assert covered <= length + 1e-6
+    assert covered >= min(length, dash) - 1e-6
+    for (a, b), (c, _) in zip(pieces, pieces[1:], strict=False):
+        assert float(np.hypot(b[0] - a[0], b[1] - a[1])) == pytest.approx(dash)
+        assert float(np.hypot(c[0] - a[0], c[1] - a[1])) == pytest.approx(dash + gap)
+    for a, b in pieces:
+        for point in (a, b):  # every end point is on the segment
+            t = np.dot(np.subtract(point, start), np.subtract(end, start)) / length**2
+            assert -1e-6 <= t <= 1 + 1e-6
