@@ -98,8 +98,9 @@ def check_single_grey_frame(ds: Dataset) -> None:
         )
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames != 1:
-        raise PixelDataError(f"multi-frame image ({frames} frames); only single-frame radiographs "
-                             "are analysed")
+        raise PixelDataError(
+            f"multi-frame image ({frames} frames); only single-frame radiographs are analysed"
+        )
 
 
 def decode_stored_values(ds: Dataset) -> np.ndarray:
@@ -177,6 +178,7 @@ def to_uint8(pixels: np.ndarray) -> np.ndarray:
 
 def region_hints(ds: Dataset) -> RegionHints:
     """Body Part Examined and the study/series/protocol descriptions, stripped, '' if absent."""
+
     def text(keyword: str) -> str:
         return str(ds.get(keyword, "") or "").strip()
 

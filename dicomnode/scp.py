@@ -192,6 +192,7 @@ class Listener:
     def start(self) -> Listener:
         """Open the state, bind the port and serve associations in background threads."""
         self.db = self.layout.open_db()
+        self.layout.clear_tmp()
         self.queue = SqliteJobQueue.from_config(self.db, self.config)
         self.store = InstanceStore(self.layout, self.db)
         self._chunked_before = _config.STORE_RECV_CHUNKED_DATASET

@@ -30,6 +30,8 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.events import Event
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 
 #: The result SOP classes this node sends, each proposed with both uncompressed syntaxes.
 RESULT_SOP_CLASSES = (
@@ -39,9 +41,12 @@ RESULT_SOP_CLASSES = (
 )
 TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
-_REJECT_RESULTS = {0x01: "rejected-permanent", 0x02: "rejected-transient"}
-_PERMANENT_STATUSES = {0x0122: "SOP class not supported", 0x0124: "refused: not authorised",
-                       0x0117: "invalid SOP instance", 0x0211: "unrecognised operation"}
+_PERMANENT_STATUSES = {
+    0x0122: "SOP class not supported",
+    0x0124: "refused: not authorised",
+    0x0117: "invalid SOP instance",
+    0x0211: "unrecognised operation",
+}
 
 
 class DeliveryStatus(StrEnum):
@@ -124,25 +129,52 @@ def classify_status(code: int) -> tuple[DeliveryStatus, str]:
     return DeliveryStatus.TRANSIENT, f"failure status 0x{code:04X}"
 
 
-def send_files(destination: Destination, files: Sequence[Path],
-               timeouts: Timeouts = Timeouts()) -> BatchOutcome:
+def send_files(
+    destination: Destination, files: Sequence[Path], timeouts: Timeouts = Timeouts()
+) -> BatchOutcome:
     """Send ``files`` to ``destination`` in one association and classify each result."""
     files = tuple(Path(f) for f in files)
     if not files:
         raise ValueError("no files to send")
     ae = _application_entity(destination, timeouts)
-    connected: list[bool] = []
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.called_ae,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: connected.append(True))])
+    watch = _AssociationWatch()
+    assoc = ae.associate(
+        destination.host,
+        destination.port,
+        ae_title=destination.called_ae,
+        evt_handlers=[
+            (evt.EVT_CONN_OPEN, watch.on_connect),
+            (evt.EVT_PDU_RECV, watch.on_pdu),
+        ],
+    )
     try:
         if not assoc.is_established:
-            status, reason = _association_failure(assoc, destination, bool(connected))
+            status, reason = _association_failure(assoc, destination, watch)
             return BatchOutcome(tuple(DeliveryOutcome(f, status, reason) for f in files))
         return BatchOutcome(tuple(_send_one(assoc, f) for f in files))
     finally:
         if assoc.is_established:
             assoc.release()
         ae.shutdown()
+
+
+class _AssociationWatch:
+    """What the network saw during association set-up: a TCP connection, a rejection PDU.
+
+    The A-ASSOCIATE-RJ is taken from the PDU itself because pynetdicom may report a peer that
+    rejects and closes at once as aborted (the socket closes before its ACSE reads the reply).
+    """
+
+    def __init__(self) -> None:
+        self.connected = False
+        self.rejection: A_ASSOCIATE_RJ | None = None
+
+    def on_connect(self, _event: Event) -> None:
+        self.connected = True
+
+    def on_pdu(self, event: Event) -> None:
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+            self.rejection = event.pdu
 
 
 def _application_entity(destination: Destination, timeouts: Timeouts) -> AE:
@@ -158,33 +190,40 @@ def _application_entity(destination: Destination, timeouts: Timeouts) -> AE:
     return ae
 
 
-def _association_failure(assoc: Association, destination: Destination, connected: bool
-                         ) -> tuple[DeliveryStatus, str]:
+def _association_failure(
+    assoc: Association, destination: Destination, watch: _AssociationWatch
+) -> tuple[DeliveryStatus, str]:
     """Why the association did not come up, and whether retrying can help."""
     where = f"{destination.called_ae}@{destination.host}:{destination.port}"
-    if not connected:
-        return DeliveryStatus.TRANSIENT, f"cannot connect to {where} (connection refused, " \
-                                         "host unreachable or connect timeout)"
-    if assoc.is_rejected:
-        primitive = assoc.acceptor.primitive
-        result = getattr(primitive, "result", None)
-        detail = (f"{getattr(primitive, 'result_str', '')}; source: "
-                  f"{getattr(primitive, 'source_str', '')}; reason: "
-                  f"{getattr(primitive, 'reason_str', '')}")
-        status = DeliveryStatus.TRANSIENT if result == 0x02 else DeliveryStatus.PERMANENT
-        return status, f"association {_REJECT_RESULTS.get(result or 0, 'rejected')} by {where} " \
-                       f"({detail})"
+    if not watch.connected:
+        return (
+            DeliveryStatus.TRANSIENT,
+            f"cannot connect to {where} (connection refused, host unreachable or connect timeout)",
+        )
+    rejection = watch.rejection
+    if rejection is not None:
+        detail = (
+            f"{rejection.result_str}; source: {rejection.source_str}; "
+            f"reason: {rejection.reason_str}"
+        )
+        transient = rejection.result == 0x02
+        status = DeliveryStatus.TRANSIENT if transient else DeliveryStatus.PERMANENT
+        kind = "rejected-transient" if transient else "rejected-permanent"
+        return status, f"association {kind} by {where} ({detail})"
     if assoc.rejected_contexts and not assoc.accepted_contexts:
-        return DeliveryStatus.PERMANENT, f"{where} accepts none of the proposed SOP classes " \
-                                         "and transfer syntaxes"
+        return (
+            DeliveryStatus.PERMANENT,
+            f"{where} accepts none of the proposed SOP classes and transfer syntaxes",
+        )
     return DeliveryStatus.TRANSIENT, f"association with {where} aborted or timed out"
 
 
 def _send_one(assoc: Association, path: Path) -> DeliveryOutcome:
     """C-STORE one file over an established association."""
     if not assoc.is_established:
-        return DeliveryOutcome(path, DeliveryStatus.TRANSIENT,
-                               "association lost before this file was sent")
+        return DeliveryOutcome(
+            path, DeliveryStatus.TRANSIENT, "association lost before this file was sent"
+        )
     try:
         dataset = pydicom.dcmread(path)
     except (InvalidDicomError, OSError) as exc:
@@ -192,18 +231,25 @@ def _send_one(assoc: Association, path: Path) -> DeliveryOutcome:
     try:
         response: Dataset = assoc.send_c_store(dataset)
     except ValueError as exc:  # no accepted presentation context for this SOP class / syntax
-        return DeliveryOutcome(path, DeliveryStatus.PERMANENT,
-                               f"destination does not accept this object: {exc}")
+        return DeliveryOutcome(
+            path, DeliveryStatus.PERMANENT, f"destination does not accept this object: {exc}"
+        )
+    except RuntimeError:  # the peer aborted between the previous file and this one
+        return DeliveryOutcome(
+            path, DeliveryStatus.TRANSIENT, "association aborted before this file was sent"
+        )
     if "Status" not in response:
-        return DeliveryOutcome(path, DeliveryStatus.TRANSIENT,
-                               "no C-STORE response (timeout or association aborted)")
+        return DeliveryOutcome(
+            path, DeliveryStatus.TRANSIENT, "no C-STORE response (timeout or association aborted)"
+        )
     code = int(response.Status)
     status, reason = classify_status(code)
     return DeliveryOutcome(path, status, reason, code)
 
 
-def backoff_delay(attempt: int, rng: random.Random, base: float = 10.0,
-                  cap: float = 3600.0) -> float:
+def backoff_delay(
+    attempt: int, rng: random.Random, base: float = 10.0, cap: float = 3600.0
+) -> float:
     """Seconds to wait before retry ``attempt`` (1 = first retry): full-jitter exponential.
 
     The ceiling grows ``base * 2**(attempt-1)`` up to ``cap`` and the delay is uniform in

@@ -705,3 +705,12 @@ def _delivery(conn: sqlite3.Connection, delivery_id: int) -> Delivery:
         next_attempt_at=row["next_attempt_at"],
         files=tuple(Path(f[0]) for f in files),
     )
+
+
+def open_queue(db: StateDB, config: Config) -> JobQueue:
+    """The job queue the roles use: the embedded SQLite queue on the node's state database.
+
+    The one place to choose another :class:`JobQueue` implementation (a broker for several
+    hosts) when there is one.
+    """
+    return SqliteJobQueue.from_config(db, config)

@@ -5,7 +5,7 @@ Layout under ``node.state_dir``::
     state.sqlite                      the state database (see ``dicomnode.state``)
     instances/<StudyUID>/<SOPUID>.dcm every accepted instance, exactly as received
     results/                          the worker's result objects
-    tmp/                              partial writes; emptied when the node starts
+    tmp/                              the listener's partial writes; emptied when it starts
 
 An instance is written to ``tmp/``, fsynced, renamed into place and the folder fsynced, and only
 then recorded in the database, so a row always points at a complete file. A crash before the row
@@ -95,15 +95,22 @@ class StateLayout:
         return self.root / "tmp"
 
     def create(self) -> StateLayout:
-        """Create the folders and empty ``tmp/`` of partial writes left by a crash."""
+        """Create the folders (idempotent; safe to call from any role)."""
         for folder in (self.root, self.instances_dir, self.results_dir, self.tmp_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def clear_tmp(self) -> None:
+        """Delete partial writes a crash left in ``tmp/``.
+
+        Only the listener, which owns ``tmp/``, calls this, at start-up, before it accepts
+        associations (another role doing it could delete a write in progress).
+        """
         for leftover in self.tmp_dir.iterdir():
             if leftover.is_dir():
                 shutil.rmtree(leftover)
             else:
                 leftover.unlink()
-        return self
 
     def instance_path(self, study_uid: str, sop_instance_uid: str) -> Path:
         """Where an instance is kept: ``instances/<StudyUID>/<SOPInstanceUID>.dcm``."""

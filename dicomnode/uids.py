@@ -42,22 +42,25 @@ def derive_uid(*parts: str, prefix: str = DEFAULT_UID_PREFIX) -> UID:
     return generate_uid(prefix=prefix, entropy_srcs=[json.dumps(["fracture-dicomnode", *parts])])
 
 
-def series_uid(kind: ResultKind, study_uid: str, version: str,
-               prefix: str = DEFAULT_UID_PREFIX) -> UID:
+def series_uid(
+    kind: ResultKind, study_uid: str, version: str, prefix: str = DEFAULT_UID_PREFIX
+) -> UID:
     """Series Instance UID for all results of one ``kind`` in a study from one model version."""
     return derive_uid("series", kind.value, study_uid, version, prefix=prefix)
 
 
-def image_result_uid(kind: ResultKind, source_sop_uid: str, version: str,
-                     prefix: str = DEFAULT_UID_PREFIX) -> UID:
+def image_result_uid(
+    kind: ResultKind, source_sop_uid: str, version: str, prefix: str = DEFAULT_UID_PREFIX
+) -> UID:
     """SOP Instance UID of a per-image result (Secondary Capture or presentation state)."""
     if kind is ResultKind.SR:
         raise ValueError("the SR covers a whole study: use report_uid")
     return derive_uid("instance", kind.value, source_sop_uid, version, prefix=prefix)
 
 
-def report_uid(study_uid: str, source_sop_uids: Iterable[str], version: str,
-               prefix: str = DEFAULT_UID_PREFIX) -> UID:
+def report_uid(
+    study_uid: str, source_sop_uids: Iterable[str], version: str, prefix: str = DEFAULT_UID_PREFIX
+) -> UID:
     """SOP Instance UID of the study's SR: changes when the set of analysed images changes."""
     sources = sorted(set(source_sop_uids))
     if not sources:
@@ -65,7 +68,8 @@ def report_uid(study_uid: str, source_sop_uids: Iterable[str], version: str,
     return derive_uid("report", study_uid, version, *sources, prefix=prefix)
 
 
-def tracking_uid(source_sop_uid: str, version: str, index: int,
-                 prefix: str = DEFAULT_UID_PREFIX) -> UID:
+def tracking_uid(
+    source_sop_uid: str, version: str, index: int, prefix: str = DEFAULT_UID_PREFIX
+) -> UID:
     """Tracking Unique Identifier of finding ``index`` (0: the image, 1..n: its boxes)."""
     return derive_uid("tracking", source_sop_uid, version, str(index), prefix=prefix)

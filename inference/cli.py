@@ -34,8 +34,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     images = [read_grayscale(path) for path in args.images]
     results, timings = ensemble.analyse(images, [region] * len(images))
     if not ensemble.manifest.trained:
-        print("warning: the weights in use are NOT trained (random initialisation); "
-              "results are meaningless", file=sys.stderr)
+        print(
+            "warning: the weights in use are NOT trained (random initialisation); "
+            "results are meaningless",
+            file=sys.stderr,
+        )
     if args.json:
         payload = [
             {
@@ -46,8 +49,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                 "score": round(result.score, 6),
                 "decision": str(result.decision),
                 "boxes": [
-                    {k: round(v, 2) if k != "score" else round(v, 4)
-                     for k, v in asdict(box).items()}
+                    {
+                        k: round(v, 2) if k != "score" else round(v, 4)
+                        for k, v in asdict(box).items()
+                    }
                     for box in result.boxes
                 ],
                 "timings": {
@@ -62,13 +67,19 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(json.dumps(payload, indent=2))
         return 0
     for path, result in zip(args.images, results, strict=True):
-        boxes = "; ".join(f"({b.x0:.0f},{b.y0:.0f})-({b.x1:.0f},{b.y1:.0f}) p={b.score:.2f}"
-                          for b in result.boxes)
-        print(f"{path}: {result.decision} score={result.score:.4f} group={result.group}"
-              f"{' (fallback)' if result.group_fallback else ''} boxes=[{boxes}]")
-    print(f"timings: load {load_seconds:.2f}s, preprocess {timings.preprocess:.2f}s, "
-          f"inference {timings.inference:.2f}s, postprocess {timings.postprocess:.2f}s "
-          f"for {len(images)} image(s) on {ensemble.device}", file=sys.stderr)
+        boxes = "; ".join(
+            f"({b.x0:.0f},{b.y0:.0f})-({b.x1:.0f},{b.y1:.0f}) p={b.score:.2f}" for b in result.boxes
+        )
+        print(
+            f"{path}: {result.decision} score={result.score:.4f} group={result.group}"
+            f"{' (fallback)' if result.group_fallback else ''} boxes=[{boxes}]"
+        )
+    print(
+        f"timings: load {load_seconds:.2f}s, preprocess {timings.preprocess:.2f}s, "
+        f"inference {timings.inference:.2f}s, postprocess {timings.postprocess:.2f}s "
+        f"for {len(images)} image(s) on {ensemble.device}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -91,17 +102,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
         prepare_only=args.prepare_only,
     )
     for result in results:
-        print(f"{result.name}: best tuning AUC {result.best_tuning_auc:.4f} at epoch "
-              f"{result.best_epoch} of {result.epochs_run} ({result.stopped}), "
-              f"{result.seconds / 60:.1f} min on {result.device} {result.precision}")
+        print(
+            f"{result.name}: best tuning AUC {result.best_tuning_auc:.4f} at epoch "
+            f"{result.best_epoch} of {result.epochs_run} ({result.stopped}), "
+            f"{result.seconds / 60:.1f} min on {result.device} {result.precision}"
+        )
     return 0
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from inference.evaluation import calibrate_folder
 
-    summary = calibrate_folder(args.weights, args.data, split_path=args.split,
-                               device=args.device, version=args.version)
+    summary = calibrate_folder(
+        args.weights, args.data, split_path=args.split, device=args.device, version=args.version
+    )
     print(summary)
     return 0
 
@@ -109,13 +123,22 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from inference.evaluation import evaluate_folder
 
-    result = evaluate_folder(args.weights, args.data, args.out, split_path=args.split,
-                             subset=args.subset, device=args.device, seed=args.seed)
+    result = evaluate_folder(
+        args.weights,
+        args.data,
+        args.out,
+        split_path=args.split,
+        subset=args.subset,
+        device=args.device,
+        seed=args.seed,
+    )
     overall = result.overall
-    print(f"n={overall.n} positives={overall.n_positive} AUC={overall.auc:.4f} "
-          f"[{overall.auc_ci.low:.4f}, {overall.auc_ci.high:.4f}] "
-          f"sensitivity={overall.sensitivity:.3f} specificity={overall.specificity:.3f}; "
-          f"wrote {args.out}/metrics.json, report.md, roc.png")
+    print(
+        f"n={overall.n} positives={overall.n_positive} AUC={overall.auc:.4f} "
+        f"[{overall.auc_ci.low:.4f}, {overall.auc_ci.high:.4f}] "
+        f"sensitivity={overall.sensitivity:.3f} specificity={overall.specificity:.3f}; "
+        f"wrote {args.out}/metrics.json, report.md, roc.png"
+    )
     return 0
 
 
@@ -137,25 +160,44 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train an ensemble (or member) config")
     train.add_argument("--config", type=Path, required=True)
     train.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    train.add_argument("--out", type=Path, default=DEFAULT_WEIGHTS,
-                       help="weights folder the trained members are exported into")
-    train.add_argument("--runs", type=Path, default=Path("runs"),
-                       help="folder for checkpoints, histories and the pre-processing cache")
+    train.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_WEIGHTS,
+        help="weights folder the trained members are exported into",
+    )
+    train.add_argument(
+        "--runs",
+        type=Path,
+        default=Path("runs"),
+        help="folder for checkpoints, histories and the pre-processing cache",
+    )
     train.add_argument("--member", help="train only this member of an ensemble config")
     train.add_argument("--resume", action="store_true", help="continue interrupted runs")
     train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    train.add_argument("--workers", type=int, default=None,
-                       help="processes for pre-processing (default: all cores)")
+    train.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes for pre-processing (default: all cores)",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    train.add_argument("--prepare-only", action="store_true",
-                       help="only write the split and the pre-processing cache, then stop")
+    train.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="only write the split and the pre-processing cache, then stop",
+    )
     train.set_defaults(func=_cmd_train)
 
     calibrate = sub.add_parser("calibrate", help="thresholds from tuning + validation predictions")
     calibrate.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     calibrate.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    calibrate.add_argument("--split", type=Path, default=None,
-                           help="split.json (default: the one in the weights folder)")
+    calibrate.add_argument(
+        "--split",
+        type=Path,
+        default=None,
+        help="split.json (default: the one in the weights folder)",
+    )
     calibrate.add_argument("--version", default=None, help="new ensemble version string")
     calibrate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     calibrate.set_defaults(func=_cmd_calibrate)
@@ -165,8 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     evaluate.add_argument("--out", type=Path, required=True)
     evaluate.add_argument("--split", type=Path, default=None, help="split.json to take a subset")
-    evaluate.add_argument("--subset", choices=("train", "tuning", "validation"), default=None,
-                          help="evaluate only this part of the split (needs a split)")
+    evaluate.add_argument(
+        "--subset",
+        choices=("train", "tuning", "validation"),
+        default=None,
+        help="evaluate only this part of the split (needs a split)",
+    )
     evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     evaluate.set_defaults(func=_cmd_evaluate)

@@ -75,8 +75,9 @@ def load_member(manifest: Manifest, spec: MemberSpec, device: torch.device) -> D
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ManifestError(f"member '{spec.name}': {path.name} is not a valid safetensors file: "
-                            f"{exc}") from exc
+        raise ManifestError(
+            f"member '{spec.name}': {path.name} is not a valid safetensors file: {exc}"
+        ) from exc
     model = build_member(spec)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -176,8 +177,7 @@ class Ensemble:
         scores = np.zeros((len(self.models), n), dtype=np.float64)
         map_sum = np.zeros((n, self.map_size, self.map_size), dtype=np.float32)
         n_maps = 0
-        for index, (spec, model) in enumerate(zip(self.manifest.members, self.models,
-                                                  strict=True)):
+        for index, (spec, model) in enumerate(zip(self.manifest.members, self.models, strict=True)):
             batch = member_input(spec, prepared[spec.size]).to(self.device)
             out = model(batch)
             scores[index] = torch.sigmoid(out.score_logit.float()).cpu().numpy()

@@ -86,34 +86,41 @@ def collect_predictions(
 ) -> Predictions:
     """Run the ensemble over the records in batches (maps kept as float16)."""
     outputs: list[EnsembleOutput] = []
-    for start in tqdm(range(0, len(records), batch), disable=not progress, file=sys.stderr,
-                      desc="predicting", unit="batch"):
-        chunk = records[start:start + batch]
+    for start in tqdm(
+        range(0, len(records), batch),
+        disable=not progress,
+        file=sys.stderr,
+        desc="predicting",
+        unit="batch",
+    ):
+        chunk = records[start : start + batch]
         outputs += ensemble.predict([read_grayscale(r.path) for r in chunk])
     return Predictions(
         records=tuple(records),
         scores=np.array([o.score for o in outputs], dtype=np.float64),
-        maps=tuple(None if o.prob_map is None else o.prob_map.astype(np.float16)
-                   for o in outputs),
+        maps=tuple(None if o.prob_map is None else o.prob_map.astype(np.float16) for o in outputs),
         transforms=tuple(o.transform for o in outputs),
     )
 
 
-def _subset(records: Sequence[Record], split_path: Path | None,
-            parts: Sequence[str] | None) -> list[Record]:
+def _subset(
+    records: Sequence[Record], split_path: Path | None, parts: Sequence[str] | None
+) -> list[Record]:
     if not parts:
         return list(records)
     if split_path is None or not split_path.is_file():
-        raise ValueError(f"a subset ({', '.join(parts)}) needs a split file; {split_path} "
-                         f"does not exist")
+        raise ValueError(
+            f"a subset ({', '.join(parts)}) needs a split file; {split_path} does not exist"
+        )
     split = load_split(split_path)
     wanted: set[str] = set()
     for part in parts:
         wanted |= set(getattr(split, part))
     chosen = [r for r in records if r.image_id in wanted]
     if len(chosen) != len(wanted):
-        raise ValueError(f"{split_path} names {len(wanted) - len(chosen)} images that are not "
-                         f"in the data folder")
+        raise ValueError(
+            f"{split_path} names {len(wanted) - len(chosen)} images that are not in the data folder"
+        )
     return chosen
 
 
@@ -131,13 +138,17 @@ def _model_boxes(record: Record, transform: Transform) -> list[tuple[float, ...]
 
 def _binarize_for(preds: Predictions, members: np.ndarray) -> float | None:
     """Binarization threshold from the fractured, annotated images selected by ``members``."""
-    chosen = [i for i in np.flatnonzero(members)
-              if preds.records[i].boxes and preds.maps[i] is not None]
+    chosen = [
+        i for i in np.flatnonzero(members) if preds.records[i].boxes and preds.maps[i] is not None
+    ]
     if not chosen:
         return None
-    maps = [_masked_map(preds.maps[i].astype(np.float32), preds.transforms[i])  # type: ignore[union-attr]
-            for i in chosen]
+    maps = [
+        _masked_map(preds.maps[i].astype(np.float32), preds.transforms[i])  # type: ignore[union-attr]
+        for i in chosen
+    ]
     truth = [_model_boxes(preds.records[i], preds.transforms[i]) for i in chosen]
+
     def extract(prob_map: np.ndarray, threshold: float) -> list[Box]:
         return extract_boxes(prob_map, threshold=threshold, force_one=True)
 
@@ -149,9 +160,14 @@ def calibrate_predictions(
 ) -> tuple[dict[str, Thresholds], dict[str, object]]:
     """Thresholds per group and a summary table for the manifest's [calibration]."""
     groups = [groups_of(r) for r in preds.records]
-    image = calibrate_groups(groups, preds.labels, preds.scores, min_positives=min_positives,
-                             sensitivity_target=DEFAULT_SENSITIVITY_TARGET,
-                             specificity_target=DEFAULT_SPECIFICITY_TARGET)
+    image = calibrate_groups(
+        groups,
+        preds.labels,
+        preds.scores,
+        min_positives=min_positives,
+        sensitivity_target=DEFAULT_SENSITIVITY_TARGET,
+        specificity_target=DEFAULT_SPECIFICITY_TARGET,
+    )
     pooled_binarize = _binarize_for(preds, preds.labels) or 0.5
     thresholds: dict[str, Thresholds] = {}
     summary: dict[str, object] = {
@@ -190,22 +206,32 @@ def calibrate_folder(
     records = _subset(load_dataset(data), split_path, ("tuning", "validation"))
     preds = collect_predictions(ensemble, records, progress=progress)
     thresholds, summary = calibrate_predictions(preds)
-    manifest = replace(ensemble.manifest, thresholds=thresholds, calibration=summary,
-                       version=version or ensemble.manifest.version)
+    manifest = replace(
+        ensemble.manifest,
+        thresholds=thresholds,
+        calibration=summary,
+        version=version or ensemble.manifest.version,
+    )
     write_manifest(manifest)
-    lines = [f"calibrated {manifest.name} {manifest.version} on {len(records)} tuning + "
-             f"validation images:"]
+    lines = [
+        f"calibrated {manifest.name} {manifest.version} on {len(records)} tuning + "
+        f"validation images:"
+    ]
     for name, t in thresholds.items():
         flag = "" if t.calibrated else " (fallback: pooled)"
-        lines.append(f"  {name}: sensitivity {t.sensitivity:.4f}, high specificity "
-                     f"{t.high_specificity:.4f}, binarize {t.binarize:.2f}{flag}")
+        lines.append(
+            f"  {name}: sensitivity {t.sensitivity:.4f}, high specificity "
+            f"{t.high_specificity:.4f}, binarize {t.binarize:.2f}{flag}"
+        )
     return "\n".join(lines)
 
 
-def _metrics(preds: Predictions, members: np.ndarray, thresholds: np.ndarray,
-             seed: int) -> BinaryMetrics:
-    return binary_metrics(preds.labels[members], preds.scores[members], thresholds[members],
-                          seed=seed)
+def _metrics(
+    preds: Predictions, members: np.ndarray, thresholds: np.ndarray, seed: int
+) -> BinaryMetrics:
+    return binary_metrics(
+        preds.labels[members], preds.scores[members], thresholds[members], seed=seed
+    )
 
 
 def predicted_boxes(preds: Predictions, index: int, thresholds: Thresholds) -> list[Box]:
@@ -215,10 +241,13 @@ def predicted_boxes(preds: Predictions, index: int, thresholds: Thresholds) -> l
     if prob_map is None or decide(score, thresholds) is Decision.NO_FRACTURE:
         return []
     transform = preds.transforms[index]
-    boxes = extract_boxes(prob_map.astype(np.float32), threshold=thresholds.binarize,
-                          valid=content_rect(transform), force_one=True)
-    return [Box(*transform.box_to_original(b.x0, b.y0, b.x1, b.y1), score=b.score)
-            for b in boxes]
+    boxes = extract_boxes(
+        prob_map.astype(np.float32),
+        threshold=thresholds.binarize,
+        valid=content_rect(transform),
+        force_one=True,
+    )
+    return [Box(*transform.box_to_original(b.x0, b.y0, b.x1, b.y1), score=b.score) for b in boxes]
 
 
 def evaluate_predictions(
@@ -282,8 +311,11 @@ def evaluate_folder(
     out.mkdir(parents=True, exist_ok=True)
     payload = {
         **result.to_mapping(),
-        "weights": {"name": ensemble.manifest.name, "version": ensemble.manifest.version,
-                    "trained": ensemble.manifest.trained},
+        "weights": {
+            "name": ensemble.manifest.name,
+            "version": ensemble.manifest.version,
+            "trained": ensemble.manifest.trained,
+        },
         "data": {"folder": str(data), "subset": subset or "all"},
         "operating_point": "sensitivity threshold (92.5% target) of each image's group",
     }

@@ -48,8 +48,9 @@ class MemberDraft:
 def save_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype = torch.float16) -> str:
     """Save floating-point tensors as ``dtype`` (integers as they are); return the file's sha256."""
     state = {
-        key: (t.detach().to("cpu", dtype) if t.is_floating_point() else t.detach().cpu())
-        .contiguous()
+        key: (
+            t.detach().to("cpu", dtype) if t.is_floating_point() else t.detach().cpu()
+        ).contiguous()
         for key, t in model.state_dict().items()
     }
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -115,8 +115,9 @@ class Manifest:
                 "description": self.description,
             },
             # the input size is per member; the shared table holds the rest
-            "preprocessing": {k: v for k, v in self.preprocessing.to_mapping().items()
-                              if k != "size"},
+            "preprocessing": {
+                k: v for k, v in self.preprocessing.to_mapping().items() if k != "size"
+            },
             "members": [m.to_mapping() for m in self.members],
             "thresholds": {
                 group: {

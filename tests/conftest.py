@@ -62,8 +62,8 @@ def pick_images(n_per_stratum: int) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_fracatlas(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """40 real FracAtlas images (5 per region x label) in the FracAtlas layout."""
-    return subset_fracatlas(tmp_path_factory.mktemp("fracatlas") / "data", pick_images(5))
+    """75 real FracAtlas images (up to 10 per region x label) in the FracAtlas layout."""
+    return subset_fracatlas(tmp_path_factory.mktemp("fracatlas") / "data", pick_images(10))
 
 
 SMALL_MEMBERS = (

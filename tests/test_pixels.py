@@ -39,8 +39,13 @@ def _small_mono2(tmp_path: Path, values: np.ndarray, **attributes: object) -> Pa
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.Rows, ds.Columns = values.shape
     ds.PixelData = values.astype("<u2").tobytes()
-    for keyword in ("WindowCenter", "WindowWidth", "RescaleSlope", "RescaleIntercept",
-                    "PresentationLUTShape"):
+    for keyword in (
+        "WindowCenter",
+        "WindowWidth",
+        "RescaleSlope",
+        "RescaleIntercept",
+        "PresentationLUTShape",
+    ):
         if keyword in ds:
             delattr(ds, keyword)
     for keyword, value in attributes.items():
@@ -84,25 +89,31 @@ def test_lossless_reencodings_decode_pixel_identical(derived: str, source: str) 
     a, b = pydicom.dcmread(_sample(derived)), pydicom.dcmread(_sample(source))
     assert a.file_meta.TransferSyntaxUID != b.file_meta.TransferSyntaxUID
     np.testing.assert_array_equal(decode_stored_values(a), decode_stored_values(b))
-    np.testing.assert_array_equal(load_view(_sample(derived)).pixels,
-                                  load_view(_sample(source)).pixels)
+    np.testing.assert_array_equal(
+        load_view(_sample(derived)).pixels, load_view(_sample(source)).pixels
+    )
 
 
 def test_jpeg_ls_lossless_matches_jpeg_lossless() -> None:
-    np.testing.assert_array_equal(load_view(_sample("RG2_JLSL.dcm")).pixels,
-                                  load_view(_sample("RG2_JPLL.dcm")).pixels)
+    np.testing.assert_array_equal(
+        load_view(_sample("RG2_JLSL.dcm")).pixels, load_view(_sample("RG2_JPLL.dcm")).pixels
+    )
 
 
-@pytest.mark.parametrize(("lossy", "lossless"), [("RG3_J2KI.dcm", "RG3_J2KR.dcm"),
-                                                 ("RG2_JPLY_fixed.dcm", "RG2_JPLL.dcm")])
+@pytest.mark.parametrize(
+    ("lossy", "lossless"),
+    [("RG3_J2KI.dcm", "RG3_J2KR.dcm"), ("RG2_JPLY_fixed.dcm", "RG2_JPLL.dcm")],
+)
 def test_lossy_encodings_stay_close_to_their_lossless_twin(lossy: str, lossless: str) -> None:
     a, b = load_view(_sample(lossy)).pixels, load_view(_sample(lossless)).pixels
     assert a.shape == b.shape
     assert float(np.mean(np.abs(a - b))) < 0.02
 
 
-@pytest.mark.parametrize("name", ["RG3_J2KR_derived_EVRLE.dcm", "CR_cspine_16x16_dicomdir6154.dcm",
-                                  "DX_highdicom_small.dcm"])
+@pytest.mark.parametrize(
+    "name",
+    ["RG3_J2KR_derived_EVRLE.dcm", "CR_cspine_16x16_dicomdir6154.dcm", "DX_highdicom_small.dcm"],
+)
 def test_monochrome1_is_inverted_to_bone_bright(name: str, tmp_path: Path) -> None:
     ds = pydicom.dcmread(_sample(name))
     assert ds.PhotometricInterpretation == "MONOCHROME1"
@@ -127,8 +138,16 @@ def test_modality_rescale_is_applied_before_the_window(tmp_path: Path) -> None:
     values = np.arange(0, 4000, 25, dtype=np.uint16).reshape(16, 10)
     plain = load_view(_small_mono2(tmp_path, values, WindowCenter=1500, WindowWidth=1000)).pixels
     # the same window expressed in rescaled units must give the same picture
-    rescaled = load_view(_small_mono2(tmp_path, values, RescaleSlope=2, RescaleIntercept=-100,
-                                      WindowCenter=2 * 1500 - 100, WindowWidth=2 * 1000)).pixels
+    rescaled = load_view(
+        _small_mono2(
+            tmp_path,
+            values,
+            RescaleSlope=2,
+            RescaleIntercept=-100,
+            WindowCenter=2 * 1500 - 100,
+            WindowWidth=2 * 1000,
+        )
+    ).pixels
     np.testing.assert_allclose(plain, rescaled, atol=2e-3)
     assert plain[values < 1000].max() == 0.0 and plain[values > 2000].min() == 1.0
 
@@ -136,8 +155,9 @@ def test_modality_rescale_is_applied_before_the_window(tmp_path: Path) -> None:
 def test_first_window_is_used_when_several_are_given(tmp_path: Path) -> None:
     values = np.arange(0, 4000, 25, dtype=np.uint16).reshape(16, 10)
     first = load_view(_small_mono2(tmp_path, values, WindowCenter=1500, WindowWidth=1000)).pixels
-    several = load_view(_small_mono2(tmp_path, values, WindowCenter=[1500, 300],
-                                     WindowWidth=[1000, 200])).pixels
+    several = load_view(
+        _small_mono2(tmp_path, values, WindowCenter=[1500, 300], WindowWidth=[1000, 200])
+    ).pixels
     np.testing.assert_array_equal(first, several)
 
 
@@ -158,8 +178,9 @@ def test_pixel_padding_value_and_range_become_black(tmp_path: Path) -> None:
     values[:2, :] = 7
     single = load_view(_small_mono2(tmp_path, values, PixelPaddingValue=7)).pixels
     assert np.all(single[:2] == 0.0) and single[2:].min() == 0.0 and single[2:].max() == 1.0
-    ranged = load_view(_small_mono2(tmp_path, values, PixelPaddingValue=1010,
-                                    PixelPaddingRangeLimit=1000)).pixels
+    ranged = load_view(
+        _small_mono2(tmp_path, values, PixelPaddingValue=1010, PixelPaddingRangeLimit=1000)
+    ).pixels
     padded = (values >= 1000) & (values <= 1010)
     assert np.all(ranged[padded] == 0.0) and np.all(ranged[~padded & (values > 1010)] > 0.0)
 
@@ -167,8 +188,9 @@ def test_pixel_padding_value_and_range_become_black(tmp_path: Path) -> None:
 def test_padding_is_black_in_monochrome1_too(tmp_path: Path) -> None:
     values = np.arange(0, 160, dtype=np.uint16).reshape(16, 10) + 1000
     values[:, :2] = 4000  # padding at the "black" end of MONOCHROME1 would invert to white
-    path = _small_mono2(tmp_path, values, PhotometricInterpretation="MONOCHROME1",
-                        PixelPaddingValue=4000)
+    path = _small_mono2(
+        tmp_path, values, PhotometricInterpretation="MONOCHROME1", PixelPaddingValue=4000
+    )
     pixels = load_view(path).pixels
     assert np.all(pixels[:, :2] == 0.0) and pixels[:, 2:].max() == 1.0
 
@@ -176,8 +198,9 @@ def test_padding_is_black_in_monochrome1_too(tmp_path: Path) -> None:
 def test_colour_and_multiframe_images_are_refused(tmp_path: Path) -> None:
     values = np.zeros((4, 4), dtype=np.uint16)
     with pytest.raises(PixelDataError, match="colour"):
-        load_view(_small_mono2(tmp_path, values, PhotometricInterpretation="RGB",
-                               SamplesPerPixel=3))
+        load_view(
+            _small_mono2(tmp_path, values, PhotometricInterpretation="RGB", SamplesPerPixel=3)
+        )
     with pytest.raises(PixelDataError, match="multi-frame"):
         load_view(_small_mono2(tmp_path, np.zeros((4, 4), np.uint16), NumberOfFrames=2))
 
@@ -201,8 +224,9 @@ def test_non_dicom_and_imageless_files_are_refused(tmp_path: Path) -> None:
     width=st.floats(1, 6000),
     mono1=st.booleans(),
 )
-def test_display_is_always_unit_range_float32(values: np.ndarray, center: float, width: float,
-                                              mono1: bool) -> None:
+def test_display_is_always_unit_range_float32(
+    values: np.ndarray, center: float, width: float, mono1: bool
+) -> None:
     ds = Dataset()
     ds.PhotometricInterpretation = "MONOCHROME1" if mono1 else "MONOCHROME2"
     ds.BitsStored, ds.PixelRepresentation = 12, 0

@@ -361,7 +361,6 @@ def test_preprocessed_is_frozen() -> None:
         result.raw[0, 0] = 0.0
 
 
-@pytest.mark.skipif(not FRACATLAS_IMAGE.exists(), reason=f"{FRACATLAS_IMAGE} not present")
 def test_real_fracatlas_image_at_256_and_1024() -> None:
     image = cv2.imread(str(FRACATLAS_IMAGE), cv2.IMREAD_GRAYSCALE)
     assert image is not None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode.config import DeliveryConfig
+from dicomnode.config import DeliveryConfig, parse_config
 from dicomnode.records import (
     DeliveryOutcome,
     DeliveryState,
@@ -22,7 +22,7 @@ from dicomnode.records import (
     StoredInstance,
     StudyState,
 )
-from dicomnode.state import LeaseLostError, SqliteJobQueue, StateDB
+from dicomnode.state import LeaseLostError, SqliteJobQueue, StateDB, open_queue
 from dicomnode.storage import InstanceStore, StateLayout, StoreOutcome
 
 T0 = 1_800_000_000.0
@@ -351,8 +351,25 @@ def test_instance_paths_refuse_unsafe_uids(tmp_path: Path, bad: str) -> None:
         StateLayout(tmp_path).instance_path(STUDY, bad)
 
 
-def test_layout_creation_empties_tmp(tmp_path: Path) -> None:
+def test_clear_tmp_removes_partial_writes_only(tmp_path: Path) -> None:
     layout = StateLayout(tmp_path / "state").create()
     (layout.tmp_dir / "crashed.part").write_bytes(b"partial")
+    (layout.tmp_dir / "folder").mkdir()
+    kept = layout.instances_dir / "1.2" / "1.2.3.dcm"
+    kept.parent.mkdir()
+    kept.write_bytes(b"instance")
     layout.create()
+    assert len(list(layout.tmp_dir.iterdir())) == 2
+    layout.clear_tmp()
     assert list(layout.tmp_dir.iterdir()) == []
+    assert kept.read_bytes() == b"instance"
+
+
+def test_open_queue_is_the_sqlite_queue_of_the_config(db: StateDB, tmp_path: Path) -> None:
+    config = parse_config(
+        {"node": {"state_dir": "s"}, "study": {"stable_seconds": 3}, "queue": {"max_attempts": 5}},
+        tmp_path,
+    )
+    queue = open_queue(db, config)
+    assert isinstance(queue, SqliteJobQueue)
+    assert (queue.stable_seconds, queue.max_attempts) == (3.0, 5)

@@ -40,9 +40,15 @@ __all__ = [
 ]
 
 
-def write_results(findings: Sequence[ImageFinding], algorithm: AlgorithmInfo,
-                  node: NodeIdentity, out_dir: Path, *, previous: PreviousReport | None = None,
-                  presentation_states: bool = False) -> ResultObjects:
+def write_results(
+    findings: Sequence[ImageFinding],
+    algorithm: AlgorithmInfo,
+    node: NodeIdentity,
+    out_dir: Path,
+    *,
+    previous: PreviousReport | None = None,
+    presentation_states: bool = False,
+) -> ResultObjects:
     """Build and write every result object of one study; return what was written.
 
     ``findings`` must be non-empty and all from one study (ValueError otherwise). ``previous``
@@ -62,5 +68,6 @@ def write_results(findings: Sequence[ImageFinding], algorithm: AlgorithmInfo,
         if presentation_states:
             pr = build_presentation_state(finding, number, algorithm, node)
             states.append(written(ResultKind.PRESENTATION_STATE, pr, save(pr, out_dir), source))
-    return ResultObjects(report=report_file, secondary_captures=tuple(captures),
-                         presentation_states=tuple(states))
+    return ResultObjects(
+        report=report_file, secondary_captures=tuple(captures), presentation_states=tuple(states)
+    )

@@ -8,6 +8,7 @@ bottom-right pixel. Box corners are therefore written unchanged.
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from dataclasses import dataclass
@@ -15,13 +16,16 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+from pydicom.config import RAISE
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.valuerep import DA, TM, validate_value
 
 from dicomnode.pixels import View
 from dicomnode.uids import DEFAULT_UID_PREFIX, ResultKind, derive_uid
 from inference.records import AlgorithmInfo, Box, Decision, ImageResult
+from inference.regions import Code as RegionCode
 
 #: SNOMED CT 72704001 |Fracture (morphologic abnormality)|: the finding type.
 FRACTURE = Code("72704001", "SCT", "Fracture")
@@ -29,9 +33,9 @@ FRACTURE = Code("72704001", "SCT", "Fracture")
 PRESENCE = codes.DCM.PresenceOfProperty
 #: Decision → coded value of the qualitative evaluation (SNOMED CT qualifier values).
 DECISION_CODES: dict[Decision, Code] = {
-    Decision.FRACTURE: codes.SCT.Present,              # 52101004
-    Decision.POSSIBLE_FRACTURE: codes.SCT.Suspected,   # 415684004
-    Decision.NO_FRACTURE: codes.SCT.Absent,            # 272519000
+    Decision.FRACTURE: codes.SCT.Present,  # 52101004
+    Decision.POSSIBLE_FRACTURE: codes.SCT.Suspected,  # 415684004
+    Decision.NO_FRACTURE: codes.SCT.Absent,  # 272519000
 }
 #: Concept name of the score measurement (DCM 122157 "Probability").
 PROBABILITY = codes.DCM.Probability
@@ -89,7 +93,15 @@ class ImageFinding:
 
     view: View
     result: ImageResult
-    finding_site: Code | hd.sr.CodedConcept | None = None
+    finding_site: Code | hd.sr.CodedConcept | RegionCode | None = None
+
+    @property
+    def finding_site_code(self) -> Code | hd.sr.CodedConcept | None:
+        """The finding site as a pydicom/highdicom code (a region's code is converted)."""
+        site = self.finding_site
+        if isinstance(site, RegionCode):
+            return Code(site.value, site.scheme_designator, site.meaning)
+        return site
 
 
 @dataclass(frozen=True)
@@ -136,6 +148,57 @@ class ResultObjects:
         return (self.report, *self.secondary_captures, *self.presentation_states)
 
 
+#: Patient/study attributes highdicom copies into every result, with their value representation.
+_COPIED_ATTRIBUTES = {
+    "PatientName": "PN",
+    "PatientID": "LO",
+    "PatientBirthDate": "DA",
+    "PatientSex": "CS",
+    "AccessionNumber": "SH",
+    "StudyID": "SH",
+    "StudyDate": "DA",
+    "StudyTime": "TM",
+    "ReferringPhysicianName": "PN",
+}
+_PARSED = {"DA": DA, "TM": TM}
+
+
+def invalid_header_attributes(header: Dataset) -> tuple[str, ...]:
+    """Keywords of copied patient/study attributes whose values break their VR (names only, so
+    they can be logged without patient data)."""
+    invalid = []
+    for keyword, vr in _COPIED_ATTRIBUTES.items():
+        value = header.get(keyword)
+        if value is None or value == "":
+            continue
+        try:
+            validate_value(vr, value, RAISE)
+            if vr in _PARSED:
+                _PARSED[vr](value)
+        except ValueError:
+            invalid.append(keyword)
+    if str(header.get("PatientSex", "") or "") not in ("", "M", "F", "O"):
+        invalid.append("PatientSex")
+    return tuple(dict.fromkeys(invalid))
+
+
+def result_header(header: Dataset) -> Dataset:
+    """The source header as copied into results: attributes with invalid values left empty.
+
+    Real archives hold headers such as a hash in Patient's Birth Date or a 56-character
+    Accession Number; highdicom refuses them and dciodvfy flags them. They are all Type 2 in the
+    result IODs, so they are written empty ("unknown") instead; patient and study stay matched by
+    Patient ID and Study Instance UID. The source header itself is not changed.
+    """
+    invalid = invalid_header_attributes(header)
+    if not invalid:
+        return header
+    cleaned = copy.deepcopy(header)
+    for keyword in invalid:
+        setattr(cleaned, keyword, None)
+    return cleaned
+
+
 def study_uid_of(findings: tuple[ImageFinding, ...] | list[ImageFinding]) -> str:
     """The one Study Instance UID shared by all findings (ValueError if none or several)."""
     studies = {finding.view.study_instance_uid for finding in findings}
@@ -158,8 +221,9 @@ def box_polyline(box: Box, view: View) -> np.ndarray:
     return np.array([*corners, corners[0]], dtype=np.float32)
 
 
-def algorithm_identification(algorithm: AlgorithmInfo, result: ImageResult
-                             ) -> hd.sr.AlgorithmIdentification:
+def algorithm_identification(
+    algorithm: AlgorithmInfo, result: ImageResult
+) -> hd.sr.AlgorithmIdentification:
     """TID 4019 with the operating point and the thresholds actually applied to this image."""
     t = result.thresholds
     return hd.sr.AlgorithmIdentification(
@@ -175,18 +239,21 @@ def algorithm_identification(algorithm: AlgorithmInfo, result: ImageResult
     )
 
 
-def contributing_equipment(node: NodeIdentity, algorithm: AlgorithmInfo
-                           ) -> list[hd.ContributingEquipment]:
+def contributing_equipment(
+    node: NodeIdentity, algorithm: AlgorithmInfo
+) -> list[hd.ContributingEquipment]:
     """This node as Processing Equipment (DCM 109102, CID 7005) of the result object."""
-    return [hd.ContributingEquipment(
-        manufacturer=node.manufacturer,
-        purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=node.model_name,
-        software_versions=[node.software_version, f"{algorithm.name} {algorithm.version}"],
-        station_name=node.station_name,
-        institution_name=node.institution_name,
-        contribution_description=f"{DISCLAIMER}: fracture detection by {algorithm.name}",
-    )]
+    return [
+        hd.ContributingEquipment(
+            manufacturer=node.manufacturer,
+            purpose_of_reference=codes.DCM.ProcessingEquipment,
+            manufacturer_model_name=node.model_name,
+            software_versions=[node.software_version, f"{algorithm.name} {algorithm.version}"],
+            station_name=node.station_name,
+            institution_name=node.institution_name,
+            contribution_description=f"{DISCLAIMER}: fracture detection by {algorithm.name}",
+        )
+    ]
 
 
 def mark_series_laterality_unknown(dataset: Dataset) -> None:
@@ -225,8 +292,9 @@ def save(dataset: Dataset, out_dir: Path) -> Path:
     return target
 
 
-def written(kind: ResultKind, dataset: Dataset, path: Path,
-            source_sop_instance_uid: str | None) -> WrittenObject:
+def written(
+    kind: ResultKind, dataset: Dataset, path: Path, source_sop_instance_uid: str | None
+) -> WrittenObject:
     """The :class:`WrittenObject` record of a saved result data set."""
     return WrittenObject(
         kind=kind,

@@ -30,6 +30,7 @@ from dicomnode.writers.common import (
     box_polyline,
     contributing_equipment,
     mark_series_laterality_unknown,
+    result_header,
 )
 from inference.records import AlgorithmInfo
 
@@ -37,11 +38,12 @@ LAYER = "AI_FRACTURE"
 CONTENT_LABEL = "AI_FRACTURE"
 
 
-def build_presentation_state(finding: ImageFinding, instance_number: int,
-                             algorithm: AlgorithmInfo, node: NodeIdentity
-                             ) -> hd.pr.GrayscaleSoftcopyPresentationState:
+def build_presentation_state(
+    finding: ImageFinding, instance_number: int, algorithm: AlgorithmInfo, node: NodeIdentity
+) -> hd.pr.GrayscaleSoftcopyPresentationState:
     """The GSPS of one image with its boxes and a text annotation."""
     view, result = finding.view, finding.result
+    header = result_header(view.header)
     layer = GraphicLayer(layer_name=LAYER, order=1, description="AI fracture detection")
     label = DECISION_TEXT[result.decision].lower()
     graphics = [
@@ -50,8 +52,9 @@ def build_presentation_state(finding: ImageFinding, instance_number: int,
             graphic_data=box_polyline(box, view),
             units=AnnotationUnitsValues.PIXEL,
             tracking_id=f"fracture region {index}",
-            tracking_uid=tracking_uid(view.sop_instance_uid, algorithm.version, index,
-                                      node.uid_prefix),
+            tracking_uid=tracking_uid(
+                view.sop_instance_uid, algorithm.version, index, node.uid_prefix
+            ),
         )
         for index, box in enumerate(result.boxes, start=1)
     ]
@@ -72,7 +75,7 @@ def build_presentation_state(finding: ImageFinding, instance_number: int,
         ),
     ]
     annotation = GraphicAnnotation(
-        referenced_images=[view.header],
+        referenced_images=[header],
         graphic_layer=layer,
         graphic_objects=graphics or None,
         text_objects=texts,
@@ -80,12 +83,17 @@ def build_presentation_state(finding: ImageFinding, instance_number: int,
     inverse = str(view.header.PhotometricInterpretation).strip() == "MONOCHROME1"
     shape = PresentationLUTShapeValues.INVERSE if inverse else PresentationLUTShapeValues.IDENTITY
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
-        referenced_images=[view.header],
-        series_instance_uid=series_uid(ResultKind.PRESENTATION_STATE, view.study_instance_uid,
-                                       algorithm.version, node.uid_prefix),
+        referenced_images=[header],
+        series_instance_uid=series_uid(
+            ResultKind.PRESENTATION_STATE,
+            view.study_instance_uid,
+            algorithm.version,
+            node.uid_prefix,
+        ),
         series_number=SERIES_NUMBERS[ResultKind.PRESENTATION_STATE],
-        sop_instance_uid=image_result_uid(ResultKind.PRESENTATION_STATE, view.sop_instance_uid,
-                                          algorithm.version, node.uid_prefix),
+        sop_instance_uid=image_result_uid(
+            ResultKind.PRESENTATION_STATE, view.sop_instance_uid, algorithm.version, node.uid_prefix
+        ),
         instance_number=instance_number,
         manufacturer=node.manufacturer,
         manufacturer_model_name=node.model_name,
@@ -96,8 +104,7 @@ def build_presentation_state(finding: ImageFinding, instance_number: int,
         graphic_annotations=[annotation],
         graphic_layers=[layer],
         institution_name=node.institution_name,
-        presentation_lut_transformation=PresentationLUTTransformation(
-            presentation_lut_shape=shape),
+        presentation_lut_transformation=PresentationLUTTransformation(presentation_lut_shape=shape),
         contributing_equipment=contributing_equipment(node, algorithm),
         series_description=SERIES_DESCRIPTIONS[ResultKind.PRESENTATION_STATE],
     )

@@ -26,6 +26,7 @@ from dicomnode.writers.common import (
     box_polyline,
     contributing_equipment,
     mark_series_laterality_unknown,
+    result_header,
 )
 from inference.records import AlgorithmInfo, Box, Decision, ImageResult
 
@@ -44,8 +45,9 @@ def banner_height(rows: int, columns: int) -> int:
     return max(32, round(0.08 * min(rows, columns)))
 
 
-def dashed_segments(start: tuple[float, float], end: tuple[float, float], dash: float,
-                    gap: float) -> list[tuple[tuple[float, float], tuple[float, float]]]:
+def dashed_segments(
+    start: tuple[float, float], end: tuple[float, float], dash: float, gap: float
+) -> list[tuple[tuple[float, float], tuple[float, float]]]:
     """Split the segment ``start``→``end`` into dashes of length ``dash`` separated by ``gap``."""
     if dash <= 0 or gap < 0:
         raise ValueError(f"dash length must be positive and gap non-negative, got {dash}, {gap}")
@@ -97,11 +99,18 @@ def _draw_box(image: np.ndarray, box: Box, width: int, dashed: bool) -> None:
     edges = list(zip(corners, corners[1:] + corners[:1], strict=True))
     for colour, thickness in ((_BLACK, width + 2), (_WHITE, width)):
         for start, end in edges:
-            pieces = (dashed_segments(start, end, 6.0 * width, 4.0 * width) if dashed
-                      else [(start, end)])
+            pieces = (
+                dashed_segments(start, end, 6.0 * width, 4.0 * width) if dashed else [(start, end)]
+            )
             for a, b in pieces:
-                cv2.line(image, (round(a[0]), round(a[1])), (round(b[0]), round(b[1])), colour,
-                         thickness, lineType=cv2.LINE_8)
+                cv2.line(
+                    image,
+                    (round(a[0]), round(a[1])),
+                    (round(b[0]), round(b[1])),
+                    colour,
+                    thickness,
+                    lineType=cv2.LINE_8,
+                )
 
 
 def _banner(result: ImageResult, height: int, columns: int) -> np.ndarray:
@@ -115,8 +124,16 @@ def _banner(result: ImageResult, height: int, columns: int) -> np.ndarray:
         scale = min(0.6 * line_height / base_h, (columns - 2 * margin) / base_w)
         thickness = max(1, round(scale * 1.5))
         baseline_y = round((index + 1) * line_height - 0.25 * line_height)
-        cv2.putText(banner, text, (margin, baseline_y), _FONT, scale, _WHITE, thickness,
-                    lineType=cv2.LINE_AA)
+        cv2.putText(
+            banner,
+            text,
+            (margin, baseline_y),
+            _FONT,
+            scale,
+            _WHITE,
+            thickness,
+            lineType=cv2.LINE_AA,
+        )
     return banner
 
 
@@ -128,22 +145,28 @@ def _orientation(view: View) -> tuple[str, str] | None:
     return None
 
 
-def build_secondary_capture(finding: ImageFinding, instance_number: int,
-                            algorithm: AlgorithmInfo, node: NodeIdentity) -> hd.sc.SCImage:
+def build_secondary_capture(
+    finding: ImageFinding, instance_number: int, algorithm: AlgorithmInfo, node: NodeIdentity
+) -> hd.sc.SCImage:
     """The burned-in Secondary Capture of one image, in the source's study, its own series."""
     view = finding.view
     orientation = _orientation(view)
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=view.header,
+        ref_dataset=result_header(view.header),
         pixel_array=render_annotated(view, finding.result),
         photometric_interpretation=hd.PhotometricInterpretationValues.MONOCHROME2,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=series_uid(ResultKind.SECONDARY_CAPTURE, view.study_instance_uid,
-                                       algorithm.version, node.uid_prefix),
+        series_instance_uid=series_uid(
+            ResultKind.SECONDARY_CAPTURE,
+            view.study_instance_uid,
+            algorithm.version,
+            node.uid_prefix,
+        ),
         series_number=SERIES_NUMBERS[ResultKind.SECONDARY_CAPTURE],
-        sop_instance_uid=image_result_uid(ResultKind.SECONDARY_CAPTURE, view.sop_instance_uid,
-                                          algorithm.version, node.uid_prefix),
+        sop_instance_uid=image_result_uid(
+            ResultKind.SECONDARY_CAPTURE, view.sop_instance_uid, algorithm.version, node.uid_prefix
+        ),
         instance_number=instance_number,
         manufacturer=node.manufacturer,
         # highdicom requires an orientation for PATIENT images; where the source has none the

@@ -44,6 +44,7 @@ from dicomnode.writers.common import (
     algorithm_identification,
     box_polyline,
     contributing_equipment,
+    result_header,
     study_uid_of,
 )
 from inference.records import AlgorithmInfo
@@ -51,8 +52,12 @@ from inference.records import AlgorithmInfo
 Group = MeasurementsAndQualitativeEvaluations | PlanarROIMeasurementsAndQualitativeEvaluations
 
 
-def build_report(findings: Sequence[ImageFinding], algorithm: AlgorithmInfo, node: NodeIdentity,
-                 previous: PreviousReport | None = None) -> hd.sr.Comprehensive3DSR:
+def build_report(
+    findings: Sequence[ImageFinding],
+    algorithm: AlgorithmInfo,
+    node: NodeIdentity,
+    previous: PreviousReport | None = None,
+) -> hd.sr.Comprehensive3DSR:
     """The study's TID 1500 measurement report (not yet written to disk)."""
     findings = tuple(findings)
     study_uid = study_uid_of(findings)
@@ -77,10 +82,11 @@ def build_report(findings: Sequence[ImageFinding], algorithm: AlgorithmInfo, nod
     )
     sources = [finding.view.sop_instance_uid for finding in findings]
     return hd.sr.Comprehensive3DSR(
-        evidence=[finding.view.header for finding in findings],
+        evidence=[result_header(finding.view.header) for finding in findings],
         content=report,
-        series_instance_uid=series_uid(ResultKind.SR, study_uid, algorithm.version,
-                                       node.uid_prefix),
+        series_instance_uid=series_uid(
+            ResultKind.SR, study_uid, algorithm.version, node.uid_prefix
+        ),
         series_number=SERIES_NUMBERS[ResultKind.SR],
         sop_instance_uid=report_uid(study_uid, sources, algorithm.version, node.uid_prefix),
         instance_number=1,
@@ -106,8 +112,9 @@ def _library_images(findings: tuple[ImageFinding, ...]) -> list[Dataset] | None:
     than filled with guesses (images stay referenced from every measurement group).
     """
     headers = [finding.view.header for finding in findings]
-    if all(len(h.get("PatientOrientation") or []) == 2 and h.get("ImagerPixelSpacing")
-           for h in headers):
+    if all(
+        len(h.get("PatientOrientation") or []) == 2 and h.get("ImagerPixelSpacing") for h in headers
+    ):
         return headers
     return None
 
@@ -116,7 +123,8 @@ def _image_groups(number: int, finding: ImageFinding, algorithm: AlgorithmInfo) 
     """The image-level group of one image followed by one planar ROI group per box."""
     view, result = finding.view, finding.result
     algorithm_id = algorithm_identification(algorithm, result)
-    sites = [] if finding.finding_site is None else [FindingSite(finding.finding_site)]
+    site = finding.finding_site_code
+    sites = [] if site is None else [FindingSite(site)]
     evaluation = [QualitativeEvaluation(PRESENCE, DECISION_CODES[result.decision])]
     image_group: Group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(

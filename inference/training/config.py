@@ -66,11 +66,13 @@ class TrainSettings:
         if self.epochs < 1 or self.patience < 1 or self.batch_size < 1:
             raise ConfigError("training: epochs, patience and batch_size must be >= 1")
         if self.lr_schedule not in ("cosine", "constant"):
-            raise ConfigError(f"training.lr_schedule must be cosine or constant, "
-                              f"got {self.lr_schedule!r}")
+            raise ConfigError(
+                f"training.lr_schedule must be cosine or constant, got {self.lr_schedule!r}"
+            )
         if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"training.precision must be auto, fp32 or bf16, "
-                              f"got {self.precision!r}")
+            raise ConfigError(
+                f"training.precision must be auto, fp32 or bf16, got {self.precision!r}"
+            )
         if self.learning_rate <= 0:
             raise ConfigError("training.learning_rate must be > 0")
 
@@ -110,8 +112,10 @@ class EnsembleConfig:
         for member in self.members:
             if member.draft.name == name:
                 return member
-        raise ConfigError(f"{self.source}: no member named {name!r}; "
-                          f"members: {[m.draft.name for m in self.members]}")
+        raise ConfigError(
+            f"{self.source}: no member named {name!r}; "
+            f"members: {[m.draft.name for m in self.members]}"
+        )
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -85,7 +85,8 @@ class Samples(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
         mask = np.asarray(self.data.masks[i])
         if self.settings is not None:
             rng = np.random.default_rng([*self.seed, k])
-            image, mask = augment(image, mask, rng, self.settings)
+            raw = self.channels.index(0) if 0 in self.channels else None  # gamma/contrast: raw only
+            image, mask = augment(image, mask, rng, self.settings, raw_channel=raw)
         return (
             torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
             torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None],
@@ -119,13 +120,21 @@ class MemberResult:
 def _workers(settings: TrainSettings, device: torch.device) -> int:
     if settings.workers >= 0:
         return settings.workers
-    return min(8, max(0, (torch.multiprocessing.cpu_count() or 1) - 2)) if device.type == "cuda" \
-        else 0
+    return (
+        min(8, max(0, (torch.multiprocessing.cpu_count() or 1) - 2)) if device.type == "cuda" else 0
+    )
 
 
 def _loader(dataset: Samples, batch: int, workers: int, shuffle: bool = False) -> DataLoader[Any]:
-    return DataLoader(dataset, batch_size=batch, shuffle=shuffle, num_workers=workers,
-                      persistent_workers=False, pin_memory=False, drop_last=False)
+    return DataLoader(
+        dataset,
+        batch_size=batch,
+        shuffle=shuffle,
+        num_workers=workers,
+        persistent_workers=False,
+        pin_memory=False,
+        drop_last=False,
+    )
 
 
 @torch.inference_mode()
@@ -143,7 +152,7 @@ def predict_scores(
     model.eval()
     scores: list[np.ndarray] = []
     for start in range(0, len(indices), batch):
-        rows = indices[start:start + batch]
+        rows = indices[start : start + batch]
         x = torch.from_numpy(np.asarray(data.images[rows][:, list(channels)], dtype=np.float32))
         with autocast():
             out = model(x.to(device))
@@ -196,7 +205,7 @@ def train_member(
     model = build_model(draft.arch, **options.to_mapping()).to(device)
     if device.type == "cuda":  # channels-last convolutions are faster on tensor cores
         torch.backends.cudnn.benchmark = True
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     autocast = autocast_for(settings.precision, device)
     precision = "bf16" if autocast is not nullcontext else "fp32"
@@ -216,8 +225,10 @@ def train_member(
         start_epoch, best_auc = int(state["epoch"]) + 1, float(state["best_auc"])
         best_epoch, stale = int(state["best_epoch"]), int(state["stale"])
         elapsed = float(state["elapsed"])
-        log(f"{draft.name}: resuming at epoch {start_epoch + 1} (best tuning AUC "
-            f"{best_auc:.4f} at epoch {best_epoch + 1})")
+        log(
+            f"{draft.name}: resuming at epoch {start_epoch + 1} (best tuning AUC "
+            f"{best_auc:.4f} at epoch {best_epoch + 1})"
+        )
     elif not resume:
         (run_dir / "history.jsonl").unlink(missing_ok=True)
 
@@ -233,8 +244,9 @@ def train_member(
         t0 = time.perf_counter()
         rng = np.random.default_rng([settings.seed, epoch])
         balanced = epoch < settings.balanced_epochs
-        order = train_idx[epoch_indices(epoch, strata, rng,
-                                        balanced_epochs=settings.balanced_epochs)]
+        order = train_idx[
+            epoch_indices(epoch, strata, rng, balanced_epochs=settings.balanced_epochs)
+        ]
         samples = Samples(data, order, channels, member.augment, (settings.seed, epoch))
         loader = _loader(samples, settings.batch_size, _workers(settings, device))
         for group in optimizer.param_groups:
@@ -242,25 +254,46 @@ def train_member(
         model.train()
         totals = np.zeros(3)
         seen = 0
-        bar = tqdm(loader, desc=f"{draft.name} epoch {epoch + 1}/{settings.epochs}",
-                   disable=not progress, leave=False, file=sys.stderr)
+        bar = tqdm(
+            loader,
+            desc=f"{draft.name} epoch {epoch + 1}/{settings.epochs}",
+            disable=not progress,
+            leave=False,
+            file=sys.stderr,
+        )
         for x, mask, label in bar:
             x, mask, label = x.to(device), mask.to(device), label.to(device)
             with autocast():
                 out = model(x)
-            parts = joint_loss(out.score_logit.float(),
-                               None if out.map_logit is None else out.map_logit.float(),
-                               label, mask, map_weight=map_weight)
+            parts = joint_loss(
+                out.score_logit.float(),
+                None if out.map_logit is None else out.map_logit.float(),
+                label,
+                mask,
+                map_weight=map_weight,
+            )
             optimizer.zero_grad(set_to_none=True)
             parts.total.backward()
             optimizer.step()
             n = len(label)
             seen += n
-            totals += n * np.array([float(parts.total.detach()), float(parts.image.detach()),
-                                      float(parts.map.detach())])
+            totals += n * np.array(
+                [
+                    float(parts.total.detach()),
+                    float(parts.image.detach()),
+                    float(parts.map.detach()),
+                ]
+            )
             bar.set_postfix(loss=f"{totals[0] / seen:.4f}")
-        scores = predict_scores(model, data, tune_idx, channels, device=device,
-                                batch=settings.eval_batch_size, autocast=autocast)
+        scores = predict_scores(
+            model,
+            data,
+            tune_idx,
+            channels,
+            device=device,
+            batch=settings.eval_batch_size,
+            autocast=autocast,
+        )
         auc = tuning_auc(data.labels[tune_idx], scores)
         seconds = time.perf_counter() - t0
         elapsed += seconds
@@ -273,22 +306,37 @@ def train_member(
         record = EpochRecord(epoch + 1, mean[0], mean[1], mean[2], auc, seconds, balanced)
         with (run_dir / "history.jsonl").open("a") as handle:
             handle.write(json.dumps(record.__dict__) + "\n")
-        log(f"{draft.name} epoch {epoch + 1}/{settings.epochs}: loss {mean[0]:.4f} "
+        log(
+            f"{draft.name} epoch {epoch + 1}/{settings.epochs}: loss {mean[0]:.4f} "
             f"(image {mean[1]:.4f}, map {mean[2]:.4f}) tuning AUC {auc:.4f} "
             f"best {best_auc:.4f}@{best_epoch + 1} {seconds:.0f}s "
-            f"{'balanced' if balanced else 'natural'} sampling")
-        _save_checkpoint(checkpoint, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-            "best_auc": best_auc, "best_epoch": best_epoch, "stale": stale, "elapsed": elapsed,
-        })
+            f"{'balanced' if balanced else 'natural'} sampling"
+        )
+        _save_checkpoint(
+            checkpoint,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch,
+                "best_auc": best_auc,
+                "best_epoch": best_epoch,
+                "stale": stale,
+                "elapsed": elapsed,
+            },
+        )
     else:
         if stale >= settings.patience:
             stopped = "early_stopping"
     model.load_state_dict(load_file(str(run_dir / "best.safetensors")))
     result = MemberResult(
-        name=draft.name, best_epoch=best_epoch + 1, best_tuning_auc=best_auc,
-        epochs_run=epoch + 1, seconds=round(elapsed, 1), stopped=stopped,
-        device=str(device), precision=precision,
+        name=draft.name,
+        best_epoch=best_epoch + 1,
+        best_tuning_auc=best_auc,
+        epochs_run=epoch + 1,
+        seconds=round(elapsed, 1),
+        stopped=stopped,
+        device=str(device),
+        precision=precision,
     )
     (run_dir / "done.json").write_text(json.dumps(result.__dict__, indent=2) + "\n")
     return model.eval(), result
@@ -325,16 +373,26 @@ def train_ensemble(
     is done, so that every member can be trained, calibrated and committed on its own."""
     records = load_dataset(data_root)
     split = load_or_make_split(records, out / "split.json", config.split_seed)
-    template = empty_manifest(out, name=config.name, version=config.version, trained=True,
-                              description=config.description,
-                              preprocessing=config.preprocessing)
+    template = empty_manifest(
+        out,
+        name=config.name,
+        version=config.version,
+        trained=True,
+        description=config.description,
+        preprocessing=config.preprocessing,
+    )
     members = [config.member(only)] if only else list(config.members)
     prepared: dict[int, PreparedData] = {}
     results: list[MemberResult] = []
     if prepare_only:  # fill the cache (and the split) once, before members train in parallel
         for size in sorted({m.draft.size for m in members}):
-            prepare(records, size=size, settings=config.preprocessing, cache_dir=runs / "cache",
-                    workers=workers)
+            prepare(
+                records,
+                size=size,
+                settings=config.preprocessing,
+                cache_dir=runs / "cache",
+                workers=workers,
+            )
         return results
     for member in members:
         run_dir = runs / member.draft.name
@@ -344,10 +402,23 @@ def train_ensemble(
             continue
         size = member.draft.size
         if size not in prepared:
-            prepared[size] = prepare(records, size=size, settings=config.preprocessing,
-                                     cache_dir=runs / "cache", workers=workers)
-        model, result = train_member(member, prepared[size], records, split, run_dir,
-                                     device=device, resume=resume, progress=progress)
+            prepared[size] = prepare(
+                records,
+                size=size,
+                settings=config.preprocessing,
+                cache_dir=runs / "cache",
+                workers=workers,
+            )
+        model, result = train_member(
+            member,
+            prepared[size],
+            records,
+            split,
+            run_dir,
+            device=device,
+            resume=resume,
+            progress=progress,
+        )
         with _locked(out):  # members may train in parallel processes into one folder
             add_member(out, member.draft, model.cpu(), template=template)
             _append_training_log(out, result)

@@ -1,0 +1,137 @@
+"""A tiny end-to-end run of the project's own commands on real FracAtlas images: train (with an
+interruption and --resume), calibrate, evaluate, predict."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from inference.manifest import read_manifest
+from inference.training.config import ConfigError, load_config
+from inference.training.split import load_split
+
+from .conftest import REPO
+
+MEMBER = """
+[member]
+name = "{name}"
+arch = "{arch}"
+input = "{input}"
+size = {size}
+[member.options]
+width = 0.25
+{options}
+[training]
+epochs = {epochs}
+batch_size = 8
+balanced_epochs = 1
+"""
+
+
+def write_config(folder: Path, epochs: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "a.toml").write_text(MEMBER.format(
+        name="a", arch="drn_d_22", input="both", size=64, epochs=epochs,
+        options="map_head = true\nattention = true"))
+    (folder / "b.toml").write_text(MEMBER.format(
+        name="b", arch="drn_c_26", input="raw", size=48, epochs=1, options='pool = "spp"'))
+    ensemble = folder / "tiny.toml"
+    ensemble.write_text('[ensemble]\nname = "tiny"\nversion = "t1"\n'
+                        'members = ["a.toml", "b.toml"]\n')
+    return ensemble
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([sys.executable, "-m", "inference", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+@pytest.mark.slow
+def test_train_resume_calibrate_evaluate_predict(tiny_fracatlas: Path, tmp_path: Path) -> None:
+    weights, runs = tmp_path / "weights", tmp_path / "runs"
+    common = ("--data", str(tiny_fracatlas), "--out", str(weights), "--runs", str(runs),
+              "--device", "cpu", "--no-progress")
+    # one epoch of member a, as if the run had been stopped there ...
+    cli("train", "--config", str(write_config(tmp_path / "cfg", epochs=1)), "--member", "a",
+        *common)
+    assert len((runs / "a" / "history.jsonl").read_text().splitlines()) == 1
+    # ... then the whole ensemble with two epochs for a: a resumes at its second epoch
+    config = write_config(tmp_path / "cfg", epochs=2)
+    (runs / "a" / "done.json").unlink()
+    done = cli("train", "--config", str(config), "--resume", *common)
+    assert "a: resuming at epoch 2" in done.stderr
+    history = [json.loads(line) for line in
+               (runs / "a" / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[0]["balanced"] and not history[1]["balanced"]
+    assert all(h["loss"] > 0 for h in history)
+    manifest = read_manifest(weights)
+    assert [m.name for m in manifest.members] == ["a", "b"]
+    assert manifest.trained and manifest.name == "tiny"
+    split = load_split(weights / "split.json")
+    assert len(split.train) + len(split.tuning) + len(split.validation) == 75
+    log = json.loads((weights / "training.json").read_text())
+    assert set(log) == {"a", "b"} and log["a"]["epochs_run"] == 2
+
+    done = cli("calibrate", "--weights", str(weights), "--data", str(tiny_fracatlas),
+               "--device", "cpu", "--version", "t2")
+    calibrated = read_manifest(weights)
+    assert calibrated.version == "t2"
+    assert "global" in calibrated.thresholds
+    for t in calibrated.thresholds.values():
+        assert 0 <= t.sensitivity <= t.high_specificity <= 1
+    assert calibrated.calibration["images"] == len(split.tuning) + len(split.validation)
+
+    out = tmp_path / "eval"
+    cli("evaluate", "--weights", str(weights), "--data", str(tiny_fracatlas), "--out",
+        str(out), "--device", "cpu")
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("n", "n_positive", "auc", "auc_ci", "sensitivity", "sensitivity_ci",
+                "specificity", "specificity_ci", "ppv", "ppv_ci", "npv", "npv_ci",
+                "per_region", "subgroups", "unambiguous", "localization"):
+        assert key in metrics, key
+    assert metrics["n"] == 75
+    assert set(metrics["per_region"]) == {"hand", "leg", "hip", "shoulder"}
+    assert {"frontal", "lateral"} <= set(metrics["subgroups"])
+    assert (out / "report.md").read_text().startswith("# ")
+    assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    image = next((tiny_fracatlas / "images").iterdir())
+    result = json.loads(cli("predict", str(image), "--weights", str(weights), "--json").stdout)
+    assert result[0]["decision"] in ("fracture", "possible_fracture", "no_fracture")
+
+
+def test_config_errors_name_the_problem(tmp_path: Path) -> None:
+    config = write_config(tmp_path, epochs=1)
+    (tmp_path / "a.toml").write_text((tmp_path / "a.toml").read_text().replace(
+        "drn_d_22", "resnet50"))
+    with pytest.raises(ConfigError, match="resnet50"):
+        load_config(config)
+    (tmp_path / "a.toml").write_text("[member]\nname='a'\n")
+    with pytest.raises(ConfigError, match="member.arch is required"):
+        load_config(config)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("name", ["cpu-reference", "paper", "gpu-reference"])
+def test_shipped_ensemble_configs_load(name: str) -> None:
+    config = load_config(REPO / "configs" / f"{name}.toml")
+    inputs = {m.draft.input for m in config.members}
+    options = [m.draft.model_options() for m in config.members]
+    assert inputs == {"raw", "lcn", "both"}
+    assert any(o.map_head for o in options) and any(o.attention for o in options)
+    assert any(o.pool == "spp" for o in options) and any(o.pool == "avg" for o in options)
+    for member in config.members:
+        attention = member.draft.model_options().attention
+        assert member.training.loss_map_weight(attention) == (10.0 if attention else 3.0)
+    if name == "paper":
+        assert len(config.members) == 10
+        assert {m.draft.size for m in config.members} == {1024}
+        assert {m.draft.options["width"] for m in config.members} == {1.0}
