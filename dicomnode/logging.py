@@ -3,8 +3,11 @@
 Library loggers (pynetdicom, pydicom) go through the same renderer so every line is JSON. The
 level comes from the config (``node.log_level``) unless ``DICOMNODE_LOG_LEVEL`` overrides it.
 Callers bind UIDs, AE titles and addresses only; no patient names, IDs, birth dates or accession
-numbers are ever logged. pynetdicom is held at WARNING because its INFO/DEBUG output can dump
-request identifiers and datasets.
+numbers are ever logged. pynetdicom and pydicom are held at WARNING because their INFO/DEBUG
+output can dump request identifiers and data elements; highdicom at ERROR because some of its
+warnings quote attribute values such as patient names. Python warnings (pydicom's and
+highdicom's value-validation warnings quote the offending value) are routed into logging and
+dropped below ERROR for the same reason.
 """
 
 from __future__ import annotations
@@ -68,6 +71,10 @@ def configure_logging(level: str = "info", stream: IO[str] | None = None) -> Non
     root.addHandler(handler)
     root.setLevel(numeric)
     logging.getLogger("pynetdicom").setLevel(max(numeric, logging.WARNING))
+    logging.getLogger("pydicom").setLevel(max(numeric, logging.WARNING))
+    logging.getLogger("highdicom").setLevel(max(numeric, logging.ERROR))
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(max(numeric, logging.ERROR))
 
 
 def get_logger(name: str) -> Any:

@@ -10,6 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Protocol
+
+
+class EventLike(Protocol):
+    """The stop flag the role loops wait on: a ``threading.Event`` or a ``multiprocessing``
+    event (the worker in ``dicomnode serve`` runs in a child process)."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
 
 
 class JobState(StrEnum):

@@ -338,18 +338,22 @@ def run_listener(
     config: Config,
     stop_event: threading.Event,
     ready: Callable[[Listener], None] | None = None,
+    heartbeat: Callable[[], None] | None = None,
 ) -> None:
     """Serve until ``stop_event`` is set, assembling studies every poll; then shut down.
 
     ``ready`` is called once the port is bound (e.g. to notify systemd or learn the port when
     ``node.port = 0``). The poll interval is a quarter of ``stable_seconds`` (at most 1 s), so a
-    study is queued within that long after it became stable.
+    study is queued within that long after it became stable. ``heartbeat`` is called every poll
+    (the service's watchdog pings only while it is called).
     """
     poll = min(1.0, config.study.stable_seconds / 4)
     with Listener(config) as listener:
         if ready is not None:
             ready(listener)
         while not stop_event.wait(poll):
+            if heartbeat is not None:
+                heartbeat()
             try:
                 listener.assemble()
             except sqlite3.Error as exc:

@@ -249,6 +249,22 @@ class StateDB:
         )
         return tuple(_study_status(r) for r in rows)
 
+    def recent_deliveries(self, limit: int = 20) -> tuple[Delivery, ...]:
+        """Up to ``limit`` deliveries for ``dicomnode status``: pending ones first (with their
+        attempts, next attempt and last error), then failed, then delivered; newest first."""
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        with self._lock:
+            ids = [
+                r[0]
+                for r in self._conn.execute(
+                    "SELECT delivery_id FROM deliveries ORDER BY CASE state WHEN ? THEN 0 "
+                    "WHEN ? THEN 1 ELSE 2 END, updated_at DESC, delivery_id DESC LIMIT ?",
+                    (DeliveryState.PENDING, DeliveryState.FAILED, limit),
+                )
+            ]
+            return tuple(_delivery(self._conn, i) for i in ids)
+
 
 def _study_status(row: sqlite3.Row) -> StudyStatus:
     pending = row["revision"] > row["queued_revision"] and row["state"] != JobState.QUEUED

@@ -27,6 +27,8 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from inference.tables import checked_keys
+
 #: Smallest accepted side, in pixels, of an input image and of the content left after cropping.
 MIN_SIDE = 32
 #: Model input side of the paper.
@@ -222,11 +224,7 @@ class PreprocessSettings:
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any]) -> PreprocessSettings:
         """Build from a manifest table; missing keys take the defaults, unknown keys are refused."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(mapping) - known)
-        if unknown:
-            raise ValueError(f"unknown pre-processing settings {unknown}; known: {sorted(known)}")
-        return cls(**dict(mapping))
+        return cls(**checked_keys(cls, mapping, "pre-processing settings"))
 
     def to_mapping(self) -> dict[str, int | float]:
         """Plain TOML-ready table of every field."""

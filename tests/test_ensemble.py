@@ -36,13 +36,13 @@ def test_load_refuses_a_changed_weights_file(random_weights: Path) -> None:
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(ManifestError, match="raw-map.*sha256"):
+    with pytest.raises(ManifestError, match=r"raw-map.*sha256"):
         Ensemble.load(random_weights, device="cpu")
 
 
 def test_load_refuses_a_missing_weights_file(random_weights: Path) -> None:
     (random_weights / "lcn-att.safetensors").unlink()
-    with pytest.raises(ManifestError, match="lcn-att.*missing"):
+    with pytest.raises(ManifestError, match=r"lcn-att.*missing"):
         Ensemble.load(random_weights, device="cpu")
 
 
@@ -94,7 +94,7 @@ def test_manifest_without_global_thresholds_is_refused(random_weights: Path) -> 
 
 
 def test_missing_manifest_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ManifestError, match="no manifest.toml"):
+    with pytest.raises(ManifestError, match=r"no manifest\.toml"):
         Ensemble.load(tmp_path, device="cpu")
 
 

@@ -114,7 +114,7 @@ def test_config_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="resnet50"):
         load_config(config)
     (tmp_path / "a.toml").write_text("[member]\nname='a'\n")
-    with pytest.raises(ConfigError, match="member.arch is required"):
+    with pytest.raises(ConfigError, match=r"member\.arch is required"):
         load_config(config)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")

@@ -48,23 +48,32 @@ def write_results(
     *,
     previous: PreviousReport | None = None,
     presentation_states: bool = False,
+    report: bool = True,
+    secondary_captures: bool = True,
 ) -> ResultObjects:
-    """Build and write every result object of one study; return what was written.
+    """Build and write the result objects of one study that are asked for; return them.
 
-    ``findings`` must be non-empty and all from one study (ValueError otherwise). ``previous``
-    is the SR sent earlier for this study, referenced as predecessor document.
+    ``findings`` must be non-empty and all from one study, and at least one kind must be asked
+    for (ValueError otherwise). ``previous`` is the SR sent earlier for this study, referenced as
+    predecessor document. ``report``, ``secondary_captures`` and ``presentation_states`` follow
+    the node's ``[outputs]`` keys ``sr``, ``sc`` and ``gsps``.
     """
     findings = tuple(findings)
     if not findings:
         raise ValueError("no analysed images: nothing to report")
-    report = build_report(findings, algorithm, node, previous)
-    report_file = written(ResultKind.SR, report, save(report, out_dir), None)
+    if not (report or secondary_captures or presentation_states):
+        raise ValueError("no result kind asked for: enable at least one of SR, SC and GSPS")
+    report_file = None
+    if report:
+        sr = build_report(findings, algorithm, node, previous)
+        report_file = written(ResultKind.SR, sr, save(sr, out_dir), None)
     captures = []
     states = []
     for number, finding in enumerate(findings, start=1):
         source = finding.view.sop_instance_uid
-        sc = build_secondary_capture(finding, number, algorithm, node)
-        captures.append(written(ResultKind.SECONDARY_CAPTURE, sc, save(sc, out_dir), source))
+        if secondary_captures:
+            sc = build_secondary_capture(finding, number, algorithm, node)
+            captures.append(written(ResultKind.SECONDARY_CAPTURE, sc, save(sc, out_dir), source))
         if presentation_states:
             pr = build_presentation_state(finding, number, algorithm, node)
             states.append(written(ResultKind.PRESENTATION_STATE, pr, save(pr, out_dir), source))

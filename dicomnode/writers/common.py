@@ -137,15 +137,17 @@ class WrittenObject:
 
 @dataclass(frozen=True)
 class ResultObjects:
-    """Everything written for one study: the SR, one SC per image, optionally one GSPS each."""
+    """Everything written for one study: the SR, one SC per image, one GSPS per image; each kind
+    only when asked for (``report`` is None and the tuples are empty otherwise)."""
 
-    report: WrittenObject
+    report: WrittenObject | None
     secondary_captures: tuple[WrittenObject, ...]
     presentation_states: tuple[WrittenObject, ...] = ()
 
     @property
     def all(self) -> tuple[WrittenObject, ...]:
-        return (self.report, *self.secondary_captures, *self.presentation_states)
+        report = () if self.report is None else (self.report,)
+        return (*report, *self.secondary_captures, *self.presentation_states)
 
 
 #: Patient/study attributes highdicom copies into every result, with their value representation.

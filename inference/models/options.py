@@ -11,8 +11,10 @@ CPU-trainable members) and the dropout rate of the image head. ``to_mapping`` an
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Literal, cast, get_args
+
+from inference.tables import checked_keys
 
 PoolKind = Literal["avg", "spp"]
 POOL_KINDS: tuple[str, ...] = get_args(PoolKind)
@@ -82,12 +84,8 @@ class ModelOptions:
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, object]) -> ModelOptions:
         """Options from a plain table (e.g. a TOML manifest); unknown keys are an error."""
-        known = {field.name for field in fields(cls)}
-        unknown = sorted(set(mapping) - known)
-        if unknown:
-            raise ValueError(f"unknown model option(s) {unknown}; known options: {sorted(known)}")
         # Each value's type is checked at run time in __post_init__.
-        return cls(**mapping)  # type: ignore[arg-type]
+        return cls(**checked_keys(cls, mapping, "model option(s)"))
 
     def to_mapping(self) -> dict[str, OptionValue]:
         """The options as a plain table of TOML scalars (inverse of ``from_mapping``)."""

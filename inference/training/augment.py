@@ -32,6 +32,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from inference.tables import checked_keys
+
 PAD_VALUE = -1.0
 """Image value of pixels the warp brings in from outside (the pre-processing's padding)."""
 
@@ -84,13 +86,9 @@ class AugmentSettings:
 
         Pairs may be given as lists (as TOML and JSON write them).
         """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(mapping) - known)
-        if unknown:
-            raise ValueError(f"unknown augmentation settings {unknown}; known: {sorted(known)}")
         values: dict[str, Any] = {
             key: tuple(value) if isinstance(value, list) else value
-            for key, value in mapping.items()
+            for key, value in checked_keys(cls, mapping, "augmentation settings").items()
         }
         return cls(**values)
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from inference.export import MemberDraft
 from inference.manifest import INPUT_KINDS
 from inference.models import list_models
 from inference.preprocess import PreprocessSettings
+from inference.tables import checked_keys
 from inference.training.augment import AugmentSettings
 
 
@@ -78,11 +79,10 @@ class TrainSettings:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> TrainSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"training: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**dict(data))
+        try:
+            return cls(**checked_keys(cls, data, "training settings"))
+        except TypeError as exc:
+            raise ConfigError(f"training: {exc}") from exc
 
     def loss_map_weight(self, attention: bool) -> float:
         if self.map_weight is not None:

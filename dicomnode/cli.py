@@ -1,0 +1,380 @@
+"""The ``dicomnode`` command: run the node's roles and look after its state.
+
+``listen``, ``work`` and ``serve`` run until SIGTERM or SIGINT (see :mod:`dicomnode.service`),
+logging JSON lines to stdout. ``status`` and ``retry`` work on the state database of a node
+(running or not); ``echo`` checks a DICOM peer. Exit status: 0 success, 1 failure (a peer that
+does not answer, a service that stopped on an error, nothing to retry), 2 bad usage or
+configuration (the message says which key is wrong).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from enum import Enum
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicomnode.config import Config, ConfigError, load_config, validate_ae_title
+from dicomnode.logging import configure_logging
+from dicomnode.records import Delivery, DeliveryState, QueueDepth, StudyStatus
+from dicomnode.state import StateDB, open_queue
+from dicomnode.storage import StateLayout, check_uid
+
+PROG = "dicomnode"
+
+
+class UsageError(ValueError):
+    """Bad command-line input or configuration: reported in one line, exit status 2."""
+
+
+class CommandFailed(RuntimeError):
+    """The command ran but did not succeed: reported in one line, exit status 1."""
+
+
+def _version() -> str:
+    try:
+        return version("fracture-dicomnode")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _config(args: argparse.Namespace) -> Config:
+    try:
+        return load_config(args.config)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _check_weights(config: Config) -> None:
+    """Refuse to start a worker without an ensemble (before spending time on anything)."""
+    manifest = config.inference.weights / "manifest.toml"
+    if not manifest.is_file():
+        raise UsageError(
+            f"inference.weights: no manifest.toml in {config.inference.weights} "
+            "(the folder of a trained or exported ensemble)"
+        )
+
+
+def _open_state(config: Config) -> StateDB:
+    """The state database of an existing node (not created: status must not create state)."""
+    path = StateLayout(config.node.state_dir).db_path
+    if not path.is_file():
+        raise CommandFailed(f"no state database at {path} (has the node run with this config?)")
+    return StateDB(path)
+
+
+# -- the long-running roles ----------------------------------------------------------------
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    from dicomnode.service import run_listen
+
+    config = _config(args)
+    configure_logging(config.node.log_level)
+    return run_listen(config)
+
+
+def cmd_work(args: argparse.Namespace) -> int:
+    from dicomnode.service import run_work
+
+    config = _config(args)
+    _check_weights(config)
+    configure_logging(config.node.log_level)
+    return run_work(config)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dicomnode.service import run_serve
+
+    config = _config(args)
+    _check_weights(config)
+    configure_logging(config.node.log_level)
+    return run_serve(config)
+
+
+# -- status ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """What ``dicomnode status`` shows: UIDs, states, counts and reasons, no patient data."""
+
+    state_dir: Path
+    generated_at: float
+    depth: QueueDepth
+    studies: tuple[StudyStatus, ...]
+    deliveries: tuple[Delivery, ...]
+
+
+def collect_status(config: Config, limit: int, now: float | None = None) -> StatusReport:
+    """Read the queue depth, recent studies and deliveries from the state database."""
+    with _open_state(config) as db:
+        return StatusReport(
+            state_dir=config.node.state_dir,
+            generated_at=time.time() if now is None else now,
+            depth=db.queue_depth(),
+            studies=db.recent_studies(limit),
+            deliveries=db.recent_deliveries(limit),
+        )
+
+
+def iso_time(epoch: float) -> str:
+    """Seconds since the epoch as ISO 8601 UTC, to the second."""
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def status_json(report: StatusReport) -> dict[str, Any]:
+    """The status as JSON-ready data; times as ISO 8601 UTC, plus the wait until the next
+    attempt of each pending delivery (its back-off)."""
+    deliveries = []
+    for d in report.deliveries:
+        item = _jsonable(asdict(d))
+        item["destination"] = d.destination.key
+        item["files"] = len(d.files)
+        item["next_attempt_at"] = iso_time(d.next_attempt_at)
+        item["next_attempt_in_seconds"] = (
+            round(max(0.0, d.next_attempt_at - report.generated_at), 1)
+            if d.state is DeliveryState.PENDING
+            else None
+        )
+        deliveries.append(item)
+    studies = []
+    for s in report.studies:
+        item = _jsonable(asdict(s))
+        item["last_received_at"] = iso_time(s.last_received_at)
+        studies.append(item)
+    return {
+        "state_dir": str(report.state_dir),
+        "generated_at": iso_time(report.generated_at),
+        "jobs": {k: v for k, v in asdict(report.depth).items() if not k.startswith("deliveries_")},
+        "deliveries_pending": report.depth.deliveries_pending,
+        "deliveries_failed": report.depth.deliveries_failed,
+        "studies": studies,
+        "deliveries": deliveries,
+    }
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    lines = []
+    for row in (headers, *rows):
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def status_text(report: StatusReport) -> str:
+    """The status as a human-readable text block."""
+    d = report.depth
+    lines = [
+        f"state: {report.state_dir}    at {iso_time(report.generated_at)}",
+        f"jobs: {d.queued} queued, {d.leased} leased, {d.results_written} results written, "
+        f"{d.delivered} delivered, {d.failed} failed",
+        f"deliveries: {d.deliveries_pending} pending, {d.deliveries_failed} failed",
+        "",
+        "recent studies (newest first):",
+    ]
+    if report.studies:
+        lines += _table(
+            ("STUDY INSTANCE UID", "STATE", "VERSION", "INSTANCES", "LAST RECEIVED", "LAST ERROR"),
+            [
+                (
+                    s.study_instance_uid,
+                    s.state.value,
+                    str(s.version),
+                    str(s.instance_count),
+                    iso_time(s.last_received_at),
+                    s.last_error or "-",
+                )
+                for s in report.studies
+            ],
+        )
+    else:
+        lines.append("  (none)")
+    lines += ["", "deliveries (pending first):"]
+    if report.deliveries:
+        rows = []
+        for x in report.deliveries:
+            wait = x.next_attempt_at - report.generated_at
+            next_attempt = (
+                f"{iso_time(x.next_attempt_at)} (in {max(0.0, wait):.0f} s)"
+                if x.state is DeliveryState.PENDING
+                else "-"
+            )
+            rows.append(
+                (
+                    str(x.delivery_id),
+                    x.study_instance_uid,
+                    x.destination.key,
+                    x.state.value,
+                    str(x.attempts),
+                    next_attempt,
+                    x.last_error or "-",
+                )
+            )
+        lines += _table(
+            (
+                "ID",
+                "STUDY INSTANCE UID",
+                "DESTINATION",
+                "STATE",
+                "ATTEMPTS",
+                "NEXT ATTEMPT",
+                "LAST ERROR",
+            ),
+            rows,
+        )
+    else:
+        lines.append("  (none)")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _config(args)
+    report = collect_status(config, args.limit)
+    if args.json:
+        print(json.dumps(status_json(report), indent=2))
+    else:
+        print(status_text(report))
+    return 0
+
+
+# -- retry and echo --------------------------------------------------------------------------
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    config = _config(args)
+    study = None
+    if args.study_uid is not None:
+        try:
+            study = check_uid(args.study_uid, "STUDY_UID")
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    with _open_state(config) as db:
+        count = open_queue(db, config).retry(study)
+    what = "failed jobs" if study is None else f"failed jobs of study {study}"
+    if count == 0:
+        raise CommandFailed(f"no {what} to retry")
+    print(f"re-queued {count} {what}")
+    return 0
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    try:
+        called = validate_ae_title(args.aet)
+        calling = validate_ae_title(args.calling_aet)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not 0 < args.port < 65536:
+        raise UsageError(f"PORT must be in 1..65535, got {args.port}")
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
+    ae.connection_timeout = args.timeout
+    where = f"{called}@{args.host}:{args.port}"
+    try:
+        assoc = ae.associate(args.host, args.port, ae_title=called)
+        if not assoc.is_established:
+            why = "rejected" if assoc.is_rejected else "aborted, refused or timed out"
+            raise CommandFailed(f"C-ECHO to {where} as {calling}: association {why}")
+        try:
+            response = assoc.send_c_echo()
+        finally:
+            assoc.release()
+    finally:
+        ae.shutdown()
+    code = int(response.Status) if "Status" in response else None
+    if code != 0x0000:
+        shown = "no response" if code is None else f"status 0x{code:04X}"
+        raise CommandFailed(f"C-ECHO to {where} as {calling}: {shown}")
+    print(f"C-ECHO to {where} as {calling}: success")
+    return 0
+
+
+# -- parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Fracture-detection DICOM node: receive radiographs, run the ensemble, "
+        "send back SR and Secondary Capture.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        command.add_argument(
+            "--config", required=True, type=Path, metavar="FILE", help="the node's TOML config"
+        )
+        return command
+
+    with_config("listen", "run the listener (C-ECHO, C-STORE) and study assembly").set_defaults(
+        func=cmd_listen
+    )
+    with_config("work", "run the worker (inference, results) and the sender").set_defaults(
+        func=cmd_work
+    )
+    with_config("serve", "run listener, worker and sender together (one machine)").set_defaults(
+        func=cmd_serve
+    )
+    status = with_config("status", "show queue depth, recent studies and deliveries")
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+    status.add_argument("--limit", type=int, default=20, help="studies/deliveries shown (20)")
+    status.set_defaults(func=cmd_status)
+    retry = with_config("retry", "re-queue failed jobs (of one study, or all with --failed)")
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("study_uid", nargs="?", metavar="STUDY_UID", help="Study Instance UID")
+    which.add_argument("--failed", action="store_true", help="every failed job")
+    retry.set_defaults(func=cmd_retry)
+    echo = sub.add_parser(
+        "echo", help="C-ECHO a DICOM peer", description="C-ECHO a DICOM peer (verification)"
+    )
+    echo.add_argument("host", metavar="HOST")
+    echo.add_argument("port", metavar="PORT", type=int)
+    echo.add_argument("--aet", required=True, metavar="AE", help="the peer's (called) AE title")
+    echo.add_argument(
+        "--calling-aet", default="DICOMNODE", metavar="X", help="our AE title (DICOMNODE)"
+    )
+    echo.add_argument("--timeout", type=float, default=10.0, help="seconds per step (10)")
+    echo.set_defaults(func=cmd_echo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``dicomnode`` command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("status", "retry", "echo"):
+        configure_logging("warning", stream=sys.stderr)
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except CommandFailed as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,148 @@
+"""The sender role: deliver written results to every configured destination, durably.
+
+Each (job, destination) delivery lives in the state database (``dicomnode.state``). The loop
+claims due deliveries, sends each one's files in one association (``dicomnode.sender``) and
+records the outcome: delivered; a transient failure (destination down, timeout, busy, failure
+status), which the state module schedules again with exponential back-off and gives up on after
+``delivery.give_up_after_seconds``; or a permanent one (e.g. our AE title not recognised, SOP
+class refused), which is marked failed with its reason at once instead of being retried blindly.
+``dicomnode status`` shows attempts, the next attempt and the last error; ``dicomnode retry``
+re-queues failed ones. Result UIDs are deterministic, so a re-send never duplicates anything.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+
+from dicomnode import sender
+from dicomnode.config import Config
+from dicomnode.logging import get_logger
+from dicomnode.records import Delivery, DeliveryOutcome, DeliveryState, EventLike
+from dicomnode.state import JobQueue, open_queue
+from dicomnode.storage import StateLayout
+
+log = get_logger(__name__)
+
+#: How long a claimed delivery stays hidden from other senders: longer than any one send
+#: (connect + association + a DIMSE reply per file); a sender that dies mid-send leaves the
+#: delivery due again after this.
+CLAIM_SECONDS = 900.0
+
+
+def batch_outcome(batch: sender.BatchOutcome) -> tuple[DeliveryOutcome, str | None]:
+    """One outcome for a delivery from its files' outcomes, with an admin-readable reason.
+
+    Delivered only if every file was stored. Otherwise permanent if any file failed
+    permanently (retrying cannot help that file), else transient. The reason names how many
+    files failed and the first failure's reason (no patient data: the sender's reasons hold
+    statuses, AE titles and addresses).
+    """
+    if batch.all_succeeded:
+        return DeliveryOutcome.DELIVERED, None
+    permanent = batch.with_status(sender.DeliveryStatus.PERMANENT)
+    failed = permanent or batch.with_status(sender.DeliveryStatus.TRANSIENT)
+    first = failed[0]
+    reason = first.reason
+    if len(batch.outcomes) > 1:
+        reason = f"{len(failed)} of {len(batch.outcomes)} files not stored: {reason}"
+    if permanent:
+        return DeliveryOutcome.PERMANENT_FAILURE, reason
+    return DeliveryOutcome.TRANSIENT_FAILURE, reason
+
+
+def scu_destination(delivery: Delivery, calling_ae: str) -> sender.Destination:
+    """The SCU's view of a delivery's destination: where to connect, called and calling AE."""
+    dest = delivery.destination
+    return sender.Destination(
+        host=dest.host, port=dest.port, called_ae=dest.ae_title, calling_ae=calling_ae
+    )
+
+
+class DeliveryLoop:
+    """Sends due deliveries from ``queue`` as ``calling_ae`` and records every attempt."""
+
+    def __init__(
+        self,
+        queue: JobQueue,
+        calling_ae: str,
+        timeouts: sender.Timeouts | None = None,
+        claim_seconds: float = CLAIM_SECONDS,
+    ) -> None:
+        self.queue = queue
+        self.calling_ae = calling_ae
+        self.timeouts = timeouts or sender.Timeouts()
+        self.claim_seconds = claim_seconds
+
+    def attempt(self, delivery: Delivery) -> tuple[DeliveryOutcome, str | None]:
+        """Send one delivery's files once (nothing recorded) and classify the outcome."""
+        if not delivery.files:
+            return DeliveryOutcome.PERMANENT_FAILURE, "the job recorded no result files"
+        batch = sender.send_files(
+            scu_destination(delivery, self.calling_ae), delivery.files, self.timeouts
+        )
+        return batch_outcome(batch)
+
+    def deliver(self, delivery: Delivery) -> Delivery:
+        """Send one claimed delivery, record the attempt and log it; returns the new state."""
+        outcome, reason = self.attempt(delivery)
+        recorded = self.queue.record_delivery_attempt(delivery.delivery_id, outcome, reason)
+        fields = {
+            "delivery_id": recorded.delivery_id,
+            "job_id": recorded.job_id,
+            "study_instance_uid": recorded.study_instance_uid,
+            "destination": recorded.destination.key,
+            "attempts": recorded.attempts,
+            "files": len(recorded.files),
+        }
+        if recorded.state is DeliveryState.DELIVERED:
+            log.info("delivery_delivered", **fields)
+        elif recorded.state is DeliveryState.PENDING:
+            log.warning(
+                "delivery_retry_scheduled",
+                **fields,
+                outcome=str(outcome),
+                next_attempt_at=recorded.next_attempt_at,
+                reason=recorded.last_error,
+            )
+        else:
+            log.error("delivery_failed", **fields, outcome=str(outcome), reason=recorded.last_error)
+        return recorded
+
+    def run_once(self) -> int:
+        """Claim and send every due delivery; returns how many were attempted."""
+        claimed = self.queue.claim_deliveries(self.claim_seconds)
+        for delivery in claimed:
+            self.deliver(delivery)
+        return len(claimed)
+
+    def run(
+        self, stop: EventLike, poll: float = 1.0, heartbeat: Callable[[], None] | None = None
+    ) -> None:
+        """Deliver until ``stop`` is set (a send in progress is finished first)."""
+        while not stop.is_set():
+            if heartbeat is not None:
+                heartbeat()
+            try:
+                busy = self.run_once()
+            except sqlite3.Error as exc:
+                log.error("delivery_queue_error", error=f"{type(exc).__name__}: {exc}")
+                busy = 0
+            if not busy:
+                stop.wait(poll)
+
+
+def run_delivery(
+    config: Config, stop: EventLike, heartbeat: Callable[[], None] | None = None
+) -> None:
+    """The sender role: deliver results to ``config.destinations`` until ``stop`` is set.
+
+    Calls with our own AE title (``node.ae_title``). Polls at most every second, more often
+    when ``delivery.retry_initial_seconds`` is short.
+    """
+    with StateLayout(config.node.state_dir).open_db() as db:
+        loop = DeliveryLoop(open_queue(db, config), config.node.ae_title)
+        log.info("sender_started", destinations=[d.key for d in config.destinations])
+        poll = min(1.0, config.delivery.retry_initial_seconds / 4)
+        loop.run(stop, poll=poll, heartbeat=heartbeat)
+        log.info("sender_stopped")

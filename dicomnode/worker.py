@@ -1,0 +1,385 @@
+"""The worker role: lease a study job, decode its views, run the ensemble, write the results.
+
+One job is one study (``StudyJob``): every stored instance of it is decoded (``load_view``); an
+instance that cannot become one grey-level image is skipped with its reason, and a study of
+which no view decodes fails with the reasons, without affecting any other study. The anatomical
+region of each view comes from its header (Body Part Examined, then Series Description, Protocol
+Name, Study Description). All decodable views of the study go through the ensemble in one
+batch; the result objects (SR, Secondary Capture, GSPS as ``[outputs]`` asks) are written under
+``results/<StudyUID>/job-<id>/`` and handed to the queue, which creates one delivery per
+destination. A re-run of a study (a late instance) names the previous SR as predecessor.
+
+The lease is renewed in the background while a job runs, so a slow study on a slow machine is
+not taken over by another worker; a worker that dies simply lets its lease expire and the job
+returns to the queue. Logs carry UIDs, states and reasons only, never patient data.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import threading
+import traceback
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from dicomnode.config import Config
+from dicomnode.logging import get_logger
+from dicomnode.pixels import PixelDataError, View, load_view, region_hints
+from dicomnode.records import EventLike, JobState, ResultFile, StoredInstance, StudyJob
+from dicomnode.state import JobQueue, LeaseLostError, open_queue
+from dicomnode.storage import StateLayout
+from dicomnode.uids import ResultKind
+from dicomnode.writers import (
+    ImageFinding,
+    NodeIdentity,
+    PreviousReport,
+    ResultObjects,
+    write_results,
+)
+from inference.ensemble import Ensemble
+from inference.regions import RegionMatch, resolve_region
+
+log = get_logger(__name__)
+
+PACKAGE = "fracture-dicomnode"
+
+
+class NoDecodableViewsError(ValueError):
+    """No instance of the study could be decoded into an image; the message lists why."""
+
+
+@dataclass(frozen=True)
+class SkippedView:
+    """An instance of a study that was not analysed, and why (no patient data in ``reason``)."""
+
+    sop_instance_uid: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class DecodedStudy:
+    """The decodable views of a study (in instance order) and the instances skipped."""
+
+    views: tuple[View, ...]
+    skipped: tuple[SkippedView, ...]
+
+
+@dataclass(frozen=True)
+class StudyOutcome:
+    """What processing one job produced: the result files written and the views skipped."""
+
+    job_id: int
+    study_instance_uid: str
+    version: int
+    results: tuple[ResultFile, ...]
+    skipped: tuple[SkippedView, ...]
+    analysed: int
+    predecessor_sr: str | None
+
+
+def node_identity(config: Config) -> NodeIdentity:
+    """This node as equipment in its result objects: its AE title as station, package version."""
+    try:
+        software = version(PACKAGE)
+    except PackageNotFoundError:
+        software = "unknown"
+    return NodeIdentity(software_version=software, station_name=config.node.ae_title)
+
+
+def decode_reason(exc: Exception) -> str:
+    """An admin-readable reason for an instance that did not decode, without patient data.
+
+    :class:`PixelDataError` messages are built from file names (SOP Instance UIDs), transfer
+    syntaxes and decoder messages; anything else is unexpected and reported by its type only,
+    since a library's message may quote header values.
+    """
+    if isinstance(exc, PixelDataError):
+        return str(exc)
+    return f"unexpected {type(exc).__name__} while decoding (see the traceback in the log)"
+
+
+def decode_study(instances: Sequence[StoredInstance]) -> DecodedStudy:
+    """Decode every instance; those that cannot be analysed are skipped with their reason."""
+    views: list[View] = []
+    skipped: list[SkippedView] = []
+    for instance in instances:
+        try:
+            views.append(load_view(instance.path))
+        except Exception as exc:
+            if not isinstance(exc, PixelDataError):
+                log.error(
+                    "view_decode_error",
+                    sop_instance_uid=instance.sop_instance_uid,
+                    error_type=type(exc).__name__,
+                    traceback="".join(traceback.format_tb(exc.__traceback__)),
+                )
+            skipped.append(SkippedView(instance.sop_instance_uid, decode_reason(exc)))
+    return DecodedStudy(tuple(views), tuple(skipped))
+
+
+def resolve_view_region(view: View) -> RegionMatch:
+    """The region of one view: Body Part Examined, then Series Description, Protocol Name and
+    Study Description (the most specific text first: a study may hold views of several parts)."""
+    hints = region_hints(view.header)
+    study, series, protocol = hints.descriptions
+    return resolve_region(body_part=hints.body_part or None, descriptions=[series, protocol, study])
+
+
+def analyse_views(analyser: Ensemble, views: Sequence[View]) -> list[ImageFinding]:
+    """Run the ensemble once on all views (one batch) and pair each result with its view."""
+    matches = [resolve_view_region(view) for view in views]
+    regions = [None if m.region is None else m.region.key for m in matches]
+    results, _ = analyser.analyse([view.pixels for view in views], regions)
+    return [
+        ImageFinding(view, result, None if match.region is None else match.region.finding_site)
+        for view, result, match in zip(views, results, matches, strict=True)
+    ]
+
+
+def previous_report(job: StudyJob) -> PreviousReport | None:
+    """The SR of the newest earlier version of the study, if one was written."""
+    reports = [r for r in job.predecessors if r.kind == ResultKind.SR]
+    if not reports:
+        return None
+    sr = reports[0]
+    return PreviousReport(
+        study_instance_uid=job.study_instance_uid,
+        series_instance_uid=sr.series_instance_uid,
+        sop_instance_uid=sr.sop_instance_uid,
+        sop_class_uid=sr.sop_class_uid,
+    )
+
+
+def result_files(objects: ResultObjects) -> tuple[ResultFile, ...]:
+    """The state database's records of the written result objects."""
+    return tuple(
+        ResultFile(
+            kind=obj.kind.value,
+            sop_class_uid=obj.sop_class_uid,
+            series_instance_uid=obj.series_instance_uid,
+            sop_instance_uid=obj.sop_instance_uid,
+            path=obj.path,
+        )
+        for obj in objects.all
+    )
+
+
+def skipped_summary(skipped: Sequence[SkippedView]) -> str:
+    """One line naming every skipped instance and its reason."""
+    return "; ".join(f"{s.sop_instance_uid}: {s.reason}" for s in skipped)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The reason recorded for a job that raised: the exception type and, for our own
+    ``ValueError`` subclasses whose messages carry no header values, the message."""
+    if isinstance(exc, NoDecodableViewsError | PixelDataError):
+        return str(exc)
+    return f"{type(exc).__name__} while processing the study (see the traceback in the log)"
+
+
+@contextmanager
+def lease_kept(queue: JobQueue, job: StudyJob, interval: float) -> Iterator[threading.Event]:
+    """Renew ``job``'s lease every ``interval`` seconds in a background thread while the block
+    runs. The yielded event is set if the lease was lost (the block's outcome is then void)."""
+    done, lost = threading.Event(), threading.Event()
+
+    def renew() -> None:
+        while not done.wait(interval):
+            try:
+                queue.renew(job)
+            except LeaseLostError:
+                lost.set()
+                return
+            except sqlite3.Error as exc:  # busy database: try again at the next interval
+                log.warning("lease_renew_failed", job_id=job.job_id, error=type(exc).__name__)
+
+    thread = threading.Thread(target=renew, name=f"lease-{job.job_id}", daemon=True)
+    thread.start()
+    try:
+        yield lost
+    finally:
+        done.set()
+        thread.join()
+
+
+class Worker:
+    """Processes study jobs from ``queue`` with ``analyser`` (an :class:`Ensemble`)."""
+
+    def __init__(
+        self,
+        config: Config,
+        analyser: Ensemble,
+        queue: JobQueue,
+        *,
+        owner: str | None = None,
+        node: NodeIdentity | None = None,
+        heartbeat: Callable[[], None] | None = None,
+    ) -> None:
+        outputs = config.outputs
+        if not (outputs.sr or outputs.sc or outputs.gsps):
+            raise ValueError("outputs: at least one of sr, sc and gsps must be true")
+        self.config = config
+        self.analyser = analyser
+        self.queue = queue
+        self.layout = StateLayout(config.node.state_dir)
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.node = node or node_identity(config)
+        self.renew_interval = config.queue.lease_seconds / 3
+        self.heartbeat = heartbeat
+
+    def _beat(self) -> None:
+        """Tell the service this worker is alive (between jobs and between a job's steps)."""
+        if self.heartbeat is not None:
+            self.heartbeat()
+
+    def results_dir(self, job: StudyJob) -> Path:
+        """Where one job's result files go: its own folder, so versions never overwrite."""
+        return self.layout.results_dir / job.study_instance_uid / f"job-{job.job_id}"
+
+    def process(self, job: StudyJob) -> StudyOutcome:
+        """Decode, analyse and write the results of one job (nothing is recorded here).
+
+        Raises :class:`NoDecodableViewsError` when no instance of the study decodes.
+        """
+        decoded = decode_study(job.instances)
+        self._beat()
+        for skip in decoded.skipped:
+            log.warning(
+                "view_skipped",
+                job_id=job.job_id,
+                study_instance_uid=job.study_instance_uid,
+                sop_instance_uid=skip.sop_instance_uid,
+                reason=skip.reason,
+            )
+        if not decoded.views:
+            raise NoDecodableViewsError(
+                f"no instance of the study could be analysed: {skipped_summary(decoded.skipped)}"
+            )
+        findings = analyse_views(self.analyser, decoded.views)
+        self._beat()
+        previous = previous_report(job) if self.config.outputs.sr else None
+        objects = write_results(
+            findings,
+            self.analyser.algorithm,
+            self.node,
+            self.results_dir(job),
+            previous=previous,
+            report=self.config.outputs.sr,
+            secondary_captures=self.config.outputs.sc,
+            presentation_states=self.config.outputs.gsps,
+        )
+        return StudyOutcome(
+            job_id=job.job_id,
+            study_instance_uid=job.study_instance_uid,
+            version=job.version,
+            results=result_files(objects),
+            skipped=decoded.skipped,
+            analysed=len(decoded.views),
+            predecessor_sr=None if previous is None else previous.sop_instance_uid,
+        )
+
+    def handle(self, job: StudyJob) -> JobState | None:
+        """Process a leased job and record its outcome; returns the job's new state, or None
+        when the lease was lost meanwhile (another worker owns the job now)."""
+        bound = log.bind(
+            job_id=job.job_id, study_instance_uid=job.study_instance_uid, version=job.version
+        )
+        bound.info("job_leased", attempt=job.attempt, instances=len(job.instances))
+        with lease_kept(self.queue, job, self.renew_interval) as lost:
+            try:
+                outcome = self.process(job)
+            except Exception as exc:
+                return self._fail(job, exc, lost.is_set())
+        try:
+            self.queue.complete(job, outcome.results, self.config.destinations)
+        except LeaseLostError:
+            bound.warning("job_lease_lost", stage="complete")
+            return None
+        state = JobState.RESULTS_WRITTEN if self.config.destinations else JobState.DELIVERED
+        bound.info(
+            "job_results_written",
+            state=str(state),
+            analysed=outcome.analysed,
+            skipped=len(outcome.skipped),
+            results=[f"{r.kind}:{r.sop_instance_uid}" for r in outcome.results],
+            predecessor_sr=outcome.predecessor_sr,
+            destinations=[d.key for d in self.config.destinations],
+        )
+        return state
+
+    def _fail(self, job: StudyJob, exc: Exception, lost: bool) -> JobState | None:
+        """Record a failed attempt: retried (up to ``max_attempts``) unless no view decodes."""
+        reason = failure_reason(exc)
+        retryable = not isinstance(exc, NoDecodableViewsError)
+        logger = log.bind(job_id=job.job_id, study_instance_uid=job.study_instance_uid)
+        if retryable:
+            logger.error(
+                "job_error",
+                error_type=type(exc).__name__,
+                traceback="".join(traceback.format_tb(exc.__traceback__)),
+            )
+        if lost:
+            logger.warning("job_lease_lost", stage="process")
+            return None
+        try:
+            state = self.queue.fail(job, reason, retryable=retryable)
+        except LeaseLostError:
+            logger.warning("job_lease_lost", stage="fail")
+            return None
+        logger.warning("job_failed", state=str(state), reason=reason, attempt=job.attempt)
+        return state
+
+    def run_once(self) -> bool:
+        """Lease and handle one job; False when none was ready."""
+        job = self.queue.lease(self.owner)
+        if job is None:
+            return False
+        self.handle(job)
+        return True
+
+    def run(self, stop: EventLike) -> None:
+        """Handle jobs until ``stop`` is set (the current job is finished first)."""
+        poll = min(1.0, self.config.study.stable_seconds / 4)
+        while not stop.is_set():
+            self._beat()
+            try:
+                busy = self.run_once()
+            except sqlite3.Error as exc:
+                log.error("worker_queue_error", error=f"{type(exc).__name__}: {exc}")
+                busy = False
+            if not busy:
+                stop.wait(poll)
+
+
+def run_worker(
+    config: Config,
+    stop: EventLike,
+    ready: Callable[[], None] | None = None,
+    heartbeat: Callable[[], None] | None = None,
+) -> None:
+    """Load the ensemble, then handle jobs until ``stop`` is set.
+
+    ``ready`` is called once the weights are loaded and the queue is open.
+    """
+    ensemble = Ensemble.load(config.inference.weights, device=str(config.inference.device))
+    with StateLayout(config.node.state_dir).open_db() as db:
+        worker = Worker(config, ensemble, open_queue(db, config), heartbeat=heartbeat)
+        algorithm = ensemble.algorithm
+        log.info(
+            "worker_started",
+            owner=worker.owner,
+            algorithm=algorithm.name,
+            algorithm_version=algorithm.version,
+            device=str(ensemble.device),
+            trained=ensemble.manifest.trained,
+        )
+        if ready is not None:
+            ready()
+        worker.run(stop)
+        log.info("worker_stopped", owner=worker.owner)
