@@ -299,6 +299,8 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
         retry_max_seconds=delivery_t.seconds("retry_max_seconds", 3600.0),
         give_up_after_seconds=delivery_t.seconds("give_up_after_seconds", 48 * 3600.0),
     )
+    if not (outputs.sr or outputs.sc or outputs.gsps):
+        raise ConfigError("outputs: at least one of sr, sc and gsps must be true")
     if delivery.retry_max_seconds < delivery.retry_initial_seconds:
         raise ConfigError("delivery.retry_max_seconds: must be >= delivery.retry_initial_seconds")
     destinations = []

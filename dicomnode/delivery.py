@@ -34,9 +34,9 @@ def batch_outcome(batch: sender.BatchOutcome) -> tuple[DeliveryOutcome, str | No
     """One outcome for a delivery from its files' outcomes, with an admin-readable reason.
 
     Delivered only if every file was stored. Otherwise permanent if any file failed
-    permanently (retrying cannot help that file), else transient. The reason names how many
-    files failed and the first failure's reason (no patient data: the sender's reasons hold
-    statuses, AE titles and addresses).
+    permanently (retrying cannot help that file), else transient. The reason is the first
+    failure's, prefixed with how many files failed when the files fared differently (no
+    patient data: the sender's reasons hold statuses, AE titles and addresses).
     """
     if batch.all_succeeded:
         return DeliveryOutcome.DELIVERED, None
@@ -44,7 +44,7 @@ def batch_outcome(batch: sender.BatchOutcome) -> tuple[DeliveryOutcome, str | No
     failed = permanent or batch.with_status(sender.DeliveryStatus.TRANSIENT)
     first = failed[0]
     reason = first.reason
-    if len(batch.outcomes) > 1:
+    if len({o.reason for o in batch.outcomes}) > 1:  # not one association-wide failure
         reason = f"{len(failed)} of {len(batch.outcomes)} files not stored: {reason}"
     if permanent:
         return DeliveryOutcome.PERMANENT_FAILURE, reason

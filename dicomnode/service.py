@@ -23,6 +23,7 @@ leased jobs and pending deliveries live in the state database.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -32,7 +33,6 @@ from collections.abc import Callable, Sequence
 from multiprocessing.process import BaseProcess
 from multiprocessing.sharedctypes import Synchronized
 from types import FrameType
-from typing import Any
 
 from dicomnode import sdnotify
 from dicomnode.config import Config
@@ -114,19 +114,36 @@ class RoleThread:
             log.warning("role_not_stopped", role=self.name, waited_seconds=timeout)
 
 
-def worker_child(config: Config, stop: EventLike, ready: Any, beat: Synchronized[float]) -> None:
+def worker_child(config: Config, ready: Synchronized[float], beat: Synchronized[float]) -> None:
     """Entry point of the worker child process of ``serve`` (runs in a fresh interpreter).
 
-    SIGINT is ignored (a Ctrl-C in a terminal reaches the whole process group; the parent
-    stops the child through ``stop``). Exit status 3 when the worker cannot run at all.
+    The parent stops it with SIGTERM (the current job is finished first); SIGINT is ignored (a
+    Ctrl-C in a terminal reaches the whole process group, and the parent handles it). Readiness
+    and heartbeat go to the parent through lock-free shared values: the child may be killed at
+    any moment, and a lock or condition it held would then stay held forever. Exit status 3
+    when the worker cannot run at all.
     """
     configure_logging(config.node.log_level)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, signal_setter(stop))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from dicomnode.worker import run_worker  # torch is imported in the child only
 
     heartbeat = Heartbeat(beat)
+    parent = os.getppid()
+
+    def mark_ready() -> None:
+        ready.value = time.monotonic()
+
+    def alive() -> None:
+        """Beat, and stop if the parent is gone (killed without a chance to stop us)."""
+        heartbeat.beat()
+        if os.getppid() != parent:
+            log.warning("worker_orphaned", parent_pid=parent)
+            stop.set()
+
     try:
-        run_worker(config, stop, ready=ready.set, heartbeat=heartbeat.beat)
+        run_worker(config, stop, ready=mark_ready, heartbeat=alive)
     except Exception as exc:
         log.error(
             "worker_crashed",
@@ -142,8 +159,7 @@ class WorkerSupervisor:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._ctx = multiprocessing.get_context("spawn")
-        self.stop_event = self._ctx.Event()
-        self.ready_event = self._ctx.Event()
+        self._ready_at = self._ctx.Value("d", 0.0, lock=False)
         self.heartbeat = Heartbeat(self._ctx.Value("d", time.monotonic(), lock=False))
         self.hang_seconds = config.queue.lease_seconds
         self.process: BaseProcess | None = None
@@ -155,24 +171,27 @@ class WorkerSupervisor:
 
     def start(self) -> None:
         """Start a fresh worker child."""
-        self.ready_event.clear()
+        self._started_at = time.monotonic()
         self.heartbeat.beat()
         assert self.heartbeat.shared is not None
         process = self._ctx.Process(
             target=worker_child,
-            args=(self.config, self.stop_event, self.ready_event, self.heartbeat.shared),
+            args=(self.config, self._ready_at, self.heartbeat.shared),
             name="dicomnode-worker",
         )
         process.start()
         self.process = process
-        self._started_at = time.monotonic()
         log.info("worker_process_started", pid=process.pid, restarts=self.restarts)
+
+    @property
+    def child_ready(self) -> bool:
+        """The current child has loaded its weights."""
+        return bool(self._ready_at.value >= self._started_at)
 
     @property
     def ready(self) -> bool:
         """The worker loaded its weights at least once (it may be restarting now)."""
-        if self.ready_event.is_set():
-            self.ever_ready = True
+        self.ever_ready = self.ever_ready or self.child_ready
         return self.ever_ready
 
     def check(self) -> bool:
@@ -186,11 +205,11 @@ class WorkerSupervisor:
         process = self.process
         now = time.monotonic()
         if process is not None and process.is_alive():
-            if self.ready_event.is_set() and self.heartbeat.age() > self.hang_seconds:
+            if self.child_ready and self.heartbeat.age() > self.hang_seconds:
                 log.error("worker_hung", pid=process.pid, silent_seconds=self.heartbeat.age())
                 process.kill()
             else:
-                if ready and now - self._started_at > self._delay:
+                if self.child_ready and now - self._started_at > self._delay:
                     self._delay = RESTART_DELAY_SECONDS[0]  # it worked for a while: reset
                 return True
         if process is not None:
@@ -213,11 +232,11 @@ class WorkerSupervisor:
         return True
 
     def shutdown(self, grace: float) -> None:
-        """Ask the child to stop after its current job; kill it after ``grace`` seconds."""
-        self.stop_event.set()
+        """SIGTERM the child (it finishes its current job); SIGKILL it after ``grace`` s."""
         process = self.process
         if process is None:
             return
+        process.terminate()
         process.join(grace)
         if process.is_alive():
             log.warning("worker_killed", pid=process.pid, waited_seconds=grace)
@@ -226,13 +245,24 @@ class WorkerSupervisor:
         self.process = None
 
 
-def install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
-    """SIGTERM and SIGINT set ``stop``; returns a function restoring the previous handlers."""
+def signal_setter(event: threading.Event) -> Callable[[int, FrameType | None], None]:
+    """A signal handler that sets ``event`` and logs the signal.
+
+    ``event.set()`` runs in a new thread: a handler runs in the main thread, which may be
+    inside ``event.wait()`` holding the event's lock at that moment; from another thread
+    ``set()`` simply waits for it.
+    """
 
     def handler(signum: int, _frame: FrameType | None) -> None:
         log.info("shutdown_requested", signal=signal.Signals(signum).name)
-        stop.set()
+        threading.Thread(target=event.set, name="signal", daemon=True).start()
 
+    return handler
+
+
+def install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
+    """SIGTERM and SIGINT set ``stop``; returns a function restoring the previous handlers."""
+    handler = signal_setter(stop)
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def restore() -> None:

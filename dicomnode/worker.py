@@ -34,7 +34,7 @@ from dicomnode.pixels import PixelDataError, View, load_view, region_hints
 from dicomnode.records import EventLike, JobState, ResultFile, StoredInstance, StudyJob
 from dicomnode.state import JobQueue, LeaseLostError, open_queue
 from dicomnode.storage import StateLayout
-from dicomnode.uids import ResultKind
+from dicomnode.uids import ResultKind, report_uid
 from dicomnode.writers import (
     ImageFinding,
     NodeIdentity,
@@ -43,6 +43,7 @@ from dicomnode.writers import (
     write_results,
 )
 from inference.ensemble import Ensemble
+from inference.records import AlgorithmInfo, ImageResult
 from inference.regions import RegionMatch, resolve_region
 
 log = get_logger(__name__)
@@ -51,7 +52,7 @@ PACKAGE = "fracture-dicomnode"
 
 
 class NoDecodableViewsError(ValueError):
-    """No instance of the study could be decoded into an image; the message lists why."""
+    """No instance of the study could be decoded and analysed; the message lists why."""
 
 
 @dataclass(frozen=True)
@@ -131,15 +132,48 @@ def resolve_view_region(view: View) -> RegionMatch:
     return resolve_region(body_part=hints.body_part or None, descriptions=[series, protocol, study])
 
 
-def analyse_views(analyser: Ensemble, views: Sequence[View]) -> list[ImageFinding]:
-    """Run the ensemble once on all views (one batch) and pair each result with its view."""
+def analyse_views(
+    analyser: Ensemble, views: Sequence[View]
+) -> tuple[list[ImageFinding], list[SkippedView]]:
+    """Run the ensemble once on all views (one batch) and pair each result with its view.
+
+    ``inference`` refuses images it cannot analyse with a ValueError (too small, constant...).
+    Then each view is analysed alone, so that the refused ones are skipped with the reason
+    (``inference`` never sees header data, so its messages carry none) and the others still
+    get results. Returns the findings and the refused views.
+    """
     matches = [resolve_view_region(view) for view in views]
     regions = [None if m.region is None else m.region.key for m in matches]
-    results, _ = analyser.analyse([view.pixels for view in views], regions)
+    try:
+        results = analyser.analyse([view.pixels for view in views], regions)[0]
+    except ValueError:
+        return _analyse_one_by_one(analyser, views, matches)
     return [
-        ImageFinding(view, result, None if match.region is None else match.region.finding_site)
+        _finding(view, result, match)
         for view, result, match in zip(views, results, matches, strict=True)
-    ]
+    ], []
+
+
+def _finding(view: View, result: ImageResult, match: RegionMatch) -> ImageFinding:
+    return ImageFinding(view, result, None if match.region is None else match.region.finding_site)
+
+
+def _analyse_one_by_one(
+    analyser: Ensemble, views: Sequence[View], matches: Sequence[RegionMatch]
+) -> tuple[list[ImageFinding], list[SkippedView]]:
+    findings: list[ImageFinding] = []
+    refused: list[SkippedView] = []
+    for view, match in zip(views, matches, strict=True):
+        region = None if match.region is None else match.region.key
+        try:
+            (result,), _ = analyser.analyse([view.pixels], [region])
+        except ValueError as exc:
+            refused.append(
+                SkippedView(view.sop_instance_uid, f"inference refused the image: {exc}")
+            )
+            continue
+        findings.append(_finding(view, result, match))
+    return findings, refused
 
 
 def previous_report(job: StudyJob) -> PreviousReport | None:
@@ -177,7 +211,8 @@ def skipped_summary(skipped: Sequence[SkippedView]) -> str:
 
 def failure_reason(exc: BaseException) -> str:
     """The reason recorded for a job that raised: the exception type and, for our own
-    ``ValueError`` subclasses whose messages carry no header values, the message."""
+    ``ValueError`` subclasses whose messages carry no header values, the message. (A library's
+    message may quote header values such as a patient's name, so it stays out of the state.)"""
     if isinstance(exc, NoDecodableViewsError | PixelDataError):
         return str(exc)
     return f"{type(exc).__name__} while processing the study (see the traceback in the log)"
@@ -249,7 +284,12 @@ class Worker:
         """
         decoded = decode_study(job.instances)
         self._beat()
-        for skip in decoded.skipped:
+        findings, refused = (
+            analyse_views(self.analyser, decoded.views) if decoded.views else ([], [])
+        )
+        self._beat()
+        skipped = (*decoded.skipped, *refused)
+        for skip in skipped:
             log.warning(
                 "view_skipped",
                 job_id=job.job_id,
@@ -257,16 +297,15 @@ class Worker:
                 sop_instance_uid=skip.sop_instance_uid,
                 reason=skip.reason,
             )
-        if not decoded.views:
+        if not findings:
             raise NoDecodableViewsError(
-                f"no instance of the study could be analysed: {skipped_summary(decoded.skipped)}"
+                f"no instance of the study could be analysed: {skipped_summary(skipped)}"
             )
-        findings = analyse_views(self.analyser, decoded.views)
-        self._beat()
-        previous = previous_report(job) if self.config.outputs.sr else None
+        algorithm = self.analyser.algorithm
+        previous = self._previous_report(job, findings, algorithm)
         objects = write_results(
             findings,
-            self.analyser.algorithm,
+            algorithm,
             self.node,
             self.results_dir(job),
             previous=previous,
@@ -279,10 +318,22 @@ class Worker:
             study_instance_uid=job.study_instance_uid,
             version=job.version,
             results=result_files(objects),
-            skipped=decoded.skipped,
-            analysed=len(decoded.views),
+            skipped=skipped,
+            analysed=len(findings),
             predecessor_sr=None if previous is None else previous.sop_instance_uid,
         )
+
+    def _previous_report(
+        self, job: StudyJob, findings: Sequence[ImageFinding], algorithm: AlgorithmInfo
+    ) -> PreviousReport | None:
+        """The SR this run replaces, unless no SR is written or it would be this very SR (a
+        corrected re-send of the same images gives the same deterministic SR UID)."""
+        previous = previous_report(job) if self.config.outputs.sr else None
+        if previous is None:
+            return None
+        sources = [f.view.sop_instance_uid for f in findings]
+        new = report_uid(job.study_instance_uid, sources, algorithm.version, self.node.uid_prefix)
+        return None if previous.sop_instance_uid == new else previous
 
     def handle(self, job: StudyJob) -> JobState | None:
         """Process a leased job and record its outcome; returns the job's new state, or None

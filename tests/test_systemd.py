@@ -76,7 +76,6 @@ REQUIRED_SERVICE = {
     "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
     "RestrictNamespaces": "yes",
     "LockPersonality": "yes",
-    "MemoryDenyWriteExecute": "yes",
     "RestrictRealtime": "yes",
     "RestrictSUIDSGID": "yes",
     "SystemCallArchitectures": "native",
@@ -194,8 +193,9 @@ def test_watchdog_of_another_process_is_not_ours(monkeypatch: pytest.MonkeyPatch
     """A child process inherits the variables; the watchdog stays with the parent it names."""
     monkeypatch.setenv(sdnotify.WATCHDOG_USEC, "30000000")
     monkeypatch.setenv(sdnotify.WATCHDOG_PID, str(os.getpid()))
+    code = "from dicomnode import sdnotify; print(sdnotify.watchdog_interval())"
     child = subprocess.run(
-        [sys.executable, "-c", "from dicomnode import sdnotify; print(sdnotify.watchdog_interval())"],
+        [sys.executable, "-c", code],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -289,6 +289,9 @@ def test_unit_is_notify_and_hardened(unit: str) -> None:
     service = service_section(unit)
     for key, expected in REQUIRED_SERVICE.items():
         assert single(service, key) == expected, f"{unit}: {key}"
+    # PyTorch's oneDNN CPU kernels need writable+executable memory (see the MDWE tests below).
+    runs_inference = UNITS[unit][0] != "listen"
+    assert single(service, "MemoryDenyWriteExecute") == ("no" if runs_inference else "yes")
     assert float(single(service, "WatchdogSec")) > 0
     assert int(single(service, "LimitNOFILE")) >= 4096
     filters = service["SystemCallFilter"]
@@ -420,20 +423,17 @@ def test_systemd_analyze_verify_reports_mistakes(tmp_path: Path) -> None:
 @needs_systemd_analyze
 @pytest.mark.parametrize("unit", sorted(UNITS))
 def test_systemd_analyze_security_exposure(tmp_path: Path, unit: str) -> None:
-    """systemd's own exposure score stays in its best band (below 2.0: "OK")."""
+    """systemd's own exposure score stays in its best band ("OK", below 2.0 of 10).
+
+    ``--threshold`` is on systemd's internal 0-100 scale: exposure 1.9 is 19; above it, the
+    command fails.
+    """
     copy = local_copy(unit, tmp_path, ())
     result = analyze(
         "security", "--offline=true", "--man=no", "--threshold=19", f"./{copy.name}", cwd=tmp_path
     )
-    assert result.returncode == 0, result.stderr
-    assert "Overall exposure level" in result.stdout
-    checks = json.loads(
-        analyze(
-            "security", "--offline=true", "--man=no", "--json=short", f"./{copy.name}", cwd=tmp_path
-        ).stdout
-    )
-    exposure = sum(float(check["exposure"] or 0) for check in checks if not check["set"])
-    assert exposure < 2.0, [check["name"] for check in checks if not check["set"]]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    assert f"Overall exposure level for {unit}: " in result.stdout
 
 
 # --- MemoryDenyWriteExecute=yes ----------------------------------------------------------------
@@ -484,7 +484,8 @@ def deny_write_execute() -> None:
     """Install, for this process and its children, the filter behind MemoryDenyWriteExecute=yes.
 
     The third argument of each call (``prot`` / ``shmflg``) is matched against the rule's mask;
-    a match fails with EPERM, as under systemd. Sets no_new_privs (libseccomp's default).
+    a match fails with EPERM, as under systemd. Sets no_new_privs (libseccomp's default). Checks
+    that the filter bites (a writable+executable mapping is refused) before returning.
     """
     lib = libseccomp()
     ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
@@ -504,6 +505,11 @@ def deny_write_execute() -> None:
             raise OSError(-code, "seccomp_load")
     finally:
         lib.seccomp_release(ctx)
+    try:
+        mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    except PermissionError:
+        return
+    raise AssertionError("a writable and executable mapping was allowed: filter not active")
 
 
 def mdwe_workload(device: str, onednn: bool, samples: list[str]) -> dict[str, object]:
@@ -515,15 +521,8 @@ def mdwe_workload(device: str, onednn: bool, samples: list[str]) -> dict[str, ob
     """
     import torch
 
-    torch.backends.mkldnn.enabled = onednn
+    torch.backends.mkldnn.set_flags(onednn)
     deny_write_execute()
-    try:
-        mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-    except PermissionError:
-        pass
-    else:
-        raise AssertionError("a writable and executable mapping was allowed: filter not active")
-
     import tempfile
 
     import numpy as np
@@ -559,16 +558,42 @@ def decodable_samples() -> list[str]:
     return [str(SHARED / "dicom-samples" / name) for name in chosen.values()]
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="seccomp is Linux-only")
-def test_node_work_runs_under_memory_deny_write_execute() -> None:
-    samples = decodable_samples()
-    assert len(samples) >= 5, "expected samples of several transfer syntaxes"
-    code = (
-        "import json, sys; from tests.test_systemd import mdwe_workload; "
-        "print(json.dumps(mdwe_workload('cpu', sys.argv[1:])))"
-    )
+def mdwe_listener_workload(samples: list[str]) -> dict[str, object]:
+    """Under the filter: a real listener answers a C-ECHO and stores ``samples`` sent to it."""
+    deny_write_execute()
+    import tempfile
+
+    import pydicom
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from dicomnode.config import parse_config
+    from dicomnode.scp import Listener
+
+    datasets = [pydicom.dcmread(path) for path in samples]
+    with tempfile.TemporaryDirectory() as folder:
+        config = parse_config(
+            {"node": {"state_dir": "state", "port": 0}, "study": {"stable_seconds": 60}},
+            Path(folder),
+        )
+        with Listener(config) as listener:
+            scu = AE(ae_title="MODALITY")
+            scu.add_requested_context(Verification)
+            for ds in datasets:
+                scu.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+            assoc = scu.associate("127.0.0.1", listener.port, ae_title=config.node.ae_title)
+            assert assoc.is_established
+            statuses = [int(assoc.send_c_echo().Status)]
+            statuses += [int(assoc.send_c_store(ds).Status) for ds in datasets]
+            assoc.release()
+            stored = sorted(p.stem for p in listener.layout.instances_dir.rglob("*.dcm"))
+    return {"statuses": statuses, "stored": stored}
+
+
+def run_child(code: str, args: list[str]) -> object:
+    """Run ``code`` in a fresh interpreter in the repository; return the JSON it prints last."""
     child = subprocess.run(
-        [sys.executable, "-c", code, *samples],
+        [sys.executable, "-c", code, *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -577,5 +602,49 @@ def test_node_work_runs_under_memory_deny_write_execute() -> None:
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert child.returncode == 0, child.stderr[-4000:]
-    outcome = json.loads(child.stdout.strip().splitlines()[-1])
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def stored_sop_uids(samples: list[str]) -> list[str]:
+    """The SOP Instance UIDs the listener keeps from ``samples`` (CR and DX only)."""
+    import pydicom
+
+    from dicomnode.scp import CR_DX_SOP_CLASSES
+
+    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in samples]
+    return sorted(
+        {str(ds.SOPInstanceUID) for ds in headers if str(ds.SOPClassUID) in CR_DX_SOP_CLASSES}
+    )
+
+
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="seccomp is Linux-only")
+
+
+@linux_only
+def test_listener_runs_under_memory_deny_write_execute() -> None:
+    """dicomnode-listen.service sets MemoryDenyWriteExecute=yes: receiving must work under it."""
+    samples = decodable_samples()
+    outcome = run_child(
+        "import json, sys; from tests.test_systemd import mdwe_listener_workload; "
+        "print(json.dumps(mdwe_listener_workload(sys.argv[1:])))",
+        samples,
+    )
+    assert outcome == {"statuses": [0] * (len(samples) + 1), "stored": stored_sop_uids(samples)}
+
+
+@linux_only
+def test_worker_runs_under_memory_deny_write_execute_without_onednn() -> None:
+    """Decoding every encoding and the ensemble work under the filter once oneDNN is off.
+
+    With oneDNN on (PyTorch's default) CPU convolutions fail under the filter ("could not create
+    a primitive": oneDNN generates its kernels at run time), which is why the serve and work
+    units leave MemoryDenyWriteExecute off; see systemd/README.md.
+    """
+    samples = decodable_samples()
+    assert len(samples) >= 5, "expected samples of several transfer syntaxes"
+    outcome = run_child(
+        "import json, sys; from tests.test_systemd import mdwe_workload; "
+        "print(json.dumps(mdwe_workload('cpu', False, sys.argv[1:])))",
+        samples,
+    )
     assert outcome == {"images": len(samples), "results": len(samples), "device": "cpu"}

@@ -1,0 +1,279 @@
+"""The worker in-process: real stored instances, the real SQLite queue, a tiny random ensemble."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from dicomnode.config import Config, OutputsConfig, parse_config
+from dicomnode.demo import dx_from_image
+from dicomnode.pixels import View
+from dicomnode.records import JobState, StudyJob
+from dicomnode.scp import read_header
+from dicomnode.state import LeaseLostError, SqliteJobQueue
+from dicomnode.storage import InstanceStore, StateLayout
+from dicomnode.worker import (
+    NoDecodableViewsError,
+    Worker,
+    lease_kept,
+    resolve_view_region,
+)
+from inference.ensemble import Ensemble
+from inference.imageio import read_grayscale
+from tests.conftest import DICOM_SAMPLES, REPO
+
+HAND = REPO / "samples" / "fracatlas" / "IMG0000019.jpg"
+LEG = REPO / "samples" / "fracatlas" / "IMG0000466.jpg"
+
+
+def make_config(tmp_path: Path, weights: Path, **tables: dict[str, object]) -> Config:
+    raw: dict[str, object] = {
+        "node": {"state_dir": "state"},
+        "study": {"stable_seconds": 0.5},
+        "inference": {"weights": str(weights), "device": "cpu"},
+        "destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": 4242}],
+        **tables,
+    }
+    return parse_config(raw, tmp_path)
+
+
+class Node:
+    """State directory, queue, store and worker of one test."""
+
+    def __init__(self, config: Config, ensemble: Ensemble) -> None:
+        self.config = config
+        self.layout = StateLayout(config.node.state_dir)
+        self.db = self.layout.open_db()
+        self.queue = SqliteJobQueue.from_config(self.db, config)
+        self.store = InstanceStore(self.layout, self.db)
+        self.worker = Worker(config, ensemble, self.queue, owner="test-worker")
+
+    def receive(self, *files: Path) -> None:
+        """Store files as the listener does, received long enough ago to be stable."""
+        for path in files:
+            self.store.store(path, read_header(path), "MODALITY", now=time.time() - 60)
+        self.queue.enqueue_stable_studies()
+
+    def jobs(self, study_uid: str) -> list[tuple[int, JobState, str | None, int]]:
+        rows = self.db.query(
+            "SELECT version, state, last_error, attempt FROM jobs WHERE study_uid = ? "
+            "ORDER BY job_id",
+            (study_uid,),
+        )
+        return [(r[0], JobState(r[1]), r[2], r[3]) for r in rows]
+
+    def results(self, study_uid: str, version: int) -> list[tuple[str, str, Path]]:
+        rows = self.db.query(
+            "SELECT r.kind, r.sop_instance_uid, r.path FROM results r JOIN jobs j "
+            "ON j.job_id = r.job_id WHERE j.study_uid = ? AND j.version = ? ORDER BY r.kind",
+            (study_uid, version),
+        )
+        return [(r[0], r[1], Path(r[2])) for r in rows]
+
+
+@pytest.fixture()
+def ensemble(random_weights: Path) -> Ensemble:
+    return Ensemble.load(random_weights, device="cpu")
+
+
+@pytest.fixture()
+def node(tmp_path: Path, random_weights: Path, ensemble: Ensemble) -> Node:
+    return Node(make_config(tmp_path, random_weights), ensemble)
+
+
+def dx(tmp_path: Path, image: Path, study_uid: str, name: str, body_part: str = "HAND") -> Path:
+    ds = dx_from_image(read_grayscale(image), body_part=body_part, study_uid=study_uid)
+    path = tmp_path / f"{name}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def into_study(source: Path, study_uid: str, target: Path) -> Path:
+    """A copy of a sample file moved into another study (pixel data untouched)."""
+    ds = pydicom.dcmread(source)
+    ds.StudyInstanceUID = study_uid
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(target, enforce_file_format=True)
+    return target
+
+
+def test_a_broken_instance_is_skipped_and_the_rest_of_the_study_analysed(
+    node: Node, tmp_path: Path
+) -> None:
+    study = generate_uid()
+    good = dx(tmp_path, HAND, study, "good")
+    broken = into_study(DICOM_SAMPLES / "RG2_JPLY_BROKEN.dcm", study, tmp_path / "broken.dcm")
+    node.receive(good, broken)
+    job = node.queue.lease("test-worker")
+    assert job is not None and len(job.instances) == 2
+    outcome = node.worker.process(job)
+    (skipped,) = outcome.skipped
+    assert skipped.sop_instance_uid == pydicom.dcmread(broken).SOPInstanceUID
+    assert "cannot decode pixel data" in skipped.reason
+    assert outcome.analysed == 1
+    assert sorted(r.kind for r in outcome.results) == ["sc", "sr"]
+    sr = hd.sr.srread(next(r.path for r in outcome.results if r.kind == "sr"))
+    (group,) = sr.content.get_image_measurement_groups()
+    good_uid = pydicom.dcmread(good).SOPInstanceUID
+    assert group.source_images[0].referenced_sop_instance_uid == good_uid
+
+
+def test_a_study_without_a_decodable_view_fails_at_once_with_the_reasons(
+    node: Node, tmp_path: Path
+) -> None:
+    study = generate_uid()
+    broken = into_study(DICOM_SAMPLES / "RG2_JPLY_BROKEN.dcm", study, tmp_path / "broken.dcm")
+    tiny = into_study(DICOM_SAMPLES / "CR_cspine_16x16_dicomdir6154.dcm", study, tmp_path / "t")
+    node.receive(broken, tiny)
+    assert node.worker.run_once()
+    ((version, state, error, attempt),) = node.jobs(study)
+    assert (version, state, attempt) == (1, JobState.FAILED, 1)  # not retried: it cannot help
+    assert error is not None and error.startswith("no instance of the study could be analysed")
+    assert "cannot decode pixel data" in error
+    assert "inference refused the image" in error  # 16x16 decodes but is too small
+    assert pydicom.dcmread(tiny).SOPInstanceUID in error
+    assert not node.worker.run_once()  # nothing else to do; the worker keeps going
+
+
+def test_process_raises_when_nothing_decodes(node: Node, tmp_path: Path) -> None:
+    study = generate_uid()
+    node.receive(into_study(DICOM_SAMPLES / "RG2_JPLY_BROKEN.dcm", study, tmp_path / "b.dcm"))
+    job = node.queue.lease("test-worker")
+    assert job is not None
+    with pytest.raises(NoDecodableViewsError, match="cannot decode"):
+        node.worker.process(job)
+
+
+def test_outputs_choose_the_result_kinds(
+    tmp_path: Path, random_weights: Path, ensemble: Ensemble
+) -> None:
+    config = make_config(tmp_path, random_weights, outputs={"sr": False, "sc": True, "gsps": True})
+    node = Node(config, ensemble)
+    study = generate_uid()
+    node.receive(dx(tmp_path, HAND, study, "a"), dx(tmp_path, LEG, study, "b", "LEG"))
+    assert node.worker.run_once()
+    assert node.jobs(study)[0][1] is JobState.RESULTS_WRITTEN
+    kinds = [kind for kind, _, _ in node.results(study, 1)]
+    assert sorted(kinds) == ["gsps", "gsps", "sc", "sc"]
+    with pytest.raises(ValueError, match="outputs: at least one of sr, sc and gsps"):
+        make_config(tmp_path, random_weights, outputs={"sr": False, "sc": False})
+    nothing = replace(config, outputs=OutputsConfig(sr=False, sc=False, gsps=False))
+    with pytest.raises(ValueError, match="at least one of sr, sc and gsps"):
+        Worker(nothing, ensemble, node.queue)
+
+
+def test_without_destinations_a_study_is_done_when_its_results_are_written(
+    tmp_path: Path, random_weights: Path, ensemble: Ensemble
+) -> None:
+    node = Node(make_config(tmp_path, random_weights, destinations=[]), ensemble)
+    study = generate_uid()
+    node.receive(dx(tmp_path, HAND, study, "a"))
+    assert node.worker.run_once()
+    assert node.jobs(study)[0][1] is JobState.DELIVERED
+    for _, _, path in node.results(study, 1):
+        assert path.is_file() and path.parent.parent.name == study
+
+
+def view(**attributes: str) -> View:
+    header = Dataset()
+    for keyword, value in attributes.items():
+        setattr(header, keyword, value)
+    return View(pixels=read_grayscale(LEG).astype("float32") / 255, header=header)
+
+
+@pytest.mark.parametrize(
+    ("attributes", "region"),
+    [
+        ({"BodyPartExamined": "HAND", "SeriesDescription": "XR KNEE"}, "hand"),
+        ({"SeriesDescription": "XR WRIST PA", "StudyDescription": "XR KNEE"}, "wrist"),
+        ({"ProtocolName": "Ankle 2 views", "StudyDescription": "XR KNEE"}, "ankle"),
+        ({"BodyPartExamined": "EXTREMITY", "StudyDescription": "Shoulder"}, "shoulder"),
+        ({"StudyDescription": "Chest PA"}, None),
+    ],
+)
+def test_region_comes_from_body_part_then_series_protocol_and_study_descriptions(
+    attributes: dict[str, str], region: str | None
+) -> None:
+    match = resolve_view_region(view(**attributes))
+    assert (None if match.region is None else match.region.key) == region
+
+
+def test_a_late_instance_reruns_the_study_naming_the_previous_sr(
+    node: Node, tmp_path: Path
+) -> None:
+    study = generate_uid()
+    node.receive(dx(tmp_path, HAND, study, "a"))
+    assert node.worker.run_once()
+    (old_sr,) = [(uid, path) for kind, uid, path in node.results(study, 1) if kind == "sr"]
+    node.receive(dx(tmp_path, LEG, study, "b", "LEG"))
+    assert node.worker.run_once()
+    assert [(v, s) for v, s, _, _ in node.jobs(study)] == [
+        (1, JobState.RESULTS_WRITTEN),
+        (2, JobState.RESULTS_WRITTEN),
+    ]
+    (new_sr,) = [(uid, path) for kind, uid, path in node.results(study, 2) if kind == "sr"]
+    assert new_sr[0] != old_sr[0] and new_sr[1].parent != old_sr[1].parent
+    ds = pydicom.dcmread(new_sr[1])
+    ref = ds.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert ref[0].ReferencedSOPInstanceUID == old_sr[0]
+    assert old_sr[1].is_file()  # the first version's files are kept as sent
+
+
+def test_a_corrected_resend_of_the_same_images_never_names_its_own_sr(
+    node: Node, tmp_path: Path
+) -> None:
+    study = generate_uid()
+    first = dx(tmp_path, HAND, study, "a")
+    node.receive(first)
+    assert node.worker.run_once()
+    corrected = pydicom.dcmread(first)
+    corrected.SeriesDescription = "XR Hand (corrected)"  # same SOP Instance UID, new bytes
+    corrected.save_as(first, enforce_file_format=True)
+    node.receive(first)
+    assert node.worker.run_once()
+    (old,) = [uid for kind, uid, _ in node.results(study, 1) if kind == "sr"]
+    ((new, path),) = [(u, p) for kind, u, p in node.results(study, 2) if kind == "sr"]
+    assert new == old  # the SR UID follows the analysed SOP Instance UIDs
+    assert "PredecessorDocumentsSequence" not in pydicom.dcmread(path)
+
+
+def leased(tmp_path: Path, random_weights: Path, ensemble: Ensemble) -> tuple[Node, StudyJob]:
+    node = Node(make_config(tmp_path, random_weights, queue={"lease_seconds": 0.6}), ensemble)
+    node.receive(dx(tmp_path, LEG, generate_uid(), "a", "LEG"))
+    job = node.queue.lease("test-worker")
+    assert job is not None
+    return node, job
+
+
+def test_the_lease_is_renewed_while_a_job_runs(
+    tmp_path: Path, random_weights: Path, ensemble: Ensemble
+) -> None:
+    node, job = leased(tmp_path, random_weights, ensemble)
+    with lease_kept(node.queue, job, interval=0.15) as lost:
+        time.sleep(1.5)  # longer than the 0.6 s lease
+    assert not lost.is_set()
+    node.queue.complete(job, [], [])  # still held
+    node2, job2 = leased(tmp_path / "other", random_weights, ensemble)
+    time.sleep(1.0)  # the same wait without renewal loses the lease
+    with pytest.raises(LeaseLostError):
+        node2.queue.complete(job2, [], [])
+
+
+def test_a_job_taken_over_after_its_lease_expired_is_not_recorded_twice(
+    tmp_path: Path, random_weights: Path, ensemble: Ensemble
+) -> None:
+    node, job = leased(tmp_path, random_weights, ensemble)
+    time.sleep(0.8)
+    other = node.queue.lease("other-worker")  # the expired job returns to the queue
+    assert other is not None and other.job_id == job.job_id and other.attempt == 2
+    assert node.worker.handle(job) is None
+    rows = node.db.query("SELECT state, lease_owner FROM jobs WHERE job_id = ?", (job.job_id,))
+    assert (rows[0][0], rows[0][1]) == (JobState.LEASED, "other-worker")
+    assert node.db.query("SELECT COUNT(*) FROM results")[0][0] == 0
