@@ -2,7 +2,8 @@
 most N pixels (grayscale JPEG), boxes and polygons scaled with them, labels.csv kept (its width and
 height columns updated). Used to carry the training data to a GPU machine with a transfer limit.
 
-    python scripts/shrink_dataset.py --data ../shared/datasets/fracatlas --out .data/fa384 --max-side 384
+    python scripts/shrink_dataset.py --data ../shared/datasets/fracatlas \
+        --out .data/fa384 --max-side 384
 """
 
 from __future__ import annotations
