@@ -145,25 +145,36 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def wait_seconds(at: float | None, now: float) -> float | None:
+    """Seconds from ``now`` until a next attempt due ``at`` (0 when overdue; None: none due)."""
+    return None if at is None else round(max(0.0, at - now), 1)
+
+
+def next_attempt_text(at: float | None, now: float) -> str:
+    """A next attempt for the text status: ISO time and the wait, or ``-`` when none is due."""
+    return "-" if at is None else f"{iso_time(at)} (in {max(0.0, at - now):.0f} s)"
+
+
 def status_json(report: StatusReport) -> dict[str, Any]:
     """The status as JSON-ready data; times as ISO 8601 UTC, plus the wait until the next
-    attempt of each pending delivery (its back-off)."""
+    attempt of each pending delivery and of each queued job backing off after a failure."""
+    now = report.generated_at
     deliveries = []
     for d in report.deliveries:
         item = _jsonable(asdict(d))
         item["destination"] = d.destination.key
         item["files"] = len(d.files)
         item["next_attempt_at"] = iso_time(d.next_attempt_at)
-        item["next_attempt_in_seconds"] = (
-            round(max(0.0, d.next_attempt_at - report.generated_at), 1)
-            if d.state is DeliveryState.PENDING
-            else None
-        )
+        pending = d.state is DeliveryState.PENDING
+        item["next_attempt_in_seconds"] = wait_seconds(d.next_attempt_at if pending else None, now)
         deliveries.append(item)
     studies = []
     for s in report.studies:
         item = _jsonable(asdict(s))
         item["last_received_at"] = iso_time(s.last_received_at)
+        at = s.next_attempt_at
+        item["next_attempt_at"] = None if at is None else iso_time(at)
+        item["next_attempt_in_seconds"] = wait_seconds(at, now)
         studies.append(item)
     return {
         "state_dir": str(report.state_dir),
@@ -198,7 +209,15 @@ def status_text(report: StatusReport) -> str:
     ]
     if report.studies:
         lines += _table(
-            ("STUDY INSTANCE UID", "STATE", "VERSION", "INSTANCES", "LAST RECEIVED", "LAST ERROR"),
+            (
+                "STUDY INSTANCE UID",
+                "STATE",
+                "VERSION",
+                "INSTANCES",
+                "LAST RECEIVED",
+                "NEXT ATTEMPT",
+                "LAST ERROR",
+            ),
             [
                 (
                     s.study_instance_uid,
@@ -206,6 +225,7 @@ def status_text(report: StatusReport) -> str:
                     str(s.version),
                     str(s.instance_count),
                     iso_time(s.last_received_at),
+                    next_attempt_text(s.next_attempt_at, report.generated_at),
                     s.last_error or "-",
                 )
                 for s in report.studies
@@ -217,11 +237,9 @@ def status_text(report: StatusReport) -> str:
     if report.deliveries:
         rows = []
         for x in report.deliveries:
-            wait = x.next_attempt_at - report.generated_at
-            next_attempt = (
-                f"{iso_time(x.next_attempt_at)} (in {max(0.0, wait):.0f} s)"
-                if x.state is DeliveryState.PENDING
-                else "-"
+            pending = x.state is DeliveryState.PENDING
+            next_attempt = next_attempt_text(
+                x.next_attempt_at if pending else None, report.generated_at
             )
             rows.append(
                 (

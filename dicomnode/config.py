@@ -81,25 +81,14 @@ class OutputsConfig:
 
 
 @dataclass(frozen=True)
-class QueueConfig:
-    """``[queue]``: job leases and attempts."""
-
-    lease_seconds: float
-    max_attempts: int
-
-
-@dataclass(frozen=True)
-class DeliveryConfig:
-    """``[delivery]``: exponential back-off of result deliveries.
-
-    Attempt ``n`` (1-based) that fails transiently is retried after
-    ``min(retry_initial_seconds * 2 ** (n - 1), retry_max_seconds)``; a delivery still failing
-    ``give_up_after_seconds`` after it was created is marked failed.
-    """
+class RetryPolicy:
+    """Exponential back-off between failed attempts, the one formula of the node: after the
+    ``n``-th failed attempt (1-based) wait ``min(retry_initial_seconds * 2 ** (n - 1),
+    retry_max_seconds)``. Failed jobs (``[queue]``) and failed deliveries (``[delivery]``) both
+    wait by it, each table with its own ``retry_*`` keys."""
 
     retry_initial_seconds: float
     retry_max_seconds: float
-    give_up_after_seconds: float
 
     def backoff(self, attempts: int) -> float:
         """Seconds to wait after the ``attempts``-th failed attempt (``attempts >= 1``)."""
@@ -107,6 +96,33 @@ class DeliveryConfig:
             raise ValueError(f"attempts must be >= 1, got {attempts}")
         exponent = min(attempts - 1, 62)
         return float(min(self.retry_initial_seconds * 2.0**exponent, self.retry_max_seconds))
+
+
+@dataclass(frozen=True)
+class QueueConfig(RetryPolicy):
+    """``[queue]``: job leases, attempts and the back-off between attempts.
+
+    A job attempt that fails with a retryable error (anything but "nothing decodable") is leased
+    again no earlier than ``backoff(attempt)`` seconds later, so a study whose inference keeps
+    crashing does not spin the worker.
+    """
+
+    lease_seconds: float
+    max_attempts: int
+
+
+@dataclass(frozen=True)
+class DeliveryConfig(RetryPolicy):
+    """``[delivery]``: timeouts and exponential back-off of result deliveries.
+
+    Attempt ``n`` that fails transiently is retried after ``backoff(n)``; a delivery still
+    failing ``give_up_after_seconds`` after it was created is marked failed.
+    ``timeout_seconds`` bounds every step of a send: TCP connect, association (ACSE), each
+    DIMSE reply, network idle.
+    """
+
+    give_up_after_seconds: float
+    timeout_seconds: float
 
 
 @dataclass(frozen=True)
@@ -293,16 +309,20 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
     queue = QueueConfig(
         lease_seconds=queue_t.seconds("lease_seconds", 600.0),
         max_attempts=queue_t.integer("max_attempts", 3, 1, 100),
+        retry_initial_seconds=queue_t.seconds("retry_initial_seconds", 30.0),
+        retry_max_seconds=queue_t.seconds("retry_max_seconds", 3600.0),
     )
     delivery = DeliveryConfig(
         retry_initial_seconds=delivery_t.seconds("retry_initial_seconds", 30.0),
         retry_max_seconds=delivery_t.seconds("retry_max_seconds", 3600.0),
         give_up_after_seconds=delivery_t.seconds("give_up_after_seconds", 48 * 3600.0),
+        timeout_seconds=delivery_t.seconds("timeout_seconds", 60.0),
     )
     if not (outputs.sr or outputs.sc or outputs.gsps):
         raise ConfigError("outputs: at least one of sr, sc and gsps must be true")
-    if delivery.retry_max_seconds < delivery.retry_initial_seconds:
-        raise ConfigError("delivery.retry_max_seconds: must be >= delivery.retry_initial_seconds")
+    for name, policy in (("queue", queue), ("delivery", delivery)):
+        if policy.retry_max_seconds < policy.retry_initial_seconds:
+            raise ConfigError(f"{name}.retry_max_seconds: must be >= {name}.retry_initial_seconds")
     destinations = []
     for i, raw in enumerate(_array_of_tables(root._get("destinations", []), "destinations")):
         t = _Table(raw, f"destinations[{i}]", base_dir)

@@ -16,7 +16,7 @@ import sqlite3
 from collections.abc import Callable
 
 from dicomnode import sender
-from dicomnode.config import Config
+from dicomnode.config import Config, DeliveryConfig
 from dicomnode.logging import get_logger
 from dicomnode.records import Delivery, DeliveryOutcome, DeliveryState, EventLike
 from dicomnode.state import JobQueue, open_queue
@@ -57,6 +57,13 @@ def scu_destination(delivery: Delivery, calling_ae: str) -> sender.Destination:
     return sender.Destination(
         host=dest.host, port=dest.port, called_ae=dest.ae_title, calling_ae=calling_ae
     )
+
+
+def send_timeouts(delivery: DeliveryConfig) -> sender.Timeouts:
+    """The sender's timeouts from ``delivery.timeout_seconds``: one bound for every step of a
+    send (TCP connect, association, each C-STORE reply, network idle)."""
+    seconds = delivery.timeout_seconds
+    return sender.Timeouts(connect=seconds, acse=seconds, dimse=seconds, network=seconds)
 
 
 class DeliveryLoop:
@@ -132,16 +139,22 @@ class DeliveryLoop:
                 stop.wait(poll)
 
 
+def delivery_loop(queue: JobQueue, config: Config) -> DeliveryLoop:
+    """The sender role's loop over ``queue`` as configured: our AE title, the send timeouts."""
+    return DeliveryLoop(queue, config.node.ae_title, send_timeouts(config.delivery))
+
+
 def run_delivery(
     config: Config, stop: EventLike, heartbeat: Callable[[], None] | None = None
 ) -> None:
     """The sender role: deliver results to ``config.destinations`` until ``stop`` is set.
 
-    Calls with our own AE title (``node.ae_title``). Polls at most every second, more often
-    when ``delivery.retry_initial_seconds`` is short.
+    Calls with our own AE title (``node.ae_title``) and the timeouts of
+    ``delivery.timeout_seconds``. Polls at most every second, more often when
+    ``delivery.retry_initial_seconds`` is short.
     """
     with StateLayout(config.node.state_dir).open_db() as db:
-        loop = DeliveryLoop(open_queue(db, config), config.node.ae_title)
+        loop = delivery_loop(open_queue(db, config), config)
         log.info("sender_started", destinations=[d.key for d in config.destinations])
         poll = min(1.0, config.delivery.retry_initial_seconds / 4)
         loop.run(stop, poll=poll, heartbeat=heartbeat)

@@ -11,6 +11,7 @@ a ``ValueError`` whose message says why, without a traceback from the decoder pl
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.pixels.processing import apply_voi
+
+from dicomnode.uids import SourceIdentity
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
@@ -36,10 +39,19 @@ class View:
     ``pixels``: 2-D float32 in ``[0, 1]``, MONOCHROME2 polarity (bone bright), padding at 0.
     ``header``: the source data set with the pixel data removed (patient, study, series and
     image attributes, used by the result writers as evidence and reference).
+    ``sha256``: the SHA-256 (hex) of the file the view was decoded from, i.e. of the stored
+    instance as received: with the SOP Instance UID it identifies the content the results
+    describe (their UIDs follow it, see :mod:`dicomnode.uids`).
     """
 
     pixels: np.ndarray
     header: Dataset
+    sha256: str
+
+    @property
+    def source(self) -> SourceIdentity:
+        """The identity of the decoded instance (SOP Instance UID and bytes) for result UIDs."""
+        return SourceIdentity(self.sop_instance_uid, self.sha256)
 
     @property
     def sop_instance_uid(self) -> str:
@@ -71,9 +83,16 @@ class RegionHints:
 
 
 def load_view(path: str | Path) -> View:
-    """Read the instance at ``path`` and return its display-ready pixels and header."""
+    """Read the instance at ``path`` and return its display-ready pixels, header and hash.
+
+    The hash is taken from the same open file that is decoded, so it always describes the bytes
+    analysed, even if the stored instance is replaced by a corrected re-send meanwhile.
+    """
     try:
-        ds = pydicom.dcmread(path)
+        with Path(path).open("rb") as handle:
+            sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
+            handle.seek(0)
+            ds = pydicom.dcmread(handle)
     except (InvalidDicomError, OSError, EOFError) as exc:
         raise PixelDataError(f"{Path(path).name}: not a readable DICOM file ({exc})") from None
     check_single_grey_frame(ds)
@@ -82,7 +101,7 @@ def load_view(path: str | Path) -> View:
     for keyword in _PIXEL_KEYWORDS:
         if keyword in ds:
             delattr(ds, keyword)
-    return View(pixels=pixels, header=ds)
+    return View(pixels=pixels, header=ds, sha256=sha256)
 
 
 def check_single_grey_frame(ds: Dataset) -> None:

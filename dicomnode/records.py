@@ -164,7 +164,11 @@ class QueueDepth:
 
 @dataclass(frozen=True)
 class StudyStatus:
-    """One study as ``dicomnode status`` lists it (UIDs and states only, no patient data)."""
+    """One study as ``dicomnode status`` lists it (UIDs and states only, no patient data).
+
+    ``next_attempt_at``: for a queued job waiting out its back-off after a failed attempt, when
+    it may be leased again (seconds since the epoch); None otherwise.
+    """
 
     study_instance_uid: str
     state: StudyState
@@ -172,3 +176,4 @@ class StudyStatus:
     last_received_at: float
     version: int
     last_error: str | None
+    next_attempt_at: float | None

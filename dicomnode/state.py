@@ -10,7 +10,13 @@ Study assembly: each new or changed instance bumps its study's ``revision`` and
 ``last_received_at``. A study is ready when nothing arrived for ``stable_seconds`` and its revision
 is newer than the one its newest job covers; it then gets a job with the next ``version``. An
 instance arriving after a job was leased therefore makes the study run again as version + 1, and
-that job's ``predecessors`` name the result files the new results replace.
+that job's ``predecessors`` name the result files the new results replace. A job attempt that
+fails with a retryable error is queued again with ``not_before`` set by the exponential back-off
+of ``[queue]`` (``RetryPolicy.backoff``, the formula deliveries use too), so a study whose
+inference keeps crashing does not spin the worker; ``dicomnode status`` shows when it is due.
+
+The layout has a version (SQLite ``user_version``, :data:`SCHEMA_VERSION`); a database written by
+an older version is upgraded in place when opened.
 
 The queue sits behind :class:`JobQueue` so a broker-backed implementation can replace
 :class:`SqliteJobQueue` for several hosts.
@@ -26,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
-from dicomnode.config import Config, DeliveryConfig
+from dicomnode.config import Config, DeliveryConfig, RetryPolicy
 from dicomnode.records import (
     Delivery,
     DeliveryOutcome,
@@ -41,7 +47,9 @@ from dicomnode.records import (
     StudyStatus,
 )
 
-SCHEMA_VERSION = 1
+#: Version of the database layout (SQLite ``user_version``). Older state databases are
+#: upgraded in place by :data:`_MIGRATIONS` when opened; newer ones are refused.
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -75,6 +83,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     last_error TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
+    not_before REAL,
     UNIQUE (study_uid, version)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
@@ -104,6 +113,12 @@ CREATE TABLE IF NOT EXISTS deliveries (
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_attempt_at);
 """
 
+#: Statements that upgrade a state database from version ``v`` (the key) to ``v + 1``.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # 2: a queued job may wait (back-off after a retryable failure) until ``not_before``.
+    1: ("ALTER TABLE jobs ADD COLUMN not_before REAL",),
+}
+
 
 class LeaseLostError(RuntimeError):
     """The job's lease expired or moved to another worker; its outcome is not recorded."""
@@ -127,13 +142,31 @@ class StateDB:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         found = self._conn.execute("PRAGMA user_version").fetchone()[0]
-        if found not in (0, SCHEMA_VERSION):
+        if not 0 <= found <= SCHEMA_VERSION:
             self._conn.close()
-            raise ValueError(f"{self.path}: state schema version {found} is not {SCHEMA_VERSION}")
+            raise ValueError(
+                f"{self.path}: state schema version {found} is newer than this node's "
+                f"{SCHEMA_VERSION} (written by a newer version of dicomnode)"
+            )
         if found == 0:
             self._conn.executescript(
                 f"BEGIN IMMEDIATE;{_SCHEMA}PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
             )
+        elif found < SCHEMA_VERSION:
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Upgrade an older state database in place, in one transaction.
+
+        The version is read again under the write lock: another role opening the same database
+        at the same moment may have upgraded it already.
+        """
+        with self.transaction() as conn:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            for step in range(version, SCHEMA_VERSION):
+                for statement in _MIGRATIONS[step]:
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -241,7 +274,7 @@ class StateDB:
         rows = self.query(
             "SELECT s.study_uid, s.last_received_at, s.revision, s.queued_revision, "
             "(SELECT COUNT(*) FROM instances i WHERE i.study_uid = s.study_uid) AS n, "
-            "j.state, j.version, j.last_error "
+            "j.state, j.version, j.last_error, j.not_before "
             "FROM studies s LEFT JOIN jobs j ON j.job_id = "
             "(SELECT MAX(job_id) FROM jobs WHERE study_uid = s.study_uid) "
             "ORDER BY s.last_received_at DESC, s.study_uid LIMIT ?",
@@ -276,6 +309,7 @@ def _study_status(row: sqlite3.Row) -> StudyStatus:
         last_received_at=row["last_received_at"],
         version=row["version"] or 0,
         last_error=row["last_error"],
+        next_attempt_at=row["not_before"] if state is StudyState.QUEUED else None,
     )
 
 
@@ -314,7 +348,9 @@ class JobQueue(Protocol):
         ...
 
     def lease(self, owner: str, now: float | None = None) -> StudyJob | None:
-        """Take the oldest ready job for ``owner`` (first returning expired leases), or None."""
+        """Take the oldest ready job for ``owner`` (first returning expired leases), or None.
+
+        A job that failed retryably is not ready before its back-off has passed."""
         ...
 
     def renew(self, job: StudyJob, now: float | None = None) -> StudyJob:
@@ -334,7 +370,8 @@ class JobQueue(Protocol):
     def fail(
         self, job: StudyJob, reason: str, *, retryable: bool, now: float | None = None
     ) -> JobState:
-        """Record a failed attempt; returns the job's new state (queued again or failed)."""
+        """Record a failed attempt; returns the job's new state (queued again after a back-off,
+        or failed)."""
         ...
 
     def retry(self, study_uid: str | None = None, now: float | None = None) -> int:
@@ -373,7 +410,10 @@ class SqliteJobQueue:
         lease_seconds: float,
         max_attempts: int,
         delivery: DeliveryConfig,
+        job_retry: RetryPolicy,
     ) -> None:
+        """``job_retry``: how long a job waits after an attempt failed with a retryable error
+        (``[queue]``); ``delivery``: the deliveries' back-off and give-up window."""
         if stable_seconds <= 0 or lease_seconds <= 0 or max_attempts < 1:
             raise ValueError(
                 "stable_seconds and lease_seconds must be > 0 and max_attempts >= 1, got "
@@ -384,6 +424,7 @@ class SqliteJobQueue:
         self.lease_seconds = lease_seconds
         self.max_attempts = max_attempts
         self.delivery = delivery
+        self.job_retry = job_retry
 
     @classmethod
     def from_config(cls, db: StateDB, config: Config) -> SqliteJobQueue:
@@ -394,6 +435,7 @@ class SqliteJobQueue:
             lease_seconds=config.queue.lease_seconds,
             max_attempts=config.queue.max_attempts,
             delivery=config.delivery,
+            job_retry=config.queue,
         )
 
     # -- jobs --------------------------------------------------------------------------------
@@ -441,14 +483,14 @@ class SqliteJobQueue:
                 "SELECT j.job_id FROM jobs j JOIN studies s ON s.study_uid = j.study_uid "
                 "WHERE j.state = ? AND s.last_received_at <= ? AND NOT EXISTS (SELECT 1 FROM "
                 "jobs o WHERE o.study_uid = j.study_uid AND o.state = ?) "
-                "ORDER BY j.job_id LIMIT 1",
-                (JobState.QUEUED, now - self.stable_seconds, JobState.LEASED),
+                "AND (j.not_before IS NULL OR j.not_before <= ?) ORDER BY j.job_id LIMIT 1",
+                (JobState.QUEUED, now - self.stable_seconds, JobState.LEASED, now),
             ).fetchone()
             if row is None:
                 return None
             conn.execute(
                 "UPDATE jobs SET state = ?, attempt = attempt + 1, lease_owner = ?, "
-                "lease_expires_at = ?, updated_at = ? WHERE job_id = ?",
+                "lease_expires_at = ?, updated_at = ?, not_before = NULL WHERE job_id = ?",
                 (JobState.LEASED, owner, now + self.lease_seconds, now, row[0]),
             )
             conn.execute(
@@ -521,12 +563,19 @@ class SqliteJobQueue:
     def fail(
         self, job: StudyJob, reason: str, *, retryable: bool, now: float | None = None
     ) -> JobState:
+        """Record a failed attempt: a retryable one goes back to the queue, to be leased again
+        only after the back-off (``job_retry.backoff(attempt)``), until ``max_attempts``."""
         now = time.time() if now is None else now
         with self.db.transaction() as conn:
             self._held(conn, job, now)
             again = retryable and job.attempt < self.max_attempts
             state = JobState.QUEUED if again else JobState.FAILED
             _set_job_state(conn, job.job_id, state, reason, now)
+            if again:
+                conn.execute(
+                    "UPDATE jobs SET not_before = ? WHERE job_id = ?",
+                    (now + self.job_retry.backoff(job.attempt), job.job_id),
+                )
             return state
 
     def retry(self, study_uid: str | None = None, now: float | None = None) -> int:
@@ -554,7 +603,10 @@ class SqliteJobQueue:
                     )
                     _set_job_state(conn, job_id, JobState.RESULTS_WRITTEN, None, now)
                 else:
-                    conn.execute("UPDATE jobs SET attempt = 0 WHERE job_id = ?", (job_id,))
+                    conn.execute(
+                        "UPDATE jobs SET attempt = 0, not_before = NULL WHERE job_id = ?",
+                        (job_id,),
+                    )
                     _set_job_state(conn, job_id, JobState.QUEUED, None, now)
         return len(failed)
 

@@ -7,7 +7,10 @@ region of each view comes from its header (Body Part Examined, then Series Descr
 Name, Study Description). All decodable views of the study go through the ensemble in one
 batch; the result objects (SR, Secondary Capture, GSPS as ``[outputs]`` asks) are written under
 ``results/<StudyUID>/job-<id>/`` and handed to the queue, which creates one delivery per
-destination. A re-run of a study (a late instance) names the previous SR as predecessor.
+destination. A re-run of a study (a late or corrected instance) writes a new SR naming the
+previous one as predecessor; result UIDs follow each source image's SOP Instance UID and bytes
+(``View.sha256``, the SHA-256 of the stored instance the listener recorded), see
+:mod:`dicomnode.uids`.
 
 The lease is renewed in the background while a job runs, so a slow study on a slow machine is
 not taken over by another worker; a worker that dies simply lets its lease expire and the job
@@ -34,7 +37,7 @@ from dicomnode.pixels import PixelDataError, View, load_view, region_hints
 from dicomnode.records import EventLike, JobState, ResultFile, StoredInstance, StudyJob
 from dicomnode.state import JobQueue, LeaseLostError, open_queue
 from dicomnode.storage import StateLayout
-from dicomnode.uids import ResultKind, report_uid
+from dicomnode.uids import ResultKind
 from dicomnode.writers import (
     ImageFinding,
     NodeIdentity,
@@ -43,7 +46,7 @@ from dicomnode.writers import (
     write_results,
 )
 from inference.ensemble import Ensemble
-from inference.records import AlgorithmInfo, ImageResult
+from inference.records import ImageResult
 from inference.regions import RegionMatch, resolve_region
 
 log = get_logger(__name__)
@@ -111,7 +114,7 @@ def decode_study(instances: Sequence[StoredInstance]) -> DecodedStudy:
     skipped: list[SkippedView] = []
     for instance in instances:
         try:
-            views.append(load_view(instance.path))
+            view = load_view(instance.path)
         except Exception as exc:
             if not isinstance(exc, PixelDataError):
                 log.error(
@@ -121,6 +124,17 @@ def decode_study(instances: Sequence[StoredInstance]) -> DecodedStudy:
                     traceback="".join(traceback.format_tb(exc.__traceback__)),
                 )
             skipped.append(SkippedView(instance.sop_instance_uid, decode_reason(exc)))
+            continue
+        if view.sha256 != instance.sha256:
+            # A corrected re-send replaced the file after the job was leased; the results
+            # follow the bytes decoded (view.sha256), and the study runs again for the change.
+            log.warning(
+                "instance_replaced_during_job",
+                sop_instance_uid=instance.sop_instance_uid,
+                leased_sha256=instance.sha256,
+                decoded_sha256=view.sha256,
+            )
+        views.append(view)
     return DecodedStudy(tuple(views), tuple(skipped))
 
 
@@ -301,11 +315,10 @@ class Worker:
             raise NoDecodableViewsError(
                 f"no instance of the study could be analysed: {skipped_summary(skipped)}"
             )
-        algorithm = self.analyser.algorithm
-        previous = self._previous_report(job, findings, algorithm)
+        previous = previous_report(job) if self.config.outputs.sr else None
         objects = write_results(
             findings,
-            algorithm,
+            self.analyser.algorithm,
             self.node,
             self.results_dir(job),
             previous=previous,
@@ -322,18 +335,6 @@ class Worker:
             analysed=len(findings),
             predecessor_sr=None if previous is None else previous.sop_instance_uid,
         )
-
-    def _previous_report(
-        self, job: StudyJob, findings: Sequence[ImageFinding], algorithm: AlgorithmInfo
-    ) -> PreviousReport | None:
-        """The SR this run replaces, unless no SR is written or it would be this very SR (a
-        corrected re-send of the same images gives the same deterministic SR UID)."""
-        previous = previous_report(job) if self.config.outputs.sr else None
-        if previous is None:
-            return None
-        sources = [f.view.sop_instance_uid for f in findings]
-        new = report_uid(job.study_instance_uid, sources, algorithm.version, self.node.uid_prefix)
-        return None if previous.sop_instance_uid == new else previous
 
     def handle(self, job: StudyJob) -> JobState | None:
         """Process a leased job and record its outcome; returns the job's new state, or None

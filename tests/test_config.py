@@ -16,6 +16,8 @@ from dicomnode.config import (
     DeliveryConfig,
     Device,
     OtherSopClasses,
+    QueueConfig,
+    RetryPolicy,
     load_config,
     parse_config,
     validate_ae_title,
@@ -42,6 +44,18 @@ def test_example_file_parses_to_the_documented_values() -> None:
     assert config.destinations == (Destination("PACS", "127.0.0.1", 4242),)
     assert config.allowed_callers == (AllowedCaller("MODALITY", "127.0.0.1"),)
     assert config.source == EXAMPLE
+    assert config.queue == QueueConfig(
+        lease_seconds=600.0, max_attempts=3, retry_initial_seconds=30.0, retry_max_seconds=3600.0
+    )
+    assert config.delivery == DeliveryConfig(
+        retry_initial_seconds=30.0,
+        retry_max_seconds=3600.0,
+        give_up_after_seconds=172800.0,
+        timeout_seconds=60.0,
+    )
+    # the example shows the defaults: a config without [queue] and [delivery] means the same
+    assert parse_config({"node": {"state_dir": "s"}}, REPO).delivery == config.delivery
+    assert parse_config({"node": {"state_dir": "s"}}, REPO).queue == config.queue
 
 
 def test_every_key_but_state_dir_has_a_default() -> None:
@@ -98,6 +112,10 @@ BASE = {"node": {"state_dir": "/srv/state"}}
         ("queue", "max_attempts", 0, r"queue\.max_attempts"),
         ("queue", "lease_seconds", -5, r"queue\.lease_seconds"),
         ("delivery", "retry_max_seconds", 1, r"delivery\.retry_max_seconds: must be >="),
+        ("delivery", "timeout_seconds", 0, r"delivery\.timeout_seconds: must be a number of s"),
+        ("delivery", "timeout_seconds", "60", r"delivery\.timeout_seconds"),
+        ("queue", "retry_max_seconds", 1, r"queue\.retry_max_seconds: must be >= queue\.retry_i"),
+        ("queue", "retry_initial_seconds", -1, r"queue\.retry_initial_seconds"),
     ],
 )
 def test_bad_values_name_the_key(section: str, key: str, value: object, message: str) -> None:
@@ -169,7 +187,10 @@ def test_ae_title_accepts_exactly_short_printable_titles(title: str) -> None:
 @given(st.integers(min_value=1, max_value=200))
 def test_backoff_doubles_up_to_the_cap(attempts: int) -> None:
     policy = DeliveryConfig(
-        retry_initial_seconds=30, retry_max_seconds=3600, give_up_after_seconds=86400
+        retry_initial_seconds=30,
+        retry_max_seconds=3600,
+        give_up_after_seconds=86400,
+        timeout_seconds=60,
     )
     wait = policy.backoff(attempts)
     assert 30 <= wait <= 3600
@@ -177,3 +198,28 @@ def test_backoff_doubles_up_to_the_cap(attempts: int) -> None:
         assert wait == 2 * policy.backoff(attempts - 1)
     if attempts > 1:
         assert wait >= policy.backoff(attempts - 1)
+
+
+@given(
+    st.integers(min_value=1, max_value=200),
+    st.floats(min_value=0.01, max_value=1e4),
+    st.floats(min_value=1.0, max_value=100.0),
+)
+def test_jobs_and_deliveries_back_off_by_one_formula(
+    attempts: int, initial: float, factor: float
+) -> None:
+    cap = initial * factor
+    queue = QueueConfig(
+        lease_seconds=60, max_attempts=3, retry_initial_seconds=initial, retry_max_seconds=cap
+    )
+    delivery = DeliveryConfig(
+        retry_initial_seconds=initial,
+        retry_max_seconds=cap,
+        give_up_after_seconds=86400,
+        timeout_seconds=60,
+    )
+    wait = RetryPolicy(retry_initial_seconds=initial, retry_max_seconds=cap).backoff(attempts)
+    assert queue.backoff(attempts) == delivery.backoff(attempts) == wait
+    assert wait == min(initial * 2 ** (attempts - 1), cap)
+    with pytest.raises(ValueError, match="attempts must be >= 1"):
+        queue.backoff(0)

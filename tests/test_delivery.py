@@ -3,6 +3,7 @@ to DCMTK storescp and to a port where nothing listens."""
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +14,7 @@ from pydicom.uid import generate_uid
 
 from dicomnode import sender
 from dicomnode.config import Config, parse_config
-from dicomnode.delivery import DeliveryLoop, batch_outcome
+from dicomnode.delivery import DeliveryLoop, batch_outcome, delivery_loop
 from dicomnode.demo import StoreScpPacs, dx_from_image, free_port
 from dicomnode.pixels import load_view
 from dicomnode.records import (
@@ -61,11 +62,11 @@ def test_one_outcome_per_delivery_from_its_files(files: list[tuple[str, str]]) -
     )
 
 
-def make_config(tmp_path: Path, port: int) -> Config:
+def make_config(tmp_path: Path, port: int, **delivery: float) -> Config:
     raw = {
         "node": {"state_dir": "state", "ae_title": "FRACTURE_AI"},
         "study": {"stable_seconds": 0.5},
-        "delivery": {"retry_initial_seconds": 30, "retry_max_seconds": 60},
+        "delivery": {"retry_initial_seconds": 30, "retry_max_seconds": 60, **delivery},
         "destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": port}],
     }
     return parse_config(raw, tmp_path)
@@ -147,3 +148,20 @@ def test_a_delivery_without_files_fails_permanently(tmp_path: Path) -> None:
     recorded = queue.record_delivery_attempt(delivery.delivery_id, outcome, reason)
     assert recorded.state is DeliveryState.FAILED
     assert queue.job_state(delivery.job_id)[0] is JobState.FAILED
+
+
+def test_the_configured_timeout_bounds_every_step_of_a_send(tmp_path: Path) -> None:
+    # A peer that accepts the TCP connection but never answers the association request: the
+    # attempt ends after the configured 1 s as a transient failure (retried later).
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        config = make_config(tmp_path, silent.getsockname()[1], timeout_seconds=1)
+        queue, _ = job_with_results(tmp_path, config)
+        loop = delivery_loop(queue, config)
+        assert loop.timeouts == sender.Timeouts(connect=1, acse=1, dimse=1, network=1)
+        assert loop.calling_ae == "FRACTURE_AI"
+        assert loop.run_once() == 1
+    (delivery,) = queue.db.recent_deliveries()
+    assert delivery.state is DeliveryState.PENDING and delivery.attempts == 1
+    assert delivery.last_error is not None and "aborted or timed out" in delivery.last_error
+    default = delivery_loop(queue, make_config(tmp_path, 4242))
+    assert default.timeouts == sender.Timeouts(connect=60, acse=60, dimse=60, network=60)

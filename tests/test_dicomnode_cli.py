@@ -195,6 +195,33 @@ def test_retry_requeues_failed_jobs(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["retry", "--config", source, "--failed"]) == 1
 
 
+def test_status_shows_when_a_failing_job_is_tried_again(tmp_path: Path) -> None:
+    config = load_config(write_config(tmp_path, "[queue]\nretry_initial_seconds = 300\n"))
+    layout = StateLayout(config.node.state_dir)
+    with layout.open_db() as db:
+        ds = dx_from_image(read_grayscale(LEG), body_part="LEG", study_uid=generate_uid())
+        path = tmp_path / "leg.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        InstanceStore(layout, db).store(path, read_header(path), "MODALITY", now=time.time() - 60)
+        queue = SqliteJobQueue.from_config(db, config)
+        queue.enqueue_stable_studies()
+        job = queue.lease("worker")
+        assert job is not None
+        failed_at = time.time()
+        queue.fail(job, "RuntimeError while processing the study", retryable=True, now=failed_at)
+    text = status_text(collect_status(config, 20, now=failed_at + 100))
+    (row,) = [line for line in text.splitlines() if str(ds.StudyInstanceUID) in line]
+    assert " queued " in row and "RuntimeError while processing" in row
+    assert "(in 200 s)" in row  # the job's back-off: 300 s after the failure
+    assert "NEXT ATTEMPT" in text.splitlines()[5]
+
+    data = json.loads(run("status", "--config", str(config.source), "--json").stdout)
+    (study,) = data["studies"]
+    assert study["state"] == "queued" and study["last_error"].startswith("RuntimeError")
+    assert 200 < study["next_attempt_in_seconds"] <= 300
+    assert study["next_attempt_at"].endswith("Z")
+
+
 def test_status_text_of_an_empty_node(tmp_path: Path) -> None:
     config = load_config(write_config(tmp_path))
     StateLayout(config.node.state_dir).open_db().close()

@@ -6,12 +6,13 @@ Time is passed explicitly (``now``), so lease expiry and back-off are tested wit
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from dicomnode.config import DeliveryConfig, parse_config
+from dicomnode.config import DeliveryConfig, RetryPolicy, parse_config
 from dicomnode.records import (
     DeliveryOutcome,
     DeliveryState,
@@ -22,15 +23,20 @@ from dicomnode.records import (
     StoredInstance,
     StudyState,
 )
-from dicomnode.state import LeaseLostError, SqliteJobQueue, StateDB, open_queue
+from dicomnode.state import SCHEMA_VERSION, LeaseLostError, SqliteJobQueue, StateDB, open_queue
 from dicomnode.storage import InstanceStore, StateLayout, StoreOutcome
 
 T0 = 1_800_000_000.0
 STABLE = 10.0
 LEASE = 60.0
 DELIVERY = DeliveryConfig(
-    retry_initial_seconds=30.0, retry_max_seconds=120.0, give_up_after_seconds=3600.0
+    retry_initial_seconds=30.0,
+    retry_max_seconds=120.0,
+    give_up_after_seconds=3600.0,
+    timeout_seconds=60.0,
 )
+#: Back-off of jobs after a retryable failure: 20 s, 40 s, then 50 s (the cap).
+JOB_RETRY = RetryPolicy(retry_initial_seconds=20.0, retry_max_seconds=50.0)
 PACS = Destination("PACS", "127.0.0.1", 4242)
 ARCHIVE = Destination("ARCHIVE", "127.0.0.1", 4243)
 STUDY = "1.2.3.4"
@@ -76,7 +82,12 @@ def db(db_path: Path) -> Iterator[StateDB]:
 
 def make_queue(db: StateDB, max_attempts: int = 2) -> SqliteJobQueue:
     return SqliteJobQueue(
-        db, stable_seconds=STABLE, lease_seconds=LEASE, max_attempts=max_attempts, delivery=DELIVERY
+        db,
+        stable_seconds=STABLE,
+        lease_seconds=LEASE,
+        max_attempts=max_attempts,
+        delivery=DELIVERY,
+        job_retry=JOB_RETRY,
     )
 
 
@@ -142,12 +153,93 @@ def test_fail_requeues_retryable_errors_until_max_attempts(db: StateDB) -> None:
     job = queue.lease("w1", now=T0 + STABLE)
     assert job is not None
     assert queue.fail(job, "GPU out of memory", retryable=True, now=T0 + 11) is JobState.QUEUED
-    job = queue.lease("w1", now=T0 + 12)
+    assert queue.lease("w1", now=T0 + 12) is None  # backing off: 20 s after the 1st failure
+    job = queue.lease("w1", now=T0 + 11 + 20)
     assert job is not None and job.attempt == 2
-    assert queue.fail(job, "GPU out of memory", retryable=True, now=T0 + 13) is JobState.FAILED
+    assert queue.fail(job, "GPU out of memory", retryable=True, now=T0 + 33) is JobState.FAILED
     assert queue.job_state(job.job_id) == (JobState.FAILED, "GPU out of memory")
     status = db.recent_studies()[0]
     assert (status.state, status.last_error) == (StudyState.FAILED, "GPU out of memory")
+
+
+def test_retryable_failures_back_off_exponentially_and_persistently(db_path: Path) -> None:
+    other = "5.6.7"
+    with StateDB(db_path) as db:
+        queue = make_queue(db, max_attempts=5)
+        db.record_instance(instance("1.2.3.4.1"), now=T0)
+        queue.enqueue_stable_studies(now=T0 + STABLE)
+        failed_at, due, waits = T0, T0 + STABLE, []
+        for attempt in range(1, 4):
+            job = queue.lease("w1", now=due)
+            assert job is not None and job.attempt == attempt
+            failed_at = due + 1
+            assert queue.fail(job, "crashed", retryable=True, now=failed_at) is JobState.QUEUED
+            (status,) = db.recent_studies()
+            assert status.state is StudyState.QUEUED and status.next_attempt_at is not None
+            waits.append(status.next_attempt_at - failed_at)
+            assert queue.lease("w1", now=status.next_attempt_at - 0.01) is None
+            due = status.next_attempt_at
+        assert waits == [20.0, 40.0, 50.0]
+        # a backing-off study does not hold up another one
+        db.record_instance(instance("5.6.7.1", study=other), now=failed_at)
+        assert queue.enqueue_stable_studies(now=failed_at + STABLE) == (other,)
+        later = queue.lease("w2", now=failed_at + STABLE)
+        assert later is not None and later.study_instance_uid == other
+        assert failed_at + STABLE < due
+    with StateDB(db_path) as db:  # the wait survives a restart
+        queue = make_queue(db, max_attempts=5)
+        (status,) = [s for s in db.recent_studies() if s.study_instance_uid == STUDY]
+        assert status.next_attempt_at == due
+        assert queue.lease("w1", now=due - 0.01) is None
+        job = queue.lease("w1", now=due)
+        assert job is not None and job.attempt == 4
+        assert [s.next_attempt_at for s in db.recent_studies()] == [None, None]
+
+
+def test_retry_of_a_failed_job_is_due_at_once(db: StateDB) -> None:
+    queue = make_queue(db, max_attempts=2)
+    db.record_instance(instance("1.2.3.4.1"), now=T0)
+    queue.enqueue_stable_studies(now=T0 + STABLE)
+    job = queue.lease("w1", now=T0 + STABLE)
+    assert job is not None
+    queue.fail(job, "inference crashed", retryable=True, now=T0 + 11)
+    job = queue.lease("w1", now=T0 + 31)
+    assert job is not None
+    assert queue.fail(job, "inference crashed", retryable=True, now=T0 + 32) is JobState.FAILED
+    assert db.recent_studies()[0].next_attempt_at is None
+    assert queue.retry(now=T0 + 33) == 1
+    assert db.recent_studies()[0].next_attempt_at is None
+    assert queue.lease("w1", now=T0 + 33) is not None
+
+
+def test_a_version_1_state_database_is_upgraded_in_place(db_path: Path) -> None:
+    with StateDB(db_path) as db:
+        queue = make_queue(db)
+        db.record_instance(instance("1.2.3.4.1"), now=T0)
+        queue.enqueue_stable_studies(now=T0 + STABLE)
+    # the layout of version 1: the same tables without jobs.not_before
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("ALTER TABLE jobs DROP COLUMN not_before")
+        conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    with StateDB(db_path) as db:
+        assert db.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 2
+        columns = [row["name"] for row in db.query("PRAGMA table_info(jobs)")]
+        assert "not_before" in columns
+        assert db.recent_studies()[0].state is StudyState.QUEUED
+        job = make_queue(db).lease("w1", now=T0 + STABLE)
+        assert job is not None and job.instances[0].sop_instance_uid == "1.2.3.4.1"
+    with StateDB(db_path) as db:  # opening an upgraded database again changes nothing
+        assert db.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION
+
+
+def test_a_state_database_from_a_newer_version_is_refused(db_path: Path) -> None:
+    StateDB(db_path).close()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(ValueError, match="newer than this node's"):
+        StateDB(db_path)
 
 
 def test_permanent_failure_and_retry_of_one_study_or_all(db: StateDB) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +21,7 @@ from dicomnode.records import JobState, StudyJob
 from dicomnode.scp import read_header
 from dicomnode.state import LeaseLostError, SqliteJobQueue
 from dicomnode.storage import InstanceStore, StateLayout
+from dicomnode.uids import ResultKind, SourceIdentity, image_result_uid
 from dicomnode.worker import (
     NoDecodableViewsError,
     Worker,
@@ -185,7 +188,8 @@ def view(**attributes: str) -> View:
     header = Dataset()
     for keyword, value in attributes.items():
         setattr(header, keyword, value)
-    return View(pixels=read_grayscale(LEG).astype("float32") / 255, header=header)
+    pixels = read_grayscale(LEG).astype("float32") / 255
+    return View(pixels=pixels, header=header, sha256=hashlib.sha256(pixels.tobytes()).hexdigest())
 
 
 @pytest.mark.parametrize(
@@ -226,22 +230,90 @@ def test_a_late_instance_reruns_the_study_naming_the_previous_sr(
     assert old_sr[1].is_file()  # the first version's files are kept as sent
 
 
-def test_a_corrected_resend_of_the_same_images_never_names_its_own_sr(
+def identity(data: bytes) -> SourceIdentity:
+    """The identity of the instance stored as ``data`` (its SOP Instance UID and SHA-256)."""
+    uid = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).SOPInstanceUID
+    return SourceIdentity(str(uid), hashlib.sha256(data).hexdigest())
+
+
+def test_a_corrected_resend_gets_new_results_and_a_new_sr_naming_the_previous(
     node: Node, tmp_path: Path
 ) -> None:
     study = generate_uid()
     first = dx(tmp_path, HAND, study, "a")
-    node.receive(first)
+    other = dx(tmp_path, LEG, study, "b", "LEG")
+    node.receive(first, other)
     assert node.worker.run_once()
+    original = first.read_bytes()
     corrected = pydicom.dcmread(first)
     corrected.SeriesDescription = "XR Hand (corrected)"  # same SOP Instance UID, new bytes
     corrected.save_as(first, enforce_file_format=True)
     node.receive(first)
     assert node.worker.run_once()
+    v1, v2 = node.results(study, 1), node.results(study, 2)
+    (old,) = [uid for kind, uid, _ in v1 if kind == "sr"]
+    ((new, path),) = [(u, p) for kind, u, p in v2 if kind == "sr"]
+    assert new != old  # the SR UID follows the analysed images' bytes, too
+    ds = pydicom.dcmread(path)
+    ref = ds.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert ref[0].ReferencedSOPInstanceUID == old
+    sc = {
+        version: {u for k, u, _ in node.results(study, version) if k == "sc"} for version in (1, 2)
+    }
+    version, prefix = node.worker.analyser.algorithm.version, node.worker.node.uid_prefix
+    hand_before, hand_after, leg = (
+        image_result_uid(ResultKind.SECONDARY_CAPTURE, identity(data), version, prefix)
+        for data in (original, first.read_bytes(), other.read_bytes())
+    )
+    assert sc[1] == {hand_before, leg}
+    assert sc[2] == {hand_after, leg}  # a new SC for the corrected image only
+
+
+def test_a_rerun_that_analyses_the_same_images_still_writes_a_new_sr(
+    node: Node, tmp_path: Path
+) -> None:
+    """A late instance that cannot be analysed re-runs the study with the same analysed
+    images: the new SR names the previous one and is never the same UID (no self-reference)."""
+    study = generate_uid()
+    node.receive(dx(tmp_path, HAND, study, "a"))
+    assert node.worker.run_once()
+    node.receive(into_study(DICOM_SAMPLES / "RG2_JPLY_BROKEN.dcm", study, tmp_path / "b.dcm"))
+    assert node.worker.run_once()
+    assert [state for _, state, _, _ in node.jobs(study)] == [JobState.RESULTS_WRITTEN] * 2
     (old,) = [uid for kind, uid, _ in node.results(study, 1) if kind == "sr"]
     ((new, path),) = [(u, p) for kind, u, p in node.results(study, 2) if kind == "sr"]
-    assert new == old  # the SR UID follows the analysed SOP Instance UIDs
-    assert "PredecessorDocumentsSequence" not in pydicom.dcmread(path)
+    assert new != old
+    ds = pydicom.dcmread(path)
+    ref = ds.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
+    assert ref[0].ReferencedSOPInstanceUID == old
+    sc = {
+        version: [u for k, u, _ in node.results(study, version) if k == "sc"] for version in (1, 2)
+    }
+    assert sc[1] == sc[2]
+
+
+def test_results_follow_the_bytes_decoded_when_a_replacement_arrives_during_the_job(
+    node: Node, tmp_path: Path
+) -> None:
+    study = generate_uid()
+    path = dx(tmp_path, HAND, study, "a")
+    node.receive(path)
+    job = node.queue.lease("test-worker")
+    assert job is not None
+    corrected = pydicom.dcmread(path)
+    corrected.SeriesDescription = "XR Hand (corrected)"
+    corrected.save_as(path, enforce_file_format=True)
+    node.store.store(path, read_header(path), "MODALITY")  # replaces the file being processed
+    outcome = node.worker.process(job)
+    (sc,) = [r for r in outcome.results if r.kind == "sc"]
+    decoded = identity(path.read_bytes())
+    assert decoded.sha256 != job.instances[0].sha256
+    assert sc.sop_instance_uid == image_result_uid(
+        ResultKind.SECONDARY_CAPTURE,
+        decoded,
+        node.worker.analyser.algorithm.version,
+        node.worker.node.uid_prefix,
+    )
 
 
 def leased(tmp_path: Path, random_weights: Path, ensemble: Ensemble) -> tuple[Node, StudyJob]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import subprocess
 from pathlib import Path
@@ -18,7 +19,14 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from dicomnode.pixels import View, load_view
-from dicomnode.uids import ResultKind, derive_uid, image_result_uid, report_uid
+from dicomnode.uids import (
+    ResultKind,
+    SourceIdentity,
+    derive_uid,
+    image_result_uid,
+    report_uid,
+    tracking_uid,
+)
 from dicomnode.writers import (
     ImageFinding,
     NodeIdentity,
@@ -252,10 +260,10 @@ def test_uids_are_deterministic_and_change_with_inputs(dx: View, tmp_path: Path)
     assert [w.sop_instance_uid for w in first.all] == [w.sop_instance_uid for w in again.all]
     assert [w.series_instance_uid for w in first.all] == [w.series_instance_uid for w in again.all]
     assert first.report.sop_instance_uid == report_uid(
-        dx.study_instance_uid, [dx.sop_instance_uid], ALGORITHM.version, NODE.uid_prefix
+        dx.study_instance_uid, [dx.source], ALGORITHM.version, NODE.uid_prefix
     )
     assert first.secondary_captures[0].sop_instance_uid == image_result_uid(
-        ResultKind.SECONDARY_CAPTURE, dx.sop_instance_uid, ALGORITHM.version, NODE.uid_prefix
+        ResultKind.SECONDARY_CAPTURE, dx.source, ALGORITHM.version, NODE.uid_prefix
     )
     newer = write_results(
         [ImageFinding(dx, ONE_BOX, THORAX)],
@@ -275,6 +283,107 @@ def test_uids_are_deterministic_and_change_with_inputs(dx: View, tmp_path: Path)
         first.secondary_captures[0].sop_instance_uid
     )
     assert len({w.sop_instance_uid for w in grown.all}) == len(grown.all)
+
+
+def _tracking_uids(path: Path) -> set[str]:
+    """Every Tracking Unique Identifier in an SR."""
+    groups = hd.sr.srread(path).content.get_planar_roi_measurement_groups()
+    groups += hd.sr.srread(path).content.get_image_measurement_groups()
+    return {group.tracking_uid for group in groups}
+
+
+def test_a_corrected_image_under_the_same_uid_gets_new_result_uids(
+    dx: View, tmp_path: Path
+) -> None:
+    """One UID never names two contents: new bytes under the same SOP Instance UID (a corrected
+    re-send) give new SR, SC, GSPS and tracking UIDs; the same bytes give the same ones."""
+    corrected = _variant(tmp_path, "corrected", SeriesDescription="corrected by the modality")
+    assert corrected.sop_instance_uid == dx.sop_instance_uid and corrected.sha256 != dx.sha256
+    same = load_view(SAMPLES / "DX_highdicom_small.dcm")
+    first = _write(tmp_path / "a", [ImageFinding(dx, ONE_BOX, THORAX)])
+    again = _write(tmp_path / "b", [ImageFinding(same, ONE_BOX, THORAX)])
+    fixed = _write(tmp_path / "c", [ImageFinding(corrected, ONE_BOX, THORAX)])
+    assert [w.sop_instance_uid for w in again.all] == [w.sop_instance_uid for w in first.all]
+    assert {w.sop_instance_uid for w in fixed.all}.isdisjoint(w.sop_instance_uid for w in first.all)
+    assert [w.series_instance_uid for w in fixed.all] == [w.series_instance_uid for w in first.all]
+    assert fixed.presentation_states[0].sop_instance_uid == image_result_uid(
+        ResultKind.PRESENTATION_STATE, corrected.source, ALGORITHM.version, NODE.uid_prefix
+    )
+    assert first.report is not None and fixed.report is not None
+    old, new = _tracking_uids(first.report.path), _tracking_uids(fixed.report.path)
+    assert len(new) == 2 and old.isdisjoint(new)
+    assert tracking_uid(corrected.source, ALGORITHM.version, 1, NODE.uid_prefix) in new
+    gsps = pydicom.dcmread(fixed.presentation_states[0].path)
+    (box,) = gsps.GraphicAnnotationSequence[0].GraphicObjectSequence
+    assert box.TrackingUID in new  # the GSPS box is the SR's region 1 of the same image
+
+
+def test_a_view_carries_the_sha256_of_the_file_it_was_decoded_from(dx: View) -> None:
+    data = (SAMPLES / "DX_highdicom_small.dcm").read_bytes()
+    assert dx.sha256 == hashlib.sha256(data).hexdigest()
+    assert dx.source == SourceIdentity(dx.sop_instance_uid, dx.sha256)
+
+
+def test_a_replacing_report_gets_its_own_uid_naming_the_previous(dx: View, tmp_path: Path) -> None:
+    """Even when the analysed images did not change (e.g. the late instance that re-ran the
+    study could not be decoded), the new SR differs from the one it replaces, so it never
+    names itself as predecessor; the per-image results keep their UIDs."""
+    first = _write(tmp_path / "a", [ImageFinding(dx, ONE_BOX, THORAX)])
+    assert first.report is not None
+    previous = PreviousReport(
+        dx.study_instance_uid,
+        first.report.series_instance_uid,
+        first.report.sop_instance_uid,
+        first.report.sop_class_uid,
+    )
+    second = _write(tmp_path / "b", [ImageFinding(dx, ONE_BOX, THORAX)], previous=previous)
+    assert second.report is not None
+    assert second.report.sop_instance_uid != first.report.sop_instance_uid
+    assert second.report.sop_instance_uid == report_uid(
+        dx.study_instance_uid,
+        [dx.source],
+        ALGORITHM.version,
+        NODE.uid_prefix,
+        predecessor=first.report.sop_instance_uid,
+    )
+    ds = pydicom.dcmread(second.report.path)
+    series = ds.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0]
+    assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == previous.sop_instance_uid
+    assert [w.sop_instance_uid for w in second.all[1:]] == [
+        w.sop_instance_uid for w in first.all[1:]
+    ]
+
+
+HEX = st.text("0123456789abcdef", min_size=64, max_size=64)
+SOURCES = st.lists(
+    st.builds(SourceIdentity, st.from_regex(r"1\.2\.[1-9][0-9]{0,8}", fullmatch=True), HEX),
+    min_size=1,
+    max_size=5,
+    unique_by=lambda s: s.sop_instance_uid,
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(sources=SOURCES, data=st.data())
+def test_report_uid_follows_the_set_of_sources_and_their_bytes(
+    sources: list[SourceIdentity], data: st.DataObject
+) -> None:
+    uid = report_uid("1.2.3", sources, "v1")
+    assert report_uid("1.2.3", data.draw(st.permutations(sources)), "v1") == uid
+    index = data.draw(st.integers(0, len(sources) - 1))
+    old = sources[index]
+    changed = SourceIdentity(old.sop_instance_uid, data.draw(HEX.filter(lambda h: h != old.sha256)))
+    assert report_uid("1.2.3", [*sources[:index], changed, *sources[index + 1 :]], "v1") != uid
+    assert report_uid("1.2.3", sources, "v2") != uid
+    assert report_uid("1.2.3", sources, "v1", predecessor=str(uid)) != uid
+    with pytest.raises(ValueError, match="two different contents"):
+        report_uid("1.2.3", [*sources, changed], "v1")
+
+
+@pytest.mark.parametrize("sha256", ["", "ABC", "g" * 64, "A" * 64, "0" * 63])
+def test_a_source_identity_needs_a_sha256_digest(sha256: str) -> None:
+    with pytest.raises(ValueError, match="64 lower-case hex digits"):
+        SourceIdentity("1.2.3", sha256)
 
 
 def test_rewriting_replaces_the_file(dx: View, tmp_path: Path) -> None:

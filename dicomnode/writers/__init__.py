@@ -55,8 +55,11 @@ def write_results(
 
     ``findings`` must be non-empty and all from one study, and at least one kind must be asked
     for (ValueError otherwise). ``previous`` is the SR sent earlier for this study, referenced as
-    predecessor document. ``report``, ``secondary_captures`` and ``presentation_states`` follow
-    the node's ``[outputs]`` keys ``sr``, ``sc`` and ``gsps``.
+    predecessor document; its UID enters the new SR's UID, so a replacing SR never reuses it.
+    ``report``, ``secondary_captures`` and ``presentation_states`` follow the node's
+    ``[outputs]`` keys ``sr``, ``sc`` and ``gsps``. Result UIDs follow each source image's
+    identity (``View.source``: SOP Instance UID and SHA-256 of its bytes), see
+    :mod:`dicomnode.uids`.
     """
     findings = tuple(findings)
     if not findings:

@@ -13,6 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import highdicom as hd
 import numpy as np
@@ -23,7 +24,7 @@ from pydicom.sr.coding import Code
 from pydicom.valuerep import DA, TM, validate_value
 
 from dicomnode.pixels import View
-from dicomnode.uids import DEFAULT_UID_PREFIX, ResultKind, derive_uid
+from dicomnode.uids import DEFAULT_UID_PREFIX, ResultKind, derive_uid, image_result_uid, series_uid
 from inference.records import AlgorithmInfo, Box, Decision, ImageResult
 from inference.regions import Code as RegionCode
 
@@ -256,6 +257,63 @@ def contributing_equipment(
             contribution_description=f"{DISCLAIMER}: fracture detection by {algorithm.name}",
         )
     ]
+
+
+class ResultIdentity(TypedDict):
+    """The series, instance and equipment attributes every result object carries, as the keyword
+    arguments that highdicom's SR, SC and GSPS constructors share (typed, so mypy checks each
+    one against the constructor it is passed to)."""
+
+    series_instance_uid: str
+    series_number: int
+    series_description: str
+    sop_instance_uid: str
+    instance_number: int
+    manufacturer: str
+    manufacturer_model_name: str
+    software_versions: str
+    device_serial_number: str
+    institution_name: str | None
+    contributing_equipment: list[hd.ContributingEquipment]
+
+
+def result_identity(
+    kind: ResultKind,
+    study_uid: str,
+    sop_instance_uid: str,
+    instance_number: int,
+    algorithm: AlgorithmInfo,
+    node: NodeIdentity,
+) -> ResultIdentity:
+    """Identity of one result object of ``kind`` in ``study_uid``: the kind's series (UID derived
+    from study, kind and model version), the given instance, and this node as equipment."""
+    return ResultIdentity(
+        series_instance_uid=series_uid(kind, study_uid, algorithm.version, node.uid_prefix),
+        series_number=SERIES_NUMBERS[kind],
+        series_description=SERIES_DESCRIPTIONS[kind],
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=node.manufacturer,
+        manufacturer_model_name=node.model_name,
+        software_versions=node.software_version,
+        device_serial_number=node.device_serial_number,
+        institution_name=node.institution_name,
+        contributing_equipment=contributing_equipment(node, algorithm),
+    )
+
+
+def image_result_identity(
+    kind: ResultKind,
+    finding: ImageFinding,
+    instance_number: int,
+    algorithm: AlgorithmInfo,
+    node: NodeIdentity,
+) -> ResultIdentity:
+    """Identity of the per-image result (SC or GSPS) of ``finding``: its UID follows the source
+    image's identity (SOP Instance UID and bytes) and the model version."""
+    view = finding.view
+    uid = image_result_uid(kind, view.source, algorithm.version, node.uid_prefix)
+    return result_identity(kind, view.study_instance_uid, uid, instance_number, algorithm, node)
 
 
 def mark_series_laterality_unknown(dataset: Dataset) -> None:

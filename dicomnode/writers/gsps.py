@@ -19,16 +19,14 @@ from highdicom.pr import (
     TextObject,
 )
 
-from dicomnode.uids import ResultKind, image_result_uid, series_uid, tracking_uid
+from dicomnode.uids import ResultKind, tracking_uid
 from dicomnode.writers.common import (
     DECISION_TEXT,
-    SERIES_DESCRIPTIONS,
-    SERIES_NUMBERS,
     ImageFinding,
     NodeIdentity,
     banner_lines,
     box_polyline,
-    contributing_equipment,
+    image_result_identity,
     mark_series_laterality_unknown,
     result_header,
 )
@@ -52,9 +50,7 @@ def build_presentation_state(
             graphic_data=box_polyline(box, view),
             units=AnnotationUnitsValues.PIXEL,
             tracking_id=f"fracture region {index}",
-            tracking_uid=tracking_uid(
-                view.sop_instance_uid, algorithm.version, index, node.uid_prefix
-            ),
+            tracking_uid=tracking_uid(view.source, algorithm.version, index, node.uid_prefix),
         )
         for index, box in enumerate(result.boxes, start=1)
     ]
@@ -84,29 +80,14 @@ def build_presentation_state(
     shape = PresentationLUTShapeValues.INVERSE if inverse else PresentationLUTShapeValues.IDENTITY
     gsps = hd.pr.GrayscaleSoftcopyPresentationState(
         referenced_images=[header],
-        series_instance_uid=series_uid(
-            ResultKind.PRESENTATION_STATE,
-            view.study_instance_uid,
-            algorithm.version,
-            node.uid_prefix,
-        ),
-        series_number=SERIES_NUMBERS[ResultKind.PRESENTATION_STATE],
-        sop_instance_uid=image_result_uid(
-            ResultKind.PRESENTATION_STATE, view.sop_instance_uid, algorithm.version, node.uid_prefix
-        ),
-        instance_number=instance_number,
-        manufacturer=node.manufacturer,
-        manufacturer_model_name=node.model_name,
-        software_versions=node.software_version,
-        device_serial_number=node.device_serial_number,
         content_label=CONTENT_LABEL,
         content_description="AI fracture detection, for review by a physician",
         graphic_annotations=[annotation],
         graphic_layers=[layer],
-        institution_name=node.institution_name,
         presentation_lut_transformation=PresentationLUTTransformation(presentation_lut_shape=shape),
-        contributing_equipment=contributing_equipment(node, algorithm),
-        series_description=SERIES_DESCRIPTIONS[ResultKind.PRESENTATION_STATE],
+        **image_result_identity(
+            ResultKind.PRESENTATION_STATE, finding, instance_number, algorithm, node
+        ),
     )
     mark_series_laterality_unknown(gsps)
     return gsps

@@ -16,15 +16,13 @@ import numpy as np
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomnode.pixels import View, to_uint8
-from dicomnode.uids import ResultKind, image_result_uid, series_uid
+from dicomnode.uids import ResultKind
 from dicomnode.writers.common import (
-    SERIES_DESCRIPTIONS,
-    SERIES_NUMBERS,
     ImageFinding,
     NodeIdentity,
     banner_lines,
     box_polyline,
-    contributing_equipment,
+    image_result_identity,
     mark_series_laterality_unknown,
     result_header,
 )
@@ -157,28 +155,13 @@ def build_secondary_capture(
         photometric_interpretation=hd.PhotometricInterpretationValues.MONOCHROME2,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=series_uid(
-            ResultKind.SECONDARY_CAPTURE,
-            view.study_instance_uid,
-            algorithm.version,
-            node.uid_prefix,
-        ),
-        series_number=SERIES_NUMBERS[ResultKind.SECONDARY_CAPTURE],
-        sop_instance_uid=image_result_uid(
-            ResultKind.SECONDARY_CAPTURE, view.sop_instance_uid, algorithm.version, node.uid_prefix
-        ),
-        instance_number=instance_number,
-        manufacturer=node.manufacturer,
         # highdicom requires an orientation for PATIENT images; where the source has none the
         # placeholder is replaced by an empty (Type 2) value below.
         patient_orientation=orientation or ("L", "F"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=contributing_equipment(node, algorithm),
-        series_description=SERIES_DESCRIPTIONS[ResultKind.SECONDARY_CAPTURE],
-        manufacturer_model_name=node.model_name,
-        software_versions=node.software_version,
-        device_serial_number=node.device_serial_number,
-        institution_name=node.institution_name,
+        **image_result_identity(
+            ResultKind.SECONDARY_CAPTURE, finding, instance_number, algorithm, node
+        ),
     )
     if orientation is None:
         sc.PatientOrientation = []

@@ -28,7 +28,7 @@ from highdicom.sr import (
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from dicomnode.uids import ResultKind, report_uid, series_uid, tracking_uid
+from dicomnode.uids import ResultKind, report_uid, tracking_uid
 from dicomnode.writers.common import (
     DECISION_CODES,
     FRACTURE,
@@ -36,15 +36,13 @@ from dicomnode.writers.common import (
     PROBABILITY,
     PROBABILITY_UNIT,
     RADIOGRAPHY,
-    SERIES_DESCRIPTIONS,
-    SERIES_NUMBERS,
     ImageFinding,
     NodeIdentity,
     PreviousReport,
     algorithm_identification,
     box_polyline,
-    contributing_equipment,
     result_header,
+    result_identity,
     study_uid_of,
 )
 from inference.records import AlgorithmInfo
@@ -63,7 +61,7 @@ def build_report(
     study_uid = study_uid_of(findings)
     groups: list[Group] = []
     for number, finding in enumerate(findings, start=1):
-        groups.extend(_image_groups(number, finding, algorithm))
+        groups.extend(_image_groups(number, finding, algorithm, node))
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -80,27 +78,21 @@ def build_report(
         title=codes.cid7021.ImagingMeasurementReport,
         referenced_images=_library_images(findings),
     )
-    sources = [finding.view.sop_instance_uid for finding in findings]
+    uid = report_uid(
+        study_uid,
+        [finding.view.source for finding in findings],
+        algorithm.version,
+        node.uid_prefix,
+        predecessor=None if previous is None else previous.sop_instance_uid,
+    )
     return hd.sr.Comprehensive3DSR(
         evidence=[result_header(finding.view.header) for finding in findings],
         content=report,
-        series_instance_uid=series_uid(
-            ResultKind.SR, study_uid, algorithm.version, node.uid_prefix
-        ),
-        series_number=SERIES_NUMBERS[ResultKind.SR],
-        sop_instance_uid=report_uid(study_uid, sources, algorithm.version, node.uid_prefix),
-        instance_number=1,
-        manufacturer=node.manufacturer,
         is_complete=False,
         is_final=False,
         is_verified=False,
-        institution_name=node.institution_name,
         previous_versions=None if previous is None else [previous.as_reference()],
-        contributing_equipment=contributing_equipment(node, algorithm),
-        series_description=SERIES_DESCRIPTIONS[ResultKind.SR],
-        manufacturer_model_name=node.model_name,
-        software_versions=node.software_version,
-        device_serial_number=node.device_serial_number,
+        **result_identity(ResultKind.SR, study_uid, uid, 1, algorithm, node),
     )
 
 
@@ -119,7 +111,9 @@ def _library_images(findings: tuple[ImageFinding, ...]) -> list[Dataset] | None:
     return None
 
 
-def _image_groups(number: int, finding: ImageFinding, algorithm: AlgorithmInfo) -> list[Group]:
+def _image_groups(
+    number: int, finding: ImageFinding, algorithm: AlgorithmInfo, node: NodeIdentity
+) -> list[Group]:
     """The image-level group of one image followed by one planar ROI group per box."""
     view, result = finding.view, finding.result
     algorithm_id = algorithm_identification(algorithm, result)
@@ -128,7 +122,7 @@ def _image_groups(number: int, finding: ImageFinding, algorithm: AlgorithmInfo) 
     evaluation = [QualitativeEvaluation(PRESENCE, DECISION_CODES[result.decision])]
     image_group: Group = MeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
-            uid=tracking_uid(view.sop_instance_uid, algorithm.version, 0),
+            uid=tracking_uid(view.source, algorithm.version, 0, node.uid_prefix),
             identifier=f"image {number} fracture assessment",
         ),
         finding_type=FRACTURE,
@@ -141,7 +135,7 @@ def _image_groups(number: int, finding: ImageFinding, algorithm: AlgorithmInfo) 
     box_groups: list[Group] = [
         PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=TrackingIdentifier(
-                uid=tracking_uid(view.sop_instance_uid, algorithm.version, index),
+                uid=tracking_uid(view.source, algorithm.version, index, node.uid_prefix),
                 identifier=f"image {number} fracture region {index}",
             ),
             referenced_region=ImageRegion(
