@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+import tomllib
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -100,6 +101,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         workers=args.workers,
         prepare_only=args.prepare_only,
+        overrides=dict(_setting(text) for text in args.set),
     )
     for result in results:
         print(
@@ -108,6 +110,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"{result.seconds / 60:.1f} min on {result.device} {result.precision}"
         )
     return 0
+
+
+def _setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with a TOML value (a bare word is taken as a string)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--set expects KEY=VALUE, got {text!r}")
+    try:
+        parsed: object = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key.strip(), parsed
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
@@ -182,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="processes for pre-processing (default: all cores)",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a [training] setting of every member, e.g. precision=fp32 or "
+        "max_minutes=10 (TOML values)",
+    )
     train.add_argument(
         "--prepare-only",
         action="store_true",

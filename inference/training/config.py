@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,11 @@ class MemberConfig:
     training: TrainSettings
     augment: AugmentSettings
     source: Path
+
+    def with_training(self, overrides: Mapping[str, Any]) -> MemberConfig:
+        """This member with some training settings replaced (e.g. from the command line)."""
+        merged = {**asdict(self.training), **overrides}
+        return replace(self, training=TrainSettings.from_mapping(merged))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -368,6 +368,7 @@ def train_ensemble(
     progress: bool = True,
     workers: int | None = None,
     prepare_only: bool = False,
+    overrides: Mapping[str, Any] | None = None,
 ) -> list[MemberResult]:
     """Train the config's members in turn (or only one), exporting each into ``out`` as soon as it
     is done, so that every member can be trained, calibrated and committed on its own."""
@@ -382,6 +383,8 @@ def train_ensemble(
         preprocessing=config.preprocessing,
     )
     members = [config.member(only)] if only else list(config.members)
+    if overrides:
+        members = [m.with_training(overrides) for m in members]
     prepared: dict[int, PreparedData] = {}
     results: list[MemberResult] = []
     if prepare_only:  # fill the cache (and the split) once, before members train in parallel
