@@ -156,6 +156,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where the networks run (auto: CUDA when available, else the CPU)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m inference", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     predict.add_argument("--region", help="anatomical region key (see inference/regions.py)")
     predict.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
-    predict.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    _add_device(predict)
     predict.add_argument("--json", action="store_true", help="print a JSON list")
     predict.set_defaults(func=_cmd_predict)
 
@@ -188,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--member", help="train only this member of an ensemble config")
     train.add_argument("--resume", action="store_true", help="continue interrupted runs")
-    train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    _add_device(train)
     train.add_argument(
         "--workers",
         type=int,
@@ -221,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="split.json (default: the one in the weights folder)",
     )
     calibrate.add_argument("--version", default=None, help="new ensemble version string")
-    calibrate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    _add_device(calibrate)
     calibrate.set_defaults(func=_cmd_calibrate)
 
     evaluate = sub.add_parser("evaluate", help="metrics, report and ROC on a labelled folder")
@@ -236,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate only this part of the split (needs a split)",
     )
     evaluate.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    _add_device(evaluate)
     evaluate.set_defaults(func=_cmd_evaluate)
     return parser
 
