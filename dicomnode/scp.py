@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import sqlite3
+import tempfile
 import threading
 from collections.abc import Callable
 from enum import IntEnum
@@ -47,7 +48,6 @@ CR_DX_SOP_CLASSES = frozenset(
 """The SOP classes the node stores and processes."""
 
 TRANSFER_SYNTAXES = (
-    dcm_uid.ImplicitVRLittleEndian,
     dcm_uid.ExplicitVRLittleEndian,
     dcm_uid.DeflatedExplicitVRLittleEndian,
     dcm_uid.ExplicitVRBigEndian,
@@ -63,8 +63,14 @@ TRANSFER_SYNTAXES = (
     dcm_uid.HTJ2KLossless,
     dcm_uid.HTJ2KLosslessRPCL,
     dcm_uid.HTJ2K,
+    dcm_uid.ImplicitVRLittleEndian,
 )
-"""Accepted for every storage SOP class, so compressed images are kept as they were sent."""
+"""Accepted for every storage SOP class, so compressed images are kept as they were sent.
+
+In this order of preference (pynetdicom accepts the first one the peer also proposes):
+Explicit VR Little Endian before Implicit VR, which is last, so a sender offering both sends
+the explicit encoding its file most likely has instead of re-encoding it to Implicit VR (which
+loses the VRs of private elements and changes the stored bytes)."""
 
 _HEADER_TAGS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
@@ -85,7 +91,7 @@ class StoreStatus(IntEnum):
     DATASET_MISMATCH = 0xA900
     """Identifying attributes missing, not valid UIDs, or not matching the request."""
     CANNOT_UNDERSTAND = 0xC000
-    """The dataset header could not be parsed."""
+    """The dataset header could not be parsed, or the request carried no data set."""
     INTERNAL_ERROR = 0xC001
     """An unexpected error in the handler (logged with its traceback)."""
 
@@ -166,6 +172,25 @@ def build_ae(config: Config) -> AE:
     return ae
 
 
+def discard_unfinished_spool(assoc: object) -> Path | None:
+    """Close and delete the spool file of a half-received C-STORE on ``assoc``, if any.
+
+    With ``STORE_RECV_CHUNKED_DATASET`` pynetdicom streams an incoming data set into a
+    ``NamedTemporaryFile(delete=False)`` held by the DIMSE provider's current message
+    (``assoc.dimse.message._data_set_file``) and deletes it after the C-STORE handler ran. A
+    message that never completes would leave the file behind, and a hostile peer could fill the
+    disk that way. Returns the removed path (None when there was none).
+    """
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    handle = getattr(message, "_data_set_file", None)
+    path = getattr(message, "_data_set_path", None)
+    if handle is None or path is None:
+        return None
+    handle.close()
+    Path(path).unlink(missing_ok=True)
+    return Path(path)
+
+
 class Listener:
     """A running Storage SCP on ``config.node.bind``:``port`` plus its state and store.
 
@@ -181,6 +206,7 @@ class Listener:
         self.store: InstanceStore | None = None
         self._server: Any = None
         self._chunked_before = _config.STORE_RECV_CHUNKED_DATASET
+        self._tempdir_before: str | None = tempfile.tempdir
 
     @property
     def port(self) -> int:
@@ -193,6 +219,11 @@ class Listener:
         """Open the state, bind the port and serve associations in background threads."""
         self.db = self.layout.open_db()
         self.layout.clear_tmp()
+        self.layout.clear_spool()
+        # pynetdicom spools incoming data sets with tempfile: into our own folder, so that what
+        # an aborted or broken transfer leaves behind can be found and removed.
+        self._tempdir_before = tempfile.tempdir
+        tempfile.tempdir = str(self.layout.spool_dir)
         self.queue = SqliteJobQueue.from_config(self.db, self.config)
         self.store = InstanceStore(self.layout, self.db)
         self._chunked_before = _config.STORE_RECV_CHUNKED_DATASET
@@ -201,6 +232,7 @@ class Listener:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         try:
             self._server = build_ae(self.config).start_server(
@@ -225,6 +257,7 @@ class Listener:
             self._server = None
             log.info("listener_stopped", ae_title=self.config.node.ae_title)
         _config.STORE_RECV_CHUNKED_DATASET = self._chunked_before
+        tempfile.tempdir = self._tempdir_before
         if self.db is not None:
             self.db.close()
             self.db = None
@@ -271,6 +304,29 @@ class Listener:
         # A-ASSOCIATE-RJ, so the socket is not closed before the peer reads the reason.
         event.assoc.kill()
 
+    def _on_conn_close(self, event: evt.Event) -> None:
+        """Remove the spool file of a C-STORE the peer never finished (an abort or a dropped
+        connection mid-transfer): pynetdicom deletes it only after a complete message."""
+        try:
+            removed = discard_unfinished_spool(event.assoc)
+            others = [
+                a
+                for a in (self._server.active_associations if self._server else [])
+                if a is not event.assoc
+            ]
+            # with no other association open nothing can be arriving: whatever is spooled is
+            # left over from a transfer pynetdicom gave up on (e.g. an undecodable request)
+            orphans = 0 if others else self.layout.clear_spool()
+        except Exception:  # a handler never raises; the files then go at the next sweep
+            log.exception("spool_cleanup_failed", peer=event.assoc.requestor.address)
+            return
+        if removed is not None or orphans:
+            log.warning(
+                "transfer_incomplete",
+                peer=event.assoc.requestor.address,
+                spool_files_removed=orphans + (removed is not None),
+            )
+
     def _on_echo(self, event: evt.Event) -> int:
         log.info(
             "echo", calling_ae=event.assoc.requestor.ae_title, peer=event.assoc.requestor.address
@@ -304,6 +360,8 @@ class Listener:
             if self.config.node.other_sop_classes is OtherSopClasses.REJECT:
                 return StoreStatus.SOP_CLASS_NOT_SUPPORTED, {"outcome": "rejected_sop_class"}
             return StoreStatus.SUCCESS, {"outcome": "discarded_sop_class"}
+        if event.dataset_path is None:  # a C-STORE request without a data set
+            return StoreStatus.CANNOT_UNDERSTAND, {"outcome": "refused", "reason": "no data set"}
         path = Path(event.dataset_path)
         try:
             header = read_header(path)

@@ -26,6 +26,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence as DicomSequence
+
 from dicomnode.records import InstanceHeader, StoredInstance
 from dicomnode.state import StateDB
 
@@ -72,6 +77,34 @@ def copy_durably(src: Path, dst: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
+def _canonical(value: object) -> object:
+    """A comparable form of an element value, independent of how it was encoded."""
+    if isinstance(value, Dataset):
+        return tuple((int(e.tag), _canonical(e.value)) for e in value)
+    if isinstance(value, DicomSequence | MultiValue | list):
+        return tuple(_canonical(item) for item in value)
+    if isinstance(value, bytes | int | float):
+        return value
+    return str(value)
+
+
+def same_content(first: Path, second: Path) -> bool:
+    """True if two DICOM files hold the same dataset, whatever their encoding.
+
+    A sender may re-encode an instance it sends again (another transfer syntax, implicit or
+    explicit VR, OB or OW for 8-bit pixel data), so equal content can come as different bytes.
+    The File Meta is ignored; values are compared element by element (sequences recursively),
+    so re-compressed pixel data counts as different. Both datasets are read whole, so this is
+    called only when one SOP Instance UID comes again with different bytes. A file that cannot
+    be parsed is never the same as anything.
+    """
+    try:
+        a, b = pydicom.dcmread(first), pydicom.dcmread(second)
+        return _canonical(a) == _canonical(b)
+    except Exception:  # unparseable content (a listener's header check passed it): not equal
+        return False
+
+
 @dataclass(frozen=True)
 class StateLayout:
     """Where things live in the state directory."""
@@ -94,9 +127,20 @@ class StateLayout:
     def tmp_dir(self) -> Path:
         return self.root / "tmp"
 
+    @property
+    def spool_dir(self) -> Path:
+        """Where the listener's pynetdicom spools incoming data sets while they arrive."""
+        return self.root / "spool"
+
     def create(self) -> StateLayout:
         """Create the folders (idempotent; safe to call from any role)."""
-        for folder in (self.root, self.instances_dir, self.results_dir, self.tmp_dir):
+        for folder in (
+            self.root,
+            self.instances_dir,
+            self.results_dir,
+            self.tmp_dir,
+            self.spool_dir,
+        ):
             folder.mkdir(parents=True, exist_ok=True)
         return self
 
@@ -111,6 +155,16 @@ class StateLayout:
                 shutil.rmtree(leftover)
             else:
                 leftover.unlink()
+
+    def clear_spool(self) -> int:
+        """Delete every spooled data set; returns how many. Only the listener calls this, and
+        only while no association is open (nothing can be arriving then)."""
+        removed = 0
+        for leftover in self.spool_dir.iterdir():
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
     def instance_path(self, study_uid: str, sop_instance_uid: str) -> Path:
         """Where an instance is kept: ``instances/<StudyUID>/<SOPInstanceUID>.dcm``."""
@@ -143,10 +197,12 @@ class StoreResult:
 class InstanceStore:
     """Writes received instances durably and records them, one row per SOP Instance UID.
 
-    Same SOP Instance UID again: identical bytes (same SHA-256) are a duplicate and change
-    nothing; different bytes replace the stored file and row and make the study run again (a
-    corrected re-send). The check-rename-record step runs under a lock so two associations
-    sending the same instance at once cannot leave a row that disagrees with its file.
+    Same SOP Instance UID again: identical bytes (same SHA-256), or the same dataset in another
+    encoding (:func:`same_content`, e.g. re-sent in another transfer syntax), are a duplicate
+    and change nothing (the first copy is kept); different content replaces the stored file
+    and row and makes the study run again (a corrected re-send). The check-rename-record step
+    runs under a lock so two associations sending the same instance at once cannot leave a row
+    that disagrees with its file.
     """
 
     def __init__(self, layout: StateLayout, db: StateDB) -> None:
@@ -178,7 +234,11 @@ class InstanceStore:
             )
             with self._lock:
                 existing = self.db.instance(header.sop_instance_uid)
-                if existing is not None and existing.sha256 == sha256 and existing.path.exists():
+                if (
+                    existing is not None
+                    and existing.path.exists()
+                    and (existing.sha256 == sha256 or same_content(existing.path, partial))
+                ):
                     return StoreResult(existing, StoreOutcome.DUPLICATE)
                 self._publish(partial, final)
                 self.db.record_instance(instance, time.time() if now is None else now)
