@@ -13,7 +13,9 @@ re-queues failed ones. Result UIDs are deterministic, so a re-send never duplica
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 from dicomnode import sender
 from dicomnode.config import Config, DeliveryConfig
@@ -24,10 +26,11 @@ from dicomnode.storage import StateLayout
 
 log = get_logger(__name__)
 
-#: How long a claimed delivery stays hidden from other senders: longer than any one send
-#: (connect + association + a DIMSE reply per file); a sender that dies mid-send leaves the
-#: delivery due again after this.
-CLAIM_SECONDS = 900.0
+#: How long a claim hides a delivery from other senders without being renewed. The sender renews
+#: its claims every third of this while it works through them, so a send may take any time, and
+#: a sender that dies (SIGKILL, power loss) leaves its deliveries due again this long after.
+#: ``serve`` and ``work`` use ``queue.lease_seconds``, the same bound as for a job's lease.
+CLAIM_SECONDS = 60.0
 
 
 def batch_outcome(batch: sender.BatchOutcome) -> tuple[DeliveryOutcome, str | None]:
@@ -64,6 +67,35 @@ def send_timeouts(delivery: DeliveryConfig) -> sender.Timeouts:
     send (TCP connect, association, each C-STORE reply, network idle)."""
     seconds = delivery.timeout_seconds
     return sender.Timeouts(connect=seconds, acse=seconds, dimse=seconds, network=seconds)
+
+
+@contextmanager
+def claims_kept(
+    queue: JobQueue, claimed: Sequence[Delivery], claim_seconds: float
+) -> Iterator[None]:
+    """Renew the claims on ``claimed`` every third of ``claim_seconds`` in a background thread
+    while the block runs (a claim whose attempt was recorded meanwhile is left alone)."""
+    done = threading.Event()
+
+    def renew() -> None:
+        while not done.wait(claim_seconds / 3):
+            for delivery in claimed:
+                try:
+                    queue.extend_claim(delivery, claim_seconds)
+                except sqlite3.Error as exc:  # busy database: try again at the next interval
+                    log.warning(
+                        "claim_renew_failed",
+                        delivery_id=delivery.delivery_id,
+                        error=type(exc).__name__,
+                    )
+
+    thread = threading.Thread(target=renew, name="delivery-claims", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 class DeliveryLoop:
@@ -119,8 +151,9 @@ class DeliveryLoop:
     def run_once(self) -> int:
         """Claim and send every due delivery; returns how many were attempted."""
         claimed = self.queue.claim_deliveries(self.claim_seconds)
-        for delivery in claimed:
-            self.deliver(delivery)
+        with claims_kept(self.queue, claimed, self.claim_seconds):
+            for delivery in claimed:
+                self.deliver(delivery)
         return len(claimed)
 
     def run(
@@ -141,7 +174,12 @@ class DeliveryLoop:
 
 def delivery_loop(queue: JobQueue, config: Config) -> DeliveryLoop:
     """The sender role's loop over ``queue`` as configured: our AE title, the send timeouts."""
-    return DeliveryLoop(queue, config.node.ae_title, send_timeouts(config.delivery))
+    return DeliveryLoop(
+        queue,
+        config.node.ae_title,
+        send_timeouts(config.delivery),
+        claim_seconds=config.queue.lease_seconds,
+    )
 
 
 def run_delivery(

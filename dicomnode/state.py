@@ -388,6 +388,13 @@ class JobQueue(Protocol):
         """Take due pending deliveries, hidden from other senders for ``claim_seconds``."""
         ...
 
+    def extend_claim(
+        self, delivery: Delivery, claim_seconds: float, now: float | None = None
+    ) -> bool:
+        """Keep a claimed delivery hidden ``claim_seconds`` longer, unless an attempt was
+        recorded since it was claimed; True if it was extended."""
+        ...
+
     def record_delivery_attempt(
         self,
         delivery_id: int,
@@ -647,6 +654,31 @@ class SqliteJobQueue:
                 [(now + claim_seconds, now, i) for i in ids],
             )
             return tuple(_delivery(conn, i) for i in ids)
+
+    def extend_claim(
+        self, delivery: Delivery, claim_seconds: float, now: float | None = None
+    ) -> bool:
+        """Push a claimed delivery's ``next_attempt_at`` ``claim_seconds`` ahead of ``now``.
+
+        Only while it is still pending with the attempt count it was claimed with: once the
+        sender recorded its attempt (and, for a retry, its back-off), the claim is over.
+        """
+        now = time.time() if now is None else now
+        if claim_seconds <= 0:
+            raise ValueError(f"claim_seconds must be > 0: {claim_seconds}")
+        with self.db.transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE deliveries SET next_attempt_at = ?, updated_at = ? "
+                "WHERE delivery_id = ? AND state = ? AND attempts = ?",
+                (
+                    now + claim_seconds,
+                    now,
+                    delivery.delivery_id,
+                    DeliveryState.PENDING,
+                    delivery.attempts,
+                ),
+            )
+            return cursor.rowcount == 1
 
     def record_delivery_attempt(
         self,
