@@ -18,6 +18,19 @@ SHARED = REPO.parent / "shared"
 FRACATLAS = SHARED / "datasets" / "fracatlas"
 DICOM_SAMPLES = SHARED / "dicom-samples"
 
+#: storescu proposes only uncompressed syntaxes unless told; the option that also proposes a
+#: file's own (compressed) transfer syntax, so that it is sent as it is on disk.
+STORESCU_SYNTAX = {
+    "1.2.840.10008.1.2.1": "-x=",
+    "1.2.840.10008.1.2.5": "-xr",
+    "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.91": "-xw",
+}
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

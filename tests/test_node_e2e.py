@@ -54,24 +54,13 @@ from inference.export import write_random_ensemble
 from inference.imageio import read_grayscale
 from inference.records import Decision, Thresholds
 from inference.regions import match_body_part
-from tests.conftest import DICOM_SAMPLES, REPO, SMALL_MEMBERS
+from tests.conftest import DICOM_SAMPLES, REPO, SMALL_MEMBERS, STORESCU_SYNTAX
 
 pytestmark = [pytest.mark.dicom_peers, pytest.mark.slow, pytest.mark.timeout(300)]
 
 STORESCU, ECHOSCU, DCIODVFY = "/usr/bin/storescu", "/usr/bin/echoscu", "/usr/bin/dciodvfy"
 NODE_AE, MODALITY_AE = "FRACTURE_AI", "MODALITY"
 FRACATLAS_SAMPLES = REPO / "samples" / "fracatlas"
-#: storescu option that proposes the file's own transfer syntax (it is sent as stored).
-STORESCU_SYNTAX = {
-    "1.2.840.10008.1.2.1": "-x=",
-    "1.2.840.10008.1.2.5": "-xr",
-    "1.2.840.10008.1.2.4.51": "-xx",
-    "1.2.840.10008.1.2.4.70": "-xs",
-    "1.2.840.10008.1.2.4.80": "-xt",
-    "1.2.840.10008.1.2.4.81": "-xu",
-    "1.2.840.10008.1.2.4.90": "-xv",
-    "1.2.840.10008.1.2.4.91": "-xw",
-}
 #: A patient whose every identifying value is distinctive, to find any leak into the logs.
 PATIENT = Patient(
     name="Gonçalves^Zoë^Maëlle",

@@ -39,25 +39,14 @@ from dicomnode.records import JobState
 from dicomnode.scp import Listener, StoreStatus, run_listener
 from dicomnode.state import SqliteJobQueue, StateDB
 from dicomnode.storage import StateLayout
+from tests.conftest import DICOM_SAMPLES, STORESCU_SYNTAX
 
 pytestmark = [pytest.mark.dicom_peers, pytest.mark.timeout(120)]
 
-SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "dicom-samples"
+SAMPLES = DICOM_SAMPLES
 STORESCU, ECHOSCU = "/usr/bin/storescu", "/usr/bin/echoscu"
 NODE_AE, CALLER_AE = "FRACTURE_AI", "MODALITY"
 
-# storescu proposes only uncompressed syntaxes unless told; this picks the option that also
-# proposes each file's own (compressed) transfer syntax, so it is sent as it is on disk.
-STORESCU_SYNTAX_OPTION = {
-    "1.2.840.10008.1.2.1": "-x=",
-    "1.2.840.10008.1.2.5": "-xr",
-    "1.2.840.10008.1.2.4.51": "-xx",
-    "1.2.840.10008.1.2.4.70": "-xs",
-    "1.2.840.10008.1.2.4.80": "-xt",
-    "1.2.840.10008.1.2.4.81": "-xu",
-    "1.2.840.10008.1.2.4.90": "-xv",
-    "1.2.840.10008.1.2.4.91": "-xw",
-}
 
 
 def make_config(tmp_path: Path, **node: Any) -> Config:
@@ -81,7 +70,7 @@ def transfer_syntax(path: Path) -> str:
 
 
 def storescu(port: int, *files: Path, calling: str = CALLER_AE) -> subprocess.CompletedProcess[str]:
-    option = {STORESCU_SYNTAX_OPTION[transfer_syntax(f)] for f in files}
+    option = {STORESCU_SYNTAX[transfer_syntax(f)] for f in files}
     assert len(option) == 1, "send files of one transfer syntax per call"
     cmd = [STORESCU, *option, "-aec", NODE_AE, "-aet", calling, "127.0.0.1", str(port)]
     return subprocess.run([*cmd, *map(str, files)], capture_output=True, text=True, timeout=60)
