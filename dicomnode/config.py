@@ -54,6 +54,18 @@ class NodeConfig:
     max_pdu: int
     max_associations: int
     log_level: str
+    max_instance_bytes: int = 2 * 1024 * MIB
+    """Largest data set accepted; a C-STORE that grows beyond it is aborted (0 = no limit)."""
+    min_free_bytes: int = 256 * MIB
+    """Low-water mark: below this much free space in ``state_dir`` C-STORE answers 0xA700."""
+    acse_timeout_seconds: float = 30.0
+    """Longest wait for an association request, release or abort message."""
+    dimse_timeout_seconds: float = 60.0
+    """Longest wait for the next DIMSE message of an open association."""
+    network_timeout_seconds: float = 60.0
+    """An association with no traffic for this long is aborted."""
+    tls: bool = False
+    """Listen with DICOM TLS only (needs the ``[tls]`` table)."""
 
 
 @dataclass(frozen=True)
@@ -126,6 +138,20 @@ class DeliveryConfig(RetryPolicy):
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """``[tls]``: the node's certificate for DICOM TLS (BCP 195), listening and sending.
+
+    With ``ca_certificates`` the listener requires and verifies a client certificate (mutual
+    authentication) and the sender verifies the destination's certificate against it; without
+    it the listener asks for no client certificate and the sender uses the system's trust store.
+    """
+
+    certificate: Path
+    private_key: Path
+    ca_certificates: Path | None
+
+
+@dataclass(frozen=True)
 class AllowedCaller:
     """``[[allowed_callers]]``: a calling AE title and the IP address it must come from."""
 
@@ -146,6 +172,7 @@ class Config:
     destinations: tuple[Destination, ...]
     allowed_callers: tuple[AllowedCaller, ...]
     source: Path | None = None
+    tls: TlsConfig | None = None
 
 
 class _Table:
@@ -269,6 +296,28 @@ def _node(t: _Table) -> NodeConfig:
         max_pdu=t.integer("max_pdu", DEFAULT_MAX_PDU, 0, 2**32 - 1),
         max_associations=t.integer("max_associations", 16, 1, 1024),
         log_level=t.choice("log_level", "info", LOG_LEVELS),
+        max_instance_bytes=t.integer("max_instance_bytes", 2 * 1024 * MIB, 0, 2**63 - 1),
+        min_free_bytes=t.integer("min_free_bytes", 256 * MIB, 0, 2**63 - 1),
+        acse_timeout_seconds=t.seconds("acse_timeout_seconds", 30.0),
+        dimse_timeout_seconds=t.seconds("dimse_timeout_seconds", 60.0),
+        network_timeout_seconds=t.seconds("network_timeout_seconds", 60.0),
+        tls=t.flag("tls", False),
+    )
+
+
+def _existing_file(t: _Table, key: str, default: object = None) -> Path:
+    path = t.path(key, default)
+    if not path.is_file():
+        raise ConfigError(f"{t._key(key)}: no such file: {path}")
+    return path
+
+
+def _tls(t: _Table) -> TlsConfig:
+    has_ca = "ca_certificates" in t._raw
+    return TlsConfig(
+        certificate=_existing_file(t, "certificate", _REQUIRED),
+        private_key=_existing_file(t, "private_key", _REQUIRED),
+        ca_certificates=_existing_file(t, "ca_certificates") if has_ca else None,
     )
 
 
@@ -277,6 +326,7 @@ def _destination(t: _Table) -> Destination:
         ae_title=t.ae_title("ae_title", _REQUIRED),
         host=t.host("host", _REQUIRED),
         port=t.integer("port", _REQUIRED, 1, 65535),
+        tls=t.flag("tls", False),
     )
 
 
@@ -333,8 +383,17 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
         t = _Table(raw, f"allowed_callers[{i}]", base_dir)
         callers.append(_allowed_caller(t))
         t.finish()
+    tls: TlsConfig | None = None
+    if "tls" in data:
+        tls_t = table("tls")
+        tls = _tls(tls_t)
+        tls_t.finish()
     for t in (root, node_t, study_t, inference_t, outputs_t, queue_t, delivery_t):
         t.finish()
+    needs_tls = ["node.tls"] if node.tls else []
+    needs_tls += [f"destinations[{i}].tls" for i, d in enumerate(destinations) if d.tls]
+    if needs_tls and tls is None:
+        raise ConfigError(f"{needs_tls[0]}: needs a [tls] table with certificate and private_key")
     keys = [d.key for d in destinations]
     if len(set(keys)) != len(keys):
         raise ConfigError(
@@ -350,6 +409,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
         destinations=tuple(destinations),
         allowed_callers=tuple(callers),
         source=source,
+        tls=tls,
     )
 
 

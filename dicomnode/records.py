@@ -66,6 +66,8 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    tls: bool = False
+    """Send over DICOM TLS (the node's ``[tls]`` certificate as client certificate)."""
 
     @property
     def key(self) -> str:

@@ -140,7 +140,27 @@ def test_bad_values_name_the_key(section: str, key: str, value: object, message:
         ),
         (
             {"destinations": [{"ae_title": "PACS", "host": "h", "port": 1, "tls": True}]},
-            r"destinations\[0\]: unknown key\(s\) tls",
+            r"destinations\[0\]\.tls: needs a \[tls\] table",
+        ),
+        (
+            {"destinations": [{"ae_title": "PACS", "host": "h", "port": 1, "tlz": True}]},
+            r"destinations\[0\]: unknown key\(s\) tlz",
+        ),
+        (
+            {"node": {"state_dir": "s", "tls": True}},
+            r"node\.tls: needs a \[tls\] table",
+        ),
+        (
+            {"tls": {"certificate": "missing.pem", "private_key": "missing.key"}},
+            r"tls\.certificate: no such file",
+        ),
+        (
+            {"node": {"state_dir": "s", "min_free_bytes": -1}},
+            r"node\.min_free_bytes: must be an integer",
+        ),
+        (
+            {"node": {"state_dir": "s", "network_timeout_seconds": 0}},
+            r"node\.network_timeout_seconds: must be a number of seconds > 0",
         ),
         (
             {"destinations": [{"ae_title": "P", "host": "h", "port": 1}] * 2},
