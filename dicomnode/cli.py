@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode.config import Config, ConfigError, load_config, validate_ae_title
-from dicomnode.logging import configure_logging
+from dicomnode.logging import configure_logging, get_logger
 from dicomnode.records import Delivery, DeliveryState, QueueDepth, StudyStatus
 from dicomnode.state import StateDB, open_queue
 from dicomnode.storage import StateLayout, check_uid
@@ -35,6 +36,8 @@ PROG = "dicomnode"
 
 class UsageError(ValueError):
     """Bad command-line input or configuration: reported in one line, exit status 2."""
+
+log = get_logger(__name__)
 
 
 class CommandFailed(RuntimeError):
@@ -76,30 +79,43 @@ def _open_state(config: Config) -> StateDB:
 # -- the long-running roles ----------------------------------------------------------------
 
 
+def _start_role(args: argparse.Namespace, *, needs_weights: bool) -> Config:
+    """Read the config, set up logging and keep everything the role writes private.
+
+    The umask makes the state database, instances and results readable by the service's user
+    only (as ``UMask=0077`` in the systemd units does); a config readable by everyone is
+    reported (it names the TLS key, the peers and the allow-list).
+    """
+    config = _config(args)
+    if needs_weights:
+        _check_weights(config)
+    configure_logging(config.node.log_level)
+    os.umask(0o077)
+    if config.source is not None and config.source.stat().st_mode & 0o004:
+        log.warning(
+            "config_readable_by_everyone",
+            path=str(config.source),
+            hint="chmod 0640 (owner root, group of the service user)",
+        )
+    return config
+
+
 def cmd_listen(args: argparse.Namespace) -> int:
     from dicomnode.service import run_listen
 
-    config = _config(args)
-    configure_logging(config.node.log_level)
-    return run_listen(config)
+    return run_listen(_start_role(args, needs_weights=False))
 
 
 def cmd_work(args: argparse.Namespace) -> int:
     from dicomnode.service import run_work
 
-    config = _config(args)
-    _check_weights(config)
-    configure_logging(config.node.log_level)
-    return run_work(config)
+    return run_work(_start_role(args, needs_weights=True))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from dicomnode.service import run_serve
 
-    config = _config(args)
-    _check_weights(config)
-    configure_logging(config.node.log_level)
-    return run_serve(config)
+    return run_serve(_start_role(args, needs_weights=True))
 
 
 # -- status ----------------------------------------------------------------------------------

@@ -54,10 +54,12 @@ class NodeConfig:
     max_pdu: int
     max_associations: int
     log_level: str
-    max_instance_bytes: int = 2 * 1024 * MIB
+    max_instance_bytes: int = 256 * MIB
     """Largest data set accepted; a C-STORE that grows beyond it is aborted (0 = no limit)."""
     min_free_bytes: int = 256 * MIB
-    """Low-water mark: below this much free space in ``state_dir`` C-STORE answers 0xA700."""
+    """Low-water mark: C-STORE answers 0xA700 when storing would leave less free space than
+    this in ``state_dir``. At or above ``max_instance_bytes`` (the defaults), an incoming data set
+    always has room to be spooled, so a full disk is answered with a status, not an abort."""
     acse_timeout_seconds: float = 30.0
     """Longest wait for an association request, release or abort message."""
     dimse_timeout_seconds: float = 60.0
@@ -296,7 +298,7 @@ def _node(t: _Table) -> NodeConfig:
         max_pdu=t.integer("max_pdu", DEFAULT_MAX_PDU, 0, 2**32 - 1),
         max_associations=t.integer("max_associations", 16, 1, 1024),
         log_level=t.choice("log_level", "info", LOG_LEVELS),
-        max_instance_bytes=t.integer("max_instance_bytes", 2 * 1024 * MIB, 0, 2**63 - 1),
+        max_instance_bytes=t.integer("max_instance_bytes", 256 * MIB, 0, 2**63 - 1),
         min_free_bytes=t.integer("min_free_bytes", 256 * MIB, 0, 2**63 - 1),
         acse_timeout_seconds=t.seconds("acse_timeout_seconds", 30.0),
         dimse_timeout_seconds=t.seconds("dimse_timeout_seconds", 60.0),
@@ -314,9 +316,17 @@ def _existing_file(t: _Table, key: str, default: object = None) -> Path:
 
 def _tls(t: _Table) -> TlsConfig:
     has_ca = "ca_certificates" in t._raw
+    certificate = _existing_file(t, "certificate", _REQUIRED)
+    private_key = _existing_file(t, "private_key", _REQUIRED)
+    mode = private_key.stat().st_mode & 0o777
+    if mode & 0o007:
+        raise ConfigError(
+            f"{t._key('private_key')}: {private_key} is accessible to everyone (mode {mode:04o}); "
+            "make it readable by the service only, e.g. chmod 0640 (owner root, group dicomnode)"
+        )
     return TlsConfig(
-        certificate=_existing_file(t, "certificate", _REQUIRED),
-        private_key=_existing_file(t, "private_key", _REQUIRED),
+        certificate=certificate,
+        private_key=private_key,
         ca_certificates=_existing_file(t, "ca_certificates") if has_ca else None,
     )
 

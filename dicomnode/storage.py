@@ -133,7 +133,11 @@ class StateLayout:
         return self.root / "spool"
 
     def create(self) -> StateLayout:
-        """Create the folders (idempotent; safe to call from any role)."""
+        """Create the folders (idempotent; safe to call from any role), private to their owner.
+
+        New folders get mode 0700; a state directory that others can enter or read (e.g. made
+        by hand with the default umask) loses those permissions: it holds patient images.
+        """
         for folder in (
             self.root,
             self.instances_dir,
@@ -141,7 +145,10 @@ class StateLayout:
             self.tmp_dir,
             self.spool_dir,
         ):
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mode = self.root.stat().st_mode & 0o777
+        if mode & 0o007:
+            self.root.chmod(mode & ~0o007)
         return self
 
     def clear_tmp(self) -> None:

@@ -243,3 +243,16 @@ def test_jobs_and_deliveries_back_off_by_one_formula(
     assert wait == min(initial * 2 ** (attempts - 1), cap)
     with pytest.raises(ValueError, match="attempts must be >= 1"):
         queue.backoff(0)
+
+
+def test_tls_private_key_readable_by_everyone_is_refused(tmp_path: Path) -> None:
+    cert, key = tmp_path / "node.crt", tmp_path / "node.key"
+    cert.write_text("certificate")
+    key.write_text("key")
+    raw = {**BASE, "tls": {"certificate": str(cert), "private_key": str(key)}}
+    key.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"tls\.private_key: .* accessible to everyone"):
+        parse_config(raw, tmp_path)
+    key.chmod(0o640)
+    tls = parse_config(raw, tmp_path).tls
+    assert tls is not None and tls.private_key == key and tls.ca_certificates is None

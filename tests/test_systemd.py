@@ -20,6 +20,7 @@ import errno
 import json
 import mmap
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -37,6 +38,7 @@ from hypothesis import strategies as st
 from dicomnode import sdnotify
 from dicomnode.config import load_config
 from dicomnode.storage import StateLayout
+from tests.faults.conftest import record_counts
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEMD_DIR = REPO / "systemd"
@@ -207,8 +209,14 @@ def test_watchdog_of_another_process_is_not_ours(monkeypatch: pytest.MonkeyPatch
 
 @pytest.mark.parametrize(
     ("usec", "pid", "name"),
-    [("soon", None, "WATCHDOG_USEC"), ("0", None, "WATCHDOG_USEC"), ("-5", None, "WATCHDOG_USEC"),
-     ("²", None, "WATCHDOG_USEC"), ("1000", "me", "WATCHDOG_PID"), ("1000", "0", "WATCHDOG_PID")],
+    [
+        ("soon", None, "WATCHDOG_USEC"),
+        ("0", None, "WATCHDOG_USEC"),
+        ("-5", None, "WATCHDOG_USEC"),
+        ("²", None, "WATCHDOG_USEC"),
+        ("1000", "me", "WATCHDOG_PID"),
+        ("1000", "0", "WATCHDOG_PID"),
+    ],
 )
 def test_malformed_watchdog_variables_raise(
     monkeypatch: pytest.MonkeyPatch, usec: str, pid: str | None, name: str
@@ -433,7 +441,13 @@ def test_systemd_analyze_security_exposure(tmp_path: Path, unit: str) -> None:
         "security", "--offline=true", "--man=no", "--threshold=19", f"./{copy.name}", cwd=tmp_path
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
-    assert f"Overall exposure level for {unit}: " in result.stdout
+    found = re.search(
+        rf"Overall exposure level for {re.escape(unit)}: ([0-9.]+) (\w+)", result.stdout
+    )
+    assert found is not None, result.stdout[-3000:]
+    exposure = float(found.group(1))
+    assert exposure < 2.0
+    record_counts(f"systemd_security_{unit}", {"exposure": exposure, "band": found.group(2)})
 
 
 # --- MemoryDenyWriteExecute=yes ----------------------------------------------------------------
@@ -473,7 +487,11 @@ def libseccomp() -> ctypes.CDLL:
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
     lib.seccomp_rule_add_array.argtypes = [
-        ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(ScmpArgCmp)
+        ctypes.c_void_p,
+        ctypes.c_uint32,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.POINTER(ScmpArgCmp),
     ]
     lib.seccomp_load.argtypes = [ctypes.c_void_p]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
