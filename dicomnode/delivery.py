@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
-from dicomnode import sender
-from dicomnode.config import Config, DeliveryConfig
+from dicomnode import sender, tls
+from dicomnode.config import Config, DeliveryConfig, TlsConfig
 from dicomnode.logging import get_logger
 from dicomnode.records import Delivery, DeliveryOutcome, DeliveryState, EventLike
 from dicomnode.state import JobQueue, open_queue
@@ -54,12 +54,31 @@ def batch_outcome(batch: sender.BatchOutcome) -> tuple[DeliveryOutcome, str | No
     return DeliveryOutcome.TRANSIENT_FAILURE, reason
 
 
-def scu_destination(delivery: Delivery, calling_ae: str) -> sender.Destination:
-    """The SCU's view of a delivery's destination: where to connect, called and calling AE."""
+def scu_destination(
+    delivery: Delivery, calling_ae: str, tls_config: TlsConfig | None = None
+) -> sender.Destination:
+    """The SCU's view of a delivery's destination: where to connect, called and calling AE,
+    and the TLS settings to connect with (None: plain TCP)."""
     dest = delivery.destination
     return sender.Destination(
-        host=dest.host, port=dest.port, called_ae=dest.ae_title, calling_ae=calling_ae
+        host=dest.host,
+        port=dest.port,
+        called_ae=dest.ae_title,
+        calling_ae=calling_ae,
+        tls=tls_config,
     )
+
+
+def tls_by_destination(config: Config) -> dict[str, TlsConfig]:
+    """The ``[tls]`` settings for each destination with ``tls = true``, by ``Destination.key``.
+
+    Deliveries read back from the state database carry no TLS flag (the database keeps where,
+    not how), so the sender looks each one up here: the configuration in force decides, and a
+    destination no longer configured is sent to over plain TCP as before.
+    """
+    if config.tls is None:
+        return {}
+    return {d.key: config.tls for d in config.destinations if d.tls}
 
 
 def send_timeouts(delivery: DeliveryConfig) -> sender.Timeouts:
@@ -107,19 +126,22 @@ class DeliveryLoop:
         calling_ae: str,
         timeouts: sender.Timeouts | None = None,
         claim_seconds: float = CLAIM_SECONDS,
+        tls_configs: Mapping[str, TlsConfig] | None = None,
     ) -> None:
         self.queue = queue
         self.calling_ae = calling_ae
         self.timeouts = timeouts or sender.Timeouts()
         self.claim_seconds = claim_seconds
+        self.tls_configs = dict(tls_configs or {})
+        """TLS settings by destination key (:func:`tls_by_destination`); others: plain TCP."""
 
     def attempt(self, delivery: Delivery) -> tuple[DeliveryOutcome, str | None]:
         """Send one delivery's files once (nothing recorded) and classify the outcome."""
         if not delivery.files:
             return DeliveryOutcome.PERMANENT_FAILURE, "the job recorded no result files"
-        batch = sender.send_files(
-            scu_destination(delivery, self.calling_ae), delivery.files, self.timeouts
-        )
+        tls_config = self.tls_configs.get(delivery.destination.key)
+        destination = scu_destination(delivery, self.calling_ae, tls_config)
+        batch = sender.send_files(destination, delivery.files, self.timeouts)
         return batch_outcome(batch)
 
     def deliver(self, delivery: Delivery) -> Delivery:
@@ -173,12 +195,18 @@ class DeliveryLoop:
 
 
 def delivery_loop(queue: JobQueue, config: Config) -> DeliveryLoop:
-    """The sender role's loop over ``queue`` as configured: our AE title, the send timeouts."""
+    """The sender role's loop over ``queue`` as configured: our AE title, the send timeouts,
+    TLS for the destinations that ask for it. A ``[tls]`` table whose files cannot be used
+    raises :class:`dicomnode.tls.TlsError` here, at start, not at the first delivery."""
+    tls_configs = tls_by_destination(config)
+    for tls_config in set(tls_configs.values()):
+        tls.client_context(tls_config)
     return DeliveryLoop(
         queue,
         config.node.ae_title,
         send_timeouts(config.delivery),
         claim_seconds=config.queue.lease_seconds,
+        tls_configs=tls_configs,
     )
 
 
@@ -193,7 +221,11 @@ def run_delivery(
     """
     with StateLayout(config.node.state_dir).open_db() as db:
         loop = delivery_loop(open_queue(db, config), config)
-        log.info("sender_started", destinations=[d.key for d in config.destinations])
+        log.info(
+            "sender_started",
+            destinations=[d.key for d in config.destinations],
+            tls_destinations=sorted(loop.tls_configs),
+        )
         poll = min(1.0, config.delivery.retry_initial_seconds / 4)
         loop.run(stop, poll=poll, heartbeat=heartbeat)
         log.info("sender_stopped")

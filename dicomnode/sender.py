@@ -6,8 +6,17 @@ out, association aborted, rejected-transient, out of resources 0xA7xx, cannot un
 and other unknown failures) or ``PERMANENT`` (retrying cannot help: rejected-permanent, e.g. an
 unrecognised called or calling AE title; no accepted presentation context for the SOP class;
 refused/not authorised 0x0124; SOP class not supported 0x0122; data set does not match the SOP
-class 0xA9xx; an unreadable file). Nothing is persisted here; the caller owns retries and state,
-pacing them with :func:`backoff_delay`.
+class 0xA9xx; an unreadable file).
+
+Over DICOM TLS (a destination with ``tls``) a failed handshake is ``PERMANENT`` when the two
+sides disagree: the destination's certificate is not trusted or does not name the host, it
+refuses our certificate, no common TLS version or cipher suite, or it does not speak TLS on that
+port. These fail the same way until someone changes a certificate or the configuration (then
+``dicomnode retry``). It is ``TRANSIENT`` when the connection drops or times out during the
+handshake (a restarting peer). The reason carries OpenSSL's words (``dicomnode.tls``).
+
+Nothing is persisted here; the caller owns retries and state, pacing them with
+:func:`backoff_delay`.
 """
 
 from __future__ import annotations
@@ -32,6 +41,9 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.pdu import A_ASSOCIATE_RJ
+
+from dicomnode import tls as dicom_tls
+from dicomnode.config import TlsConfig
 
 #: The result SOP classes this node sends, each proposed with both uncompressed syntaxes.
 RESULT_SOP_CLASSES = (
@@ -63,6 +75,8 @@ class Destination:
     port: int
     called_ae: str
     calling_ae: str = "DICOMNODE"
+    tls: TlsConfig | None = None
+    """Connect with DICOM TLS using this certificate and trust (None: plain TCP)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -136,6 +150,13 @@ def send_files(
     files = tuple(Path(f) for f in files)
     if not files:
         raise ValueError("no files to send")
+    try:  # a fresh context per association: renewed certificates count at once
+        context = dicom_tls.client_context(destination.tls) if destination.tls else None
+    except dicom_tls.TlsError as exc:
+        reason = f"TLS configuration: {exc}"
+        return BatchOutcome(
+            tuple(DeliveryOutcome(f, DeliveryStatus.PERMANENT, reason) for f in files)
+        )
     ae = _application_entity(destination, timeouts)
     watch = _AssociationWatch()
     assoc = ae.associate(
@@ -146,10 +167,12 @@ def send_files(
             (evt.EVT_CONN_OPEN, watch.on_connect),
             (evt.EVT_PDU_RECV, watch.on_pdu),
         ],
+        tls_args=(context, destination.host) if context is not None else None,
     )
     try:
         if not assoc.is_established:
-            status, reason = _association_failure(assoc, destination, watch)
+            tls_failure = context.failure if context is not None else None
+            status, reason = _association_failure(assoc, destination, watch, tls_failure)
             return BatchOutcome(tuple(DeliveryOutcome(f, status, reason) for f in files))
         return BatchOutcome(tuple(_send_one(assoc, f) for f in files))
     finally:
@@ -191,10 +214,19 @@ def _application_entity(destination: Destination, timeouts: Timeouts) -> AE:
 
 
 def _association_failure(
-    assoc: Association, destination: Destination, watch: _AssociationWatch
+    assoc: Association,
+    destination: Destination,
+    watch: _AssociationWatch,
+    tls_failure: OSError | None = None,
 ) -> tuple[DeliveryStatus, str]:
     """Why the association did not come up, and whether retrying can help."""
     where = f"{destination.called_ae}@{destination.host}:{destination.port}"
+    if tls_failure is not None:
+        permanent = dicom_tls.is_permanent(tls_failure)
+        return (
+            DeliveryStatus.PERMANENT if permanent else DeliveryStatus.TRANSIENT,
+            f"TLS with {where} failed: {dicom_tls.failure_reason(tls_failure)}",
+        )
     if not watch.connected:
         return (
             DeliveryStatus.TRANSIENT,
