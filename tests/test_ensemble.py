@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -51,20 +52,45 @@ def test_load_refuses_a_malformed_weights_file_with_a_matching_hash(random_weigh
     path.write_bytes(b"this is not safetensors")
     manifest = read_manifest(random_weights)
     members = tuple(
-        replace(m, sha256=sha256_file(path)) if m.name == "raw-map" else m
-        for m in manifest.members
+        replace(m, sha256=sha256_file(path)) if m.name == "raw-map" else m for m in manifest.members
     )
     write_manifest(replace(manifest, members=members))
     with pytest.raises(ManifestError, match="not a valid safetensors"):
         Ensemble.load(random_weights, device="cpu")
 
 
+class _Payload:
+    """Unpickling this writes a file: what a malicious pickled "weights" file could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[Path, str]]:
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def test_load_never_unpickles_a_pickled_weights_file(random_weights: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "unpickled"
+    path = random_weights / "raw-map.safetensors"
+    with path.open("wb") as handle:
+        pickle.dump({"weight": _Payload(marker)}, handle)
+    manifest = read_manifest(random_weights)
+    members = tuple(
+        replace(m, sha256=sha256_file(path)) if m.name == "raw-map" else m for m in manifest.members
+    )
+    write_manifest(replace(manifest, members=members))
+    with pytest.raises(ManifestError, match="not a valid safetensors"):
+        Ensemble.load(random_weights, device="cpu")
+    assert not marker.exists()
+
+
 def test_load_refuses_weights_of_another_architecture(tmp_path: Path) -> None:
     folder = tmp_path / "w"
     write_random_ensemble(folder, [SMALL_MEMBERS[0]])
     other = tmp_path / "other"
-    write_random_ensemble(other, [replace(SMALL_MEMBERS[0], options={"width": 0.5,
-                                                                     "map_head": True})])
+    write_random_ensemble(
+        other, [replace(SMALL_MEMBERS[0], options={"width": 0.5, "map_head": True})]
+    )
     shutil.copy(other / "raw-map.safetensors", folder / "raw-map.safetensors")
     manifest = read_manifest(folder)
     member = replace(manifest.members[0], sha256=sha256_file(folder / "raw-map.safetensors"))
@@ -113,8 +139,10 @@ def test_member_inputs_follow_the_input_kind(random_weights: Path) -> None:
 
 def test_scores_and_maps_are_unweighted_means(random_weights: Path) -> None:
     ensemble = Ensemble.load(random_weights, device="cpu")
-    images = [read_grayscale(FRACATLAS / "images" / name)
-              for name in ("IMG0000019.jpg", "IMG0000007.jpg", "IMG0000003.jpg")]
+    images = [
+        read_grayscale(FRACATLAS / "images" / name)
+        for name in ("IMG0000019.jpg", "IMG0000007.jpg", "IMG0000003.jpg")
+    ]
     outputs = ensemble.predict(images)
     prepared = ensemble.preprocess_all(images)
     for index, spec in enumerate(ensemble.manifest.members):
@@ -130,16 +158,22 @@ def test_scores_and_maps_are_unweighted_means(random_weights: Path) -> None:
     # the map is the mean of the two map members only (both at 64 px: no resizing)
     map_members = [i for i, m in enumerate(ensemble.manifest.members) if m.options.map_head]
     with torch.inference_mode():
-        maps = [torch.sigmoid(ensemble.models[i](member_input(
-            ensemble.manifest.members[i], prepared[64])).map_logit)[:, 0].numpy()
-            for i in map_members]
+        maps = [
+            torch.sigmoid(
+                ensemble.models[i](
+                    member_input(ensemble.manifest.members[i], prepared[64])
+                ).map_logit
+            )[:, 0].numpy()
+            for i in map_members
+        ]
     np.testing.assert_allclose(outputs[0].prob_map, (maps[0][0] + maps[1][0]) / 2, atol=1e-6)
 
 
 def test_a_batch_of_views_gives_the_same_results_as_one_at_a_time(random_weights: Path) -> None:
     ensemble = Ensemble.load(random_weights, device="cpu")
-    images = [read_grayscale(FRACATLAS / "images" / n) for n in ("IMG0000019.jpg",
-                                                                "IMG0000025.jpg")]
+    images = [
+        read_grayscale(FRACATLAS / "images" / n) for n in ("IMG0000019.jpg", "IMG0000025.jpg")
+    ]
     together = ensemble.predict(images)
     alone = [ensemble.predict([image])[0] for image in images]
     for a, b in zip(together, alone, strict=True):
@@ -157,10 +191,12 @@ def test_analyse_uses_the_region_group_and_maps_boxes_to_original_pixels(tmp_pat
     image = read_grayscale(FRACATLAS / "images" / "IMG0000019.jpg")
     results, timings = ensemble.analyse([image, image], ["wrist", "elbow"])
     wrist, elbow = results
-    assert (wrist.group, wrist.group_fallback, wrist.decision) == ("hand", False,
-                                                                   Decision.FRACTURE)
-    assert (elbow.group, elbow.group_fallback, elbow.decision) == ("global", True,
-                                                                   Decision.POSSIBLE_FRACTURE)
+    assert (wrist.group, wrist.group_fallback, wrist.decision) == ("hand", False, Decision.FRACTURE)
+    assert (elbow.group, elbow.group_fallback, elbow.decision) == (
+        "global",
+        True,
+        Decision.POSSIBLE_FRACTURE,
+    )
     rows, cols = image.shape
     for result in results:
         assert result.boxes, "a positive image always gets a box"
@@ -193,8 +229,9 @@ def test_device_selection() -> None:
 
 
 def test_random_folder_is_marked_untrained_and_uncalibrated(tmp_path: Path) -> None:
-    manifest = write_random_ensemble(tmp_path / "w", [MemberDraft(
-        "m", "drn_d_22", "raw", 32, {"width": 0.25})])
+    manifest = write_random_ensemble(
+        tmp_path / "w", [MemberDraft("m", "drn_d_22", "raw", 32, {"width": 0.25})]
+    )
     assert not manifest.trained
     assert "not trained" in manifest.description
     assert all(not t.calibrated for t in manifest.thresholds.values())
