@@ -37,6 +37,7 @@ PROG = "dicomnode"
 class UsageError(ValueError):
     """Bad command-line input or configuration: reported in one line, exit status 2."""
 
+
 log = get_logger(__name__)
 
 

@@ -21,6 +21,9 @@ from dicomnode.records import Destination
 MIB = 1024 * 1024
 DEFAULT_MAX_PDU = 4 * MIB
 LOG_LEVELS = ("debug", "info", "warning", "error")
+PRECISIONS = ("auto", "fp32", "bf16")
+"""``inference.precision`` values: those of ``inference.precision.PRECISIONS`` (not imported, so
+that reading a config does not load torch)."""
 
 
 class ConfigError(ValueError):
@@ -79,10 +82,14 @@ class StudyConfig:
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """``[inference]``: the ensemble to load and where to run it."""
+    """``[inference]``: the ensemble to load, where and how to run it."""
 
     weights: Path
     device: Device
+    precision: str = "auto"
+    """``auto`` (bf16 on CUDA with bf16 and on CPUs with AMX, else fp32), ``fp32`` or ``bf16``."""
+    channels_last: bool | None = None
+    """The NHWC memory layout; None (key absent): on with bf16, off in fp32."""
 
 
 @dataclass(frozen=True)
@@ -231,6 +238,13 @@ class _Table:
             raise ConfigError(f"{self._key(key)}: must be true or false, got {value!r}")
         return value
 
+    def optional_flag(self, key: str) -> bool | None:
+        """A boolean, or None when the key is absent (the program decides)."""
+        if key not in self._raw:
+            self._seen.add(key)
+            return None
+        return self.flag(key, None)
+
     def path(self, key: str, default: object = None) -> Path:
         value = Path(self.string(key, default)).expanduser()
         return value if value.is_absolute() else (self._base_dir / value).resolve()
@@ -360,6 +374,12 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
     inference = InferenceConfig(
         weights=inference_t.path("weights", "ensemble_weights"),
         device=Device(inference_t.choice("device", "auto", tuple(Device))),
+        precision=inference_t.choice("precision", "auto", PRECISIONS),
+        channels_last=(
+            inference_t.flag("channels_last", False)
+            if "channels_last" in inference_t._raw
+            else None
+        ),
     )
     outputs = OutputsConfig(
         sr=outputs_t.flag("sr", True),

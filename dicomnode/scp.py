@@ -150,9 +150,10 @@ def check_matches_request(
 def space_shortfall(state_dir: Path, incoming: int, node: NodeConfig) -> str | None:
     """Why an instance of ``incoming`` bytes must not be stored now, or None if it may.
 
-    Storing copies the spooled data set into the state directory, so ``incoming`` more bytes
-    are needed there; the free space left after that must stay at or above the low-water mark
-    ``node.min_free_bytes`` (the database and the results need room too).
+    The spooled data set is normally renamed into place, but copied where the spool is on
+    another file system, so ``incoming`` more bytes are counted as needed; the free space left
+    after that must stay at or above the low-water mark ``node.min_free_bytes`` (the database
+    and the results need room too).
     """
     free = shutil.disk_usage(state_dir).free
     if free - incoming < node.min_free_bytes:
@@ -619,7 +620,7 @@ class Listener:
             "transfer_syntax_uid": header.transfer_syntax_uid,
         }
         try:
-            result = self.store.store(path, header, event.assoc.requestor.ae_title)
+            result = self.store.store(path, header, event.assoc.requestor.ae_title, move=True)
         except (OSError, sqlite3.Error) as exc:
             reason = f"{type(exc).__name__}: {exc}"
             return StoreStatus.OUT_OF_RESOURCES, {**ids, "outcome": "not_stored", "reason": reason}

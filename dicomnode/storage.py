@@ -15,6 +15,7 @@ overwrites.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -74,6 +75,30 @@ def copy_durably(src: Path, dst: Path) -> tuple[int, str]:
             size += len(chunk)
         fout.flush()
         os.fsync(fout.fileno())
+    return size, digest.hexdigest()
+
+
+def move_durably(src: Path, dst: Path) -> tuple[int, str]:
+    """Give the file ``src`` the new name ``dst`` (which must not exist), fsync it, and return its
+    size and SHA-256 hex digest: the received file is kept instead of written a second time.
+
+    ``src`` and ``dst`` should be on one file system; where they are not (``EXDEV``), ``src`` is
+    copied with :func:`copy_durably` and left in place.
+    """
+    try:
+        os.link(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        return copy_durably(src, dst)
+    src.unlink(missing_ok=True)
+    digest = hashlib.sha256()
+    size = 0
+    with dst.open("rb") as handle:
+        while chunk := handle.read(COPY_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+        os.fsync(handle.fileno())
     return size, digest.hexdigest()
 
 
@@ -218,16 +243,25 @@ class InstanceStore:
         self._lock = threading.Lock()
 
     def store(
-        self, received: Path, header: InstanceHeader, calling_ae: str, now: float | None = None
+        self,
+        received: Path,
+        header: InstanceHeader,
+        calling_ae: str,
+        now: float | None = None,
+        *,
+        move: bool = False,
     ) -> StoreResult:
         """Store the DICOM file ``received`` (File Meta + dataset as received) durably.
 
+        With ``move`` the file itself is taken (the listener's spool file, which pynetdicom would
+        delete next): renamed into place instead of copied, so each instance is written once.
         Raises OSError (disk full, permissions) or sqlite3.Error; nothing is recorded then.
         """
         final = self.layout.instance_path(header.study_instance_uid, header.sop_instance_uid)
         partial = self.layout.tmp_dir / f"{uuid.uuid4().hex}.part"
+        keep = move_durably if move else copy_durably
         try:
-            size, sha256 = copy_durably(received, partial)
+            size, sha256 = keep(received, partial)
             instance = StoredInstance(
                 sop_instance_uid=header.sop_instance_uid,
                 sop_class_uid=header.sop_class_uid,

@@ -419,7 +419,12 @@ def run_worker(
 
     ``ready`` is called once the weights are loaded and the queue is open.
     """
-    ensemble = Ensemble.load(config.inference.weights, device=str(config.inference.device))
+    ensemble = Ensemble.load(
+        config.inference.weights,
+        device=str(config.inference.device),
+        precision=config.inference.precision,
+        channels_last=config.inference.channels_last,
+    )
     with StateLayout(config.node.state_dir).open_db() as db:
         worker = Worker(config, ensemble, open_queue(db, config), heartbeat=heartbeat)
         algorithm = ensemble.algorithm
@@ -429,6 +434,7 @@ def run_worker(
             algorithm=algorithm.name,
             algorithm_version=algorithm.version,
             device=str(ensemble.device),
+            speed=ensemble.speed.describe(),
             trained=ensemble.manifest.trained,
         )
         if ready is not None:

@@ -5,6 +5,10 @@ scores are the unweighted mean of the members' sigmoid scores; the probability m
 unweighted mean over the members that have a map head (Jones et al. 2020, "Analysis stage").
 Maps of members at different input sizes are resized to the largest size before averaging; the
 transform of that size maps boxes back to the original pixels.
+
+Speed (``inference/precision.py``): members run under ``torch.inference_mode``, optionally in bf16
+autocast and the channels-last memory layout (``precision = auto | fp32 | bf16``,
+``channels_last``); fp32 without channels-last (the default) gives the reference scores.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from inference.manifest import Manifest, ManifestError, MemberSpec, read_manifes
 from inference.manifest import verified_weights_path as verified_weights_path
 from inference.models import DRN, build_model
 from inference.postprocess import postprocess
+from inference.precision import FP32, SpeedSettings, resolve_speed
 from inference.preprocess import Preprocessed, Transform
 from inference.records import AlgorithmInfo, ImageResult
 from inference.regions import group_for
@@ -129,22 +134,39 @@ def _resize_map(prob_map: np.ndarray, size: int) -> np.ndarray:
 class Ensemble:
     """A loaded ensemble. ``Ensemble.load(folder)`` checks every hash before building anything."""
 
-    def __init__(self, manifest: Manifest, models: Sequence[DRN], device: torch.device) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        models: Sequence[DRN],
+        device: torch.device,
+        speed: SpeedSettings = FP32,
+    ) -> None:
         if len(models) != len(manifest.members):
             raise ValueError("one model per manifest member is required")
         self.manifest = manifest
-        self.models = tuple(models)
+        self.models = tuple(speed.apply_layout(m) for m in models)
         self.device = device
+        self.speed = speed
+        self._autocast = speed.autocast(device)
         self.map_size = max(m.size for m in manifest.members)
 
     @classmethod
-    def load(cls, folder: Path | str, device: str = "auto") -> Ensemble:
+    def load(
+        cls,
+        folder: Path | str,
+        device: str = "auto",
+        precision: str = "fp32",
+        channels_last: bool | None = None,
+    ) -> Ensemble:
+        """Load and verify the ensemble; ``precision`` (auto, fp32, bf16) and ``channels_last``
+        (None: on with bf16) are resolved for the device by :func:`resolve_speed`."""
         manifest = read_manifest(Path(folder))
         target = select_device(device)
+        speed = resolve_speed(precision, channels_last, target)
         for spec in manifest.members:  # every hash first: refuse before spending time building
             verified_weights_path(manifest, spec)
         models = [load_member(manifest, spec, target) for spec in manifest.members]
-        return cls(manifest, models, target)
+        return cls(manifest, models, target, speed)
 
     @property
     def algorithm(self) -> AlgorithmInfo:
@@ -178,8 +200,10 @@ class Ensemble:
         map_sum = np.zeros((n, self.map_size, self.map_size), dtype=np.float32)
         n_maps = 0
         for index, (spec, model) in enumerate(zip(self.manifest.members, self.models, strict=True)):
-            batch = member_input(spec, prepared[spec.size]).to(self.device)
-            out = model(batch)
+            batch = member_input(spec, prepared[spec.size])
+            batch = batch.to(self.device, memory_format=self.speed.memory_format)
+            with self._autocast():
+                out = model(batch)
             scores[index] = torch.sigmoid(out.score_logit.float()).cpu().numpy()
             if out.map_logit is not None:
                 maps = torch.sigmoid(out.map_logit.float())[:, 0].cpu().numpy()

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from dicomnode.config import (
     DEFAULT_MAX_PDU,
+    PRECISIONS,
     AllowedCaller,
     ConfigError,
     DeliveryConfig,
@@ -256,3 +257,16 @@ def test_tls_private_key_readable_by_everyone_is_refused(tmp_path: Path) -> None
     key.chmod(0o640)
     tls = parse_config(raw, tmp_path).tls
     assert tls is not None and tls.private_key == key and tls.ca_certificates is None
+
+
+def test_inference_speed_keys() -> None:
+    from inference.precision import PRECISIONS as INFERENCE_PRECISIONS
+
+    assert PRECISIONS == INFERENCE_PRECISIONS
+    default = parse_config(BASE, Path("/etc")).inference
+    assert (default.precision, default.channels_last) == ("auto", None)
+    raw = {**BASE, "inference": {"precision": "fp32", "channels_last": True}}
+    chosen = parse_config(raw, Path("/etc")).inference
+    assert (chosen.precision, chosen.channels_last) == ("fp32", True)
+    with pytest.raises(ConfigError, match=r"inference\.precision: must be one of"):
+        parse_config({**BASE, "inference": {"precision": "fp16"}}, Path("/etc"))

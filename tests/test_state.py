@@ -6,6 +6,8 @@ Time is passed explicitly (``now``), so lease expiry and back-off are tested wit
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +26,7 @@ from dicomnode.records import (
     StudyState,
 )
 from dicomnode.state import SCHEMA_VERSION, LeaseLostError, SqliteJobQueue, StateDB, open_queue
-from dicomnode.storage import InstanceStore, StateLayout, StoreOutcome
+from dicomnode.storage import InstanceStore, StateLayout, StoreOutcome, move_durably
 
 T0 = 1_800_000_000.0
 STABLE = 10.0
@@ -435,6 +437,42 @@ def test_store_is_byte_identical_and_deduplicates(tmp_path: Path) -> None:
         assert db.recent_studies()[0].state is StudyState.RECEIVING
         assert queue.enqueue_stable_studies(now=T0 + 20 + STABLE) == (STUDY,)
         assert list(layout.tmp_dir.iterdir()) == []
+
+
+def test_store_with_move_takes_the_received_file_itself(tmp_path: Path) -> None:
+    layout = StateLayout(tmp_path / "state").create()
+    original = SAMPLE / "CR_cspine_16x16_dicomdir6154.dcm"
+    spooled = layout.spool_dir / "received.dcm"
+    shutil.copyfile(original, spooled)
+    inode = spooled.stat().st_ino
+    with layout.open_db() as db:
+        stored = InstanceStore(layout, db).store(spooled, header(), "MODALITY", move=True)
+        assert stored.outcome is StoreOutcome.NEW
+        assert not spooled.exists()
+        assert stored.instance.path.stat().st_ino == inode  # renamed, not written again
+        assert stored.instance.path.read_bytes() == original.read_bytes()
+        assert stored.instance.sha256 == hashlib.sha256(original.read_bytes()).hexdigest()
+        assert stored.instance.size == original.stat().st_size
+        # the same content again: a duplicate, and the received copy is removed too
+        shutil.copyfile(original, spooled)
+        again = InstanceStore(layout, db).store(spooled, header(), "MODALITY", move=True)
+        assert again.outcome is StoreOutcome.DUPLICATE and not spooled.exists()
+    assert list(layout.tmp_dir.iterdir()) == []
+
+
+def test_move_durably_copies_across_file_systems(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another file system than the temporary folder")
+    src = shm / f"move-durably-{os.getpid()}.dcm"
+    src.write_bytes(b"DICM" * 1000)
+    try:
+        size, sha256 = move_durably(src, tmp_path / "dst.dcm")
+        assert (size, sha256) == (4000, hashlib.sha256(b"DICM" * 1000).hexdigest())
+        assert (tmp_path / "dst.dcm").read_bytes() == b"DICM" * 1000
+        assert src.exists()  # copied, the source left to its owner
+    finally:
+        src.unlink(missing_ok=True)
 
 
 @pytest.mark.parametrize("bad", ["../1.2", "1.2/3", "", "1..2", "1.2.", "x" * 3, "1." * 40 + "1"])

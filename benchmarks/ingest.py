@@ -1,0 +1,368 @@
+"""Ingest throughput: DCMTK storescu sends real-size radiographs to DCMTK storescp (syncing each
+file) and to ``dicomnode listen`` (temporary file, fsync, rename, directory fsync, SQLite row),
+side by side in one invocation.
+
+    python benchmarks/ingest.py                         # 100 instances, 1/4/16 senders, 3 runs
+    python benchmarks/ingest.py --quick                 # 12 instances, 1/4 senders, 1 run
+    python benchmarks/ingest.py --profile               # also: where the node's time goes (py-spy)
+
+Instances: DX, 2560 x 2048, 16 bit, Explicit VR Little Endian, about 10 MB each (wrapped with
+``dicomnode.demo.dx_from_image`` and widened to 16 bit), written once into a temporary folder on
+the same file system as the receivers' output (``--workdir``; it must not be a tmpfs, where fsync
+costs nothing). Each run starts a fresh receiver with an empty output folder, sends all instances
+with ``--senders`` concurrent ``storescu`` processes (each one association with its share of the
+files; ``TCP_NODELAY=1`` in their environment) and times from the first start to the last exit;
+every instance must be acknowledged and on disk. Targets alternate within a run, so both see the
+same machine load; the table gives the median of ``--runs`` and the ratio node / storescp.
+
+What is compared. storescp 3.6.7 has no option to sync what it writes, so it runs as
+``storescp --fork +B -pdu 131072 -xcr "/usr/bin/sync #p/#f #p" -xs``: bit-preserving write, then
+synchronously (before the C-STORE response) ``sync FILE DIR``, which fsyncs the file and its
+directory: the same guarantee the node gives (plus the node's SQLite commit). 131072 bytes is
+storescp's largest receive PDU; the node offers 4 MiB (its default). ``--fork`` gives each
+association its own process, as the node gives each its own thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from machine import machine_facts, median, print_facts, print_table
+
+from dicomnode.demo import (
+    LOOPBACK,
+    STORESCP,
+    STORESCU,
+    Patient,
+    dx_from_image,
+    free_port,
+    stop_process,
+    wait_until_bound,
+)
+
+NODE_AE, SCP_AE, MODALITY_AE = "FRACTURE_AI", "STORESCP", "MODALITY"
+SYNC = "/usr/bin/sync"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    target: str
+    senders: int
+    seconds: float
+    instances: int
+    megabytes: float
+
+
+# -- instances -------------------------------------------------------------------------------
+
+
+def radiograph16(rows: int, cols: int, seed: int) -> np.ndarray:
+    """A 12-bit-range radiograph-like uint16 image (smooth gradient, disc, noise)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    disc = ((x - cols / 2) ** 2 + (y - rows / 2) ** 2) < (min(rows, cols) / 3) ** 2
+    image = 600 + 1500 * y / rows + 1200 * disc + rng.normal(0, 40, (rows, cols))
+    return np.clip(image, 0, 4095).astype(np.uint16)
+
+
+def make_instances(folder: Path, count: int, rows: int, cols: int) -> list[Path]:
+    """``count`` DX instances of one study (16 bit, ``rows`` x ``cols``), as files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    base = radiograph16(rows, cols, seed=0)
+    template = dx_from_image(np.zeros((8, 8), np.uint8), body_part="HAND", patient=Patient())
+    paths = []
+    for index in range(count):
+        ds = dx_from_image(np.zeros((8, 8), np.uint8), body_part="HAND", patient=Patient(),
+                           study_uid=str(template.StudyInstanceUID),
+                           series_uid=str(template.SeriesInstanceUID), instance_number=index + 1)
+        pixels = np.roll(base, index * 7, axis=1)  # distinct content per instance
+        ds.Rows, ds.Columns = rows, cols
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+        ds.WindowCenter, ds.WindowWidth = 2048, 4096
+        ds.LossyImageCompression = "00"
+        del ds.LossyImageCompressionMethod
+        ds.PixelData = pixels.tobytes()
+        path = folder / f"dx{index:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+# -- receivers -------------------------------------------------------------------------------
+
+
+@contextmanager
+def storescp(workdir: Path) -> Iterator[tuple[int, str, Path]]:
+    """DCMTK storescp syncing each file and its folder before answering; (port, AE, out dir)."""
+    out = workdir / "storescp-out"
+    out.mkdir(parents=True)
+    port = free_port()
+    cmd = [str(STORESCP), "--fork", "+B", "-aet", SCP_AE, "-pdu", "131072", "-od", str(out),
+           "-xcr", f"{SYNC} #p/#f #p", "-xs", str(port)]
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until_bound(port, process, time.monotonic() + 15)
+        yield port, SCP_AE, out
+    finally:
+        stop_process(process)
+
+
+def node_config(state_dir: Path, port: int) -> str:
+    return (
+        f'[node]\nae_title = "{NODE_AE}"\nbind = "{LOOPBACK}"\nport = {port}\n'
+        f'state_dir = "{state_dir}"\nmax_associations = 32\n\n'
+        "[study]\nstable_seconds = 3600\n"  # no study is queued during the measurement
+    )
+
+
+def listener_command(config: Path, profile_out: Path | None, py_spy: str | None) -> list[str]:
+    node = [sys.executable, "-m", "dicomnode", "listen", "--config", str(config)]
+    if profile_out is None or py_spy is None:
+        return node
+    return [py_spy, "record", "--format", "raw", "--rate", "200", "--nonblocking", "--function",
+            "-o", str(profile_out), "--", *node]
+
+
+def has_event(log: Path, event: str) -> bool:
+    return f'"event": "{event}"' in log.read_text(errors="replace")
+
+
+def children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+@contextmanager
+def node_listener(
+    workdir: Path, profile_out: Path | None = None, py_spy: str | None = None
+) -> Iterator[tuple[int, str, Path]]:
+    """``python -m dicomnode listen`` with a fresh state folder; (port, AE, state dir)."""
+    state = workdir / "node-state"
+    port = free_port()
+    config = workdir / "node.toml"
+    config.write_text(node_config(state, port))
+    log = workdir / "node.log"
+    with log.open("wb") as handle:
+        process = subprocess.Popen(
+            listener_command(config, profile_out, py_spy), stdout=handle,
+            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while not has_event(log, "service_ready"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the listener did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield port, NODE_AE, state
+    finally:
+        under_py_spy = children(process.pid)
+        for child in under_py_spy:  # stop the node; py-spy then writes its profile and exits
+            os.kill(child, signal.SIGTERM)
+        if under_py_spy:
+            with suppress(subprocess.TimeoutExpired):
+                process.wait(60)
+        stop_process(process, grace=60)
+
+
+# -- sending ---------------------------------------------------------------------------------
+
+
+def send(port: int, ae: str, files: Sequence[Path], senders: int) -> float:
+    """Seconds for ``senders`` concurrent storescu processes to send ``files`` (round-robin)."""
+    shares = [list(files[i::senders]) for i in range(senders)]
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    t0 = time.perf_counter()
+    processes = [
+        subprocess.Popen(
+            [str(STORESCU), "-aec", ae, "-aet", MODALITY_AE, LOOPBACK, str(port),
+             *map(str, share)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        )
+        for share in shares if share
+    ]
+    outputs = [p.communicate(timeout=3600)[0] for p in processes]
+    seconds = time.perf_counter() - t0
+    for process, output in zip(processes, outputs, strict=True):
+        if process.returncode != 0:
+            raise RuntimeError(f"storescu failed ({process.returncode}): {output.decode()[-800:]}")
+    return seconds
+
+
+def measure(target: str, workdir: Path, files: Sequence[Path], senders: int) -> Measurement:
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{target}-", dir=workdir))
+    try:
+        receiver = storescp(run_dir) if target == "storescp" else node_listener(run_dir)
+        with receiver as (port, ae, out):
+            seconds = send(port, ae, files, senders)
+            stored = count_stored(target, out)
+        if stored != len(files):
+            raise RuntimeError(f"{target}: {stored} of {len(files)} instances on disk")
+        megabytes = sum(f.stat().st_size for f in files) / 1e6
+        return Measurement(target, senders, seconds, len(files), megabytes)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def count_stored(target: str, out: Path) -> int:
+    if target == "storescp":
+        return sum(1 for p in out.iterdir() if p.is_file())
+    return sum(1 for p in (out / "instances").rglob("*") if p.is_file())
+
+
+# -- profile ---------------------------------------------------------------------------------
+
+
+#: Where a sample of an association thread is counted: the first pattern (leaf to root) that a
+#: frame of its stack contains.
+CATEGORIES = (
+    ("copy_durably", "storage.copy_durably: copy spool -> state (read, SHA-256, write, fsync)"),
+    ("fsync", "other fsync (directory)"),
+    ("sqlite", "SQLite record"),
+    ("state.py", "SQLite record"),
+    ("pydicom/", "pydicom (header parse)"),
+    ("tempfile", "spool write (pynetdicom chunked receive)"),
+    ("transport.py", "socket receive (pynetdicom transport)"),
+    ("pynetdicom/", "DICOM protocol handling (pynetdicom DUL/DIMSE, Python)"),
+    ("dicomnode/", "other node code"),
+)
+
+
+def category(frames: Sequence[str]) -> str:
+    for frame in reversed(frames):
+        for pattern, name in CATEGORIES:
+            if pattern in frame:
+                return name
+    return "other"
+
+
+def profile_node(workdir: Path, files: Sequence[Path], py_spy: str, senders: int) -> None:
+    """One extra node run under py-spy: where the association threads spend their samples."""
+    run_dir = Path(tempfile.mkdtemp(prefix="profile-", dir=workdir))
+    raw = run_dir / "node.pyspy.txt"
+    with node_listener(run_dir, raw, py_spy) as (port, ae, _):
+        send(port, ae, files, senders)
+    shares: collections.Counter[str] = collections.Counter()
+    leaf: collections.Counter[str] = collections.Counter()
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        frames = stack.split(";")
+        if not count_text.isdigit() or not any("run_reactor" in f for f in frames):
+            continue  # start-up, main thread and other threads
+        shares[category(frames)] += int(count_text)
+        leaf[frames[-1]] += int(count_text)
+    total = sum(shares.values()) or 1
+    print(f"## Where the node's association threads spend their time (py-spy at 200 Hz, "
+          f"{senders} sender(s), {total} samples of busy association threads)")
+    print_table(["category", "share"], [[c, f"{n / total:.1%}"] for c, n in shares.most_common()])
+    print_table(["leaf function", "share"],
+                [[f"`{f}`", f"{n / total:.1%}"] for f, n in leaf.most_common(10)])
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def counts(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--instances", type=int, default=100)
+    parser.add_argument("--rows", type=int, default=2560)
+    parser.add_argument("--cols", type=int, default=2048)
+    parser.add_argument("--runs", type=int, default=3, help="runs per target (median)")
+    parser.add_argument("--senders", type=counts, default=[1, 4, 16],
+                        help="concurrent storescu processes, comma-separated (1,4,16)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where instances and received files go (default: $TMPDIR)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one node run with py-spy (--py-spy)")
+    parser.add_argument("--py-spy", default=shutil.which("py-spy"), help="py-spy executable")
+    parser.add_argument("--quick", action="store_true",
+                        help="validation: 12 instances, 1 and 4 senders, 1 run")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.instances = min(args.instances, 12)
+        args.senders = [s for s in args.senders if s <= 4]
+        args.runs = 1
+    return args
+
+
+def filesystem(path: Path) -> str:
+    """Type and device of the mount holding ``path`` (from /proc/mounts)."""
+    best = ("?", "?", "")
+    for line in Path("/proc/mounts").read_text().splitlines():
+        device, mount, kind = line.split()[:3]
+        if str(path.resolve()).startswith(mount) and len(mount) >= len(best[2]):
+            best = (kind, device, mount)
+    return f"{best[0]} ({best[1]} on {best[2]})"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="ingest-bench-", dir=args.workdir))
+    try:
+        files = make_instances(workdir / "source", args.instances, args.rows, args.cols)
+        size = sum(f.stat().st_size for f in files) / 1e6
+        facts = machine_facts({
+            "instances": f"{len(files)} x {args.rows}x{args.cols} 16 bit, {size:.0f} MB in all",
+            "workdir": f"{workdir} on {filesystem(workdir)}",
+            "dcmtk": subprocess.run([str(STORESCP), "--version"], capture_output=True,
+                                    text=True).stdout.splitlines()[0].strip(),
+            "runs": args.runs,
+        })
+        print_facts("benchmarks/ingest.py " + " ".join(sys.argv[1:]), facts)
+        results: list[Measurement] = []
+        for senders in args.senders:
+            for run in range(args.runs):
+                order = ("storescp", "node") if run % 2 == 0 else ("node", "storescp")
+                for target in order:
+                    results.append(measure(target, workdir, files, senders))
+                    m = results[-1]
+                    print(f"# {target:8s} senders {senders:2d} run {run + 1}: {m.seconds:.2f} s",
+                          flush=True)
+        rows = []
+        for senders in args.senders:
+            med = {
+                target: median([m.seconds for m in results
+                                if m.target == target and m.senders == senders])
+                for target in ("storescp", "node")
+            }
+            for target in ("storescp", "node"):
+                rows.append([senders, target, f"{med[target]:.2f}", f"{size / med[target]:.0f}",
+                             f"{len(files) / med[target]:.1f}",
+                             f"{med['storescp'] / med[target]:.2f}"])
+        print(f"## Ingest of {len(files)} instances ({size:.0f} MB), median of {args.runs} "
+              "run(s); ratio = node throughput / storescp throughput")
+        print_table(["senders", "receiver", "seconds", "MB/s", "instances/s",
+                     "throughput vs storescp"], rows)
+        if args.profile:
+            if not args.py_spy:
+                print("# --profile: py-spy not found (pip install py-spy, or --py-spy PATH)")
+            else:
+                profile_node(workdir, files, args.py_spy, args.senders[0])
+        print(f"# finished; 1-minute load average now {os.getloadavg()[0]:.2f}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
