@@ -712,3 +712,18 @@ def test_loss_refuses_mismatched_shapes() -> None:
         joint_loss(score, maps, label[:1], mask)
     with pytest.raises(ValueError, match="score_logit"):
         joint_loss(score[:, None], maps, label, mask)
+
+
+def test_cosine_schedule_follows_the_epochs_or_the_time_budget_whichever_is_further() -> None:
+    from inference.training.config import TrainSettings
+    from inference.training.train import _lr_factor
+
+    by_epochs = TrainSettings(epochs=10)
+    assert [round(_lr_factor(by_epochs, e), 4) for e in (0, 5)] == [1.0, 0.5]
+    assert _lr_factor(by_epochs, 5, elapsed=10_000.0) == pytest.approx(0.5)  # no budget set
+    timed = TrainSettings(epochs=30, max_minutes=10.0)
+    assert _lr_factor(timed, 1, elapsed=0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 30)))
+    assert _lr_factor(timed, 1, elapsed=300.0) == pytest.approx(0.5)  # half the 10 minutes used
+    assert _lr_factor(timed, 2, elapsed=600.0) == pytest.approx(0.0)  # budget spent
+    assert _lr_factor(timed, 2, elapsed=900.0) == pytest.approx(0.0)  # overrun: never negative
+    assert _lr_factor(TrainSettings(lr_schedule="constant", max_minutes=1.0), 3, 59.0) == 1.0

@@ -166,10 +166,16 @@ def tuning_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
-def _lr_factor(settings: TrainSettings, epoch: int) -> float:
+def _lr_factor(settings: TrainSettings, epoch: int, elapsed: float = 0.0) -> float:
+    """Cosine decay over the budget: the share of the epochs done, or of ``max_minutes`` used
+    (``elapsed`` seconds) when that is larger, so a run cut short by its time budget still
+    anneals its learning rate instead of stopping at the top of the schedule."""
     if settings.lr_schedule == "constant":
         return 1.0
-    return 0.5 * (1.0 + math.cos(math.pi * epoch / settings.epochs))
+    progress = epoch / settings.epochs
+    if settings.max_minutes:
+        progress = max(progress, elapsed / (settings.max_minutes * 60))
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -250,7 +256,7 @@ def train_member(
         samples = Samples(data, order, channels, member.augment, (settings.seed, epoch))
         loader = _loader(samples, settings.batch_size, _workers(settings, device))
         for group in optimizer.param_groups:
-            group["lr"] = settings.learning_rate * _lr_factor(settings, epoch)
+            group["lr"] = settings.learning_rate * _lr_factor(settings, epoch, elapsed)
         model.train()
         totals = np.zeros(3)
         seen = 0
