@@ -1,0 +1,201 @@
+"""Limits on what a peer may make the listener hold: PDU length (memory), data set size and free
+space (disk), a stalled transfer (an association slot). Used by :mod:`dicomnode.scp`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.dsutils import split_dataset
+from pynetdicom.events import EventHandlerType
+from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
+
+from dicomnode.config import NodeConfig
+from dicomnode.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def space_shortfall(state_dir: Path, incoming: int, node: NodeConfig) -> str | None:
+    """Why an instance of ``incoming`` bytes must not be stored now, or None if it may.
+
+    The spooled data set is normally renamed into place, but copied where the spool is on
+    another file system, so ``incoming`` more bytes are counted as needed; the free space left
+    after that must stay at or above the low-water mark ``node.min_free_bytes`` (the database
+    and the results need room too).
+    """
+    free = shutil.disk_usage(state_dir).free
+    if free - incoming < node.min_free_bytes:
+        return (
+            f"state directory low on space: {free} bytes free, {incoming} needed, "
+            f"low-water mark node.min_free_bytes = {node.min_free_bytes}"
+        )
+    return None
+
+
+MAX_OTHER_PDU = 1024 * 1024
+"""Longest PDU other than P-DATA-TF the listener reads (an A-ASSOCIATE-RQ with every storage
+SOP class and transfer syntax is some tens of kB)."""
+
+_PDU_HEADER, _P_DATA_TF = 6, 0x04
+_SOURCE_PROVIDER, _INVALID_PDU_PARAMETER_VALUE = 0x02, 0x06
+
+
+def count_dataset_bytes(pdu: P_DATA_TF, pending: int, limit: int) -> tuple[int, bool]:
+    """Add the data set fragments of ``pdu`` to the ``pending`` bytes of the message being
+    received; return the pending bytes after it and whether that unfinished message is already
+    over ``limit``.
+
+    PS3.8 E.2: bit 0 of a PDV's message control header marks a command fragment, bit 1 the
+    last fragment of the command or data set; a message ends with its last data set fragment.
+    A message that ends within ``pdu`` starts the count again: if it is over the limit, the
+    C-STORE handler refuses it with a status (aborting then would race with that response).
+    """
+    for item in pdu.presentation_data_value_items:
+        value = item.presentation_data_value or b""
+        if not value or value[0] & 0x01:
+            continue
+        pending = 0 if value[0] & 0x02 else pending + len(value) - 1
+    return pending, pending > limit
+
+
+class PduLengthGuard:
+    """Stands in for an accepted association's ``AssociationSocket.recv``: a PDU longer than
+    the listener accepts is refused before its body is read.
+
+    pynetdicom (3.0) reads a PDU's 6-byte header and then as many bytes as its length field
+    says into memory, whatever maximum PDU length was negotiated, so one peer could make it
+    buffer up to 4 GiB. The Maximum Length Sub-Item (PS3.8 D.1) bounds the variable field of
+    the P-DATA-TF PDUs the peer may send to ``node.max_pdu`` (0: no bound); other PDUs are
+    bounded by :data:`MAX_OTHER_PDU`. A longer PDU is a protocol error: as for an invalid PDU
+    (PS3.8 9.2, event 19, action AA-8) an A-ABORT (source: service provider, reason: invalid
+    PDU parameter value) is sent and the connection closed (the short read makes pynetdicom end
+    the association as a closed transport connection).
+    """
+
+    def __init__(self, sock: Any, max_pdu: int, peer: str) -> None:
+        self._sock = sock
+        self._recv: Callable[[int], bytearray] = sock.recv
+        self._max_pdu = max_pdu
+        self._peer = peer
+        self._declared: tuple[int, int] | None = None  # (type, length) of the header just read
+
+    def limit(self, pdu_type: int) -> int:
+        """The longest variable field accepted for a PDU of ``pdu_type`` (0: unbounded)."""
+        return self._max_pdu if pdu_type == _P_DATA_TF else MAX_OTHER_PDU
+
+    def __call__(self, nr_bytes: int) -> bytearray:
+        declared, self._declared = self._declared, None
+        if declared is not None:
+            pdu_type, length = declared
+            limit = self.limit(pdu_type)
+            if nr_bytes == length and 0 < limit < length:
+                self._refuse(pdu_type, length, limit)
+                return bytearray()
+        data = self._recv(nr_bytes)
+        if declared is None and nr_bytes == _PDU_HEADER and len(data) == _PDU_HEADER:
+            pdu_type, _, length = struct.unpack(">BBI", bytes(data))
+            self._declared = (pdu_type, length)
+        return data
+
+    def _refuse(self, pdu_type: int, length: int, limit: int) -> None:
+        log.warning(
+            "pdu_refused",
+            peer=self._peer,
+            pdu_type=f"0x{pdu_type:02X}",
+            length=length,
+            limit=limit,
+            reason="PDU longer than the maximum length (node.max_pdu for P-DATA-TF)",
+        )
+        abort = A_ABORT_RQ()
+        abort.source, abort.reason_diagnostic = _SOURCE_PROVIDER, _INVALID_PDU_PARAMETER_VALUE
+        # straight to the socket: pynetdicom's send would queue a second close event on failure
+        with contextlib.suppress(OSError, AttributeError):
+            self._sock.socket.sendall(abort.encode())
+
+
+class InboundLimits:
+    """Bounds on what a peer sends on an accepted association, enforced while it arrives.
+
+    - PDU length (memory): :class:`PduLengthGuard`, installed when the connection opens.
+    - A stalled transfer: the accepted socket gets ``network_timeout`` as its receive timeout
+      (pynetdicom leaves accepted sockets blocking, so a peer stopping in the middle of a PDU
+      would hold its association, and a ``max_associations`` slot, for ever).
+    - Data set size (disk): the data set fragments of each incoming message are counted as its
+      PDUs arrive; once an unfinished message exceeds ``max_instance_bytes`` (0: no limit) the
+      association is aborted (A-ABORT). The spool file is then removed on connection close
+      (:func:`discard_unfinished_spool`); it holds at most the limit plus one PDU. A message
+      that completes in the PDU that takes it over the limit is refused by the C-STORE handler
+      (0xA700) and its spool file deleted by pynetdicom.
+
+    The handlers run in pynetdicom's DUL thread of the association. Inside a notification
+    handler ``assoc.abort()`` is pynetdicom's non-blocking abort: it only queues the A-ABORT
+    primitive, which the same DUL thread sends on its next loop, so nothing waits on the thread
+    that is running the handler (the blocking abort would wait for that thread: a deadlock).
+    Handlers never raise.
+    """
+
+    def __init__(self, max_pdu: int, max_instance_bytes: int, timeout: float | None) -> None:
+        self.max_pdu = max_pdu
+        self.max_instance_bytes = max_instance_bytes
+        self.timeout = timeout
+        self._pending: dict[object, int] = {}
+        self._lock = threading.Lock()
+
+    def handlers(self) -> list[EventHandlerType]:
+        """The pynetdicom event handlers that enforce the limits."""
+        return [(evt.EVT_CONN_OPEN, self.on_conn_open), (evt.EVT_PDU_RECV, self.on_pdu_recv)]
+
+    def on_conn_open(self, event: evt.Event) -> None:
+        """Install the PDU length guard and the receive timeout (before the DUL thread runs)."""
+        try:
+            sock = event.assoc.dul.socket
+            if sock is None or sock.socket is None:
+                return
+            sock.socket.settimeout(self.timeout)
+            guard = PduLengthGuard(sock, self.max_pdu, event.assoc.requestor.address)
+            setattr(sock, "recv", guard)  # noqa: B010 (an instance attribute over a method)
+        except Exception:
+            log.exception("connection_setup_failed")
+
+    def on_pdu_recv(self, event: evt.Event) -> None:
+        """Count data set bytes; abort the association once a message exceeds the limit."""
+        pdu = getattr(event, "pdu", None)
+        assoc = event.assoc
+        if self.max_instance_bytes <= 0 or not isinstance(pdu, P_DATA_TF) or assoc.is_aborted:
+            return
+        try:
+            with self._lock:
+                pending = self._pending.get(assoc, 0)
+                pending, exceeded = count_dataset_bytes(pdu, pending, self.max_instance_bytes)
+                self._pending[assoc] = pending
+            if not exceeded:
+                return
+            log.warning(
+                "instance_too_large",
+                calling_ae=assoc.requestor.ae_title,
+                peer=assoc.requestor.address,
+                received_bytes=pending,
+                limit=self.max_instance_bytes,
+                outcome="association_aborted",
+            )
+            assoc.abort()
+        except Exception:
+            log.exception("instance_size_check_failed", peer=assoc.requestor.address)
+
+    def forget(self, assoc: object) -> None:
+        """Drop the count of a closed association."""
+        with self._lock:
+            self._pending.pop(assoc, None)
+
+
+def spooled_dataset_size(path: Path) -> int:
+    """Bytes of the data set in the spooled file ``path`` (after its File Meta)."""
+    return path.stat().st_size - split_dataset(path)[1]
