@@ -128,7 +128,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from inference.evaluation import calibrate_folder
 
     summary = calibrate_folder(
-        args.weights, args.data, split_path=args.split, device=args.device, version=args.version
+        args.weights,
+        args.data,
+        split_path=args.split,
+        device=args.device,
+        version=args.version,
+        evaluate_out=args.evaluate_out,
     )
     print(summary)
     return 0
@@ -230,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="split.json (default: the one in the weights folder)",
     )
     calibrate.add_argument("--version", default=None, help="new ensemble version string")
+    calibrate.add_argument(
+        "--evaluate-out",
+        type=Path,
+        default=None,
+        help="also evaluate the validation split from the same predictions into this folder",
+    )
     _add_device(calibrate)
     calibrate.set_defaults(func=_cmd_calibrate)
 

@@ -33,7 +33,7 @@ from inference.calibration import (
 )
 from inference.ensemble import Ensemble, EnsembleOutput, content_rect
 from inference.imageio import read_grayscale
-from inference.manifest import write_manifest
+from inference.manifest import Manifest, write_manifest
 from inference.metrics import BinaryMetrics, binary_metrics, localization_metrics
 from inference.postprocess import decide, extract_boxes
 from inference.preprocess import Transform
@@ -199,8 +199,14 @@ def calibrate_folder(
     device: str = "auto",
     version: str | None = None,
     progress: bool = True,
+    evaluate_out: Path | None = None,
+    seed: int = 0,
 ) -> str:
-    """Calibrate on tuning + validation and write the thresholds into the manifest."""
+    """Calibrate on tuning + validation and write the thresholds into the manifest.
+
+    With ``evaluate_out``, also evaluate the validation split at the new operating point from
+    the same predictions (what ``evaluate --subset validation`` writes, without running the
+    ensemble a second time)."""
     ensemble = Ensemble.load(weights, device=device)
     split_path = split_path or weights / "split.json"
     records = _subset(load_dataset(data), split_path, ("tuning", "validation"))
@@ -217,6 +223,12 @@ def calibrate_folder(
         f"calibrated {manifest.name} {manifest.version} on {len(records)} tuning + "
         f"validation images:"
     ]
+    if evaluate_out is not None:  # the validation part of the same predictions, new thresholds
+        wanted = set(load_split(split_path).validation)
+        chosen = [i for i, r in enumerate(records) if r.image_id in wanted]
+        result = evaluate_predictions(take(preds, chosen), thresholds, seed=seed)
+        write_evaluation(result, manifest, data, "validation", evaluate_out)
+        lines.append(f"evaluated {len(chosen)} validation images into {evaluate_out}")
     for name, t in thresholds.items():
         flag = "" if t.calibrated else " (fallback: pooled)"
         lines.append(
@@ -308,17 +320,34 @@ def evaluate_folder(
     records = _subset(load_dataset(data), split_path, (subset,) if subset else None)
     preds = collect_predictions(ensemble, records, progress=progress)
     result = evaluate_predictions(preds, ensemble.manifest.thresholds, seed=seed)
+    write_evaluation(result, ensemble.manifest, data, subset, out)
+    return result
+
+
+def take(preds: Predictions, indices: Sequence[int]) -> Predictions:
+    """The predictions of the records at ``indices``, in that order."""
+    return Predictions(
+        records=tuple(preds.records[i] for i in indices),
+        scores=preds.scores[list(indices)],
+        maps=tuple(preds.maps[i] for i in indices),
+        transforms=tuple(preds.transforms[i] for i in indices),
+    )
+
+
+def write_evaluation(
+    result: EvaluationResult, manifest: Manifest, data: Path, subset: str | None, out: Path
+) -> None:
+    """Write ``metrics.json``, ``report.md`` and ``roc.png`` of ``result`` into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     payload = {
         **result.to_mapping(),
         "weights": {
-            "name": ensemble.manifest.name,
-            "version": ensemble.manifest.version,
-            "trained": ensemble.manifest.trained,
+            "name": manifest.name,
+            "version": manifest.version,
+            "trained": manifest.trained,
         },
         "data": {"folder": str(data), "subset": subset or "all"},
         "operating_point": "sensitivity threshold (92.5% target) of each image's group",
     }
     (out / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
     write_report(result, out)
-    return result

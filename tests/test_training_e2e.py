@@ -79,8 +79,9 @@ def test_train_resume_calibrate_evaluate_predict(tiny_fracatlas: Path, tmp_path:
     log = json.loads((weights / "training.json").read_text())
     assert set(log) == {"a", "b"} and log["a"]["epochs_run"] == 2
 
+    at_once = tmp_path / "eval-at-calibration"
     done = cli("calibrate", "--weights", str(weights), "--data", str(tiny_fracatlas),
-               "--device", "cpu", "--version", "t2")
+               "--device", "cpu", "--version", "t2", "--evaluate-out", str(at_once))
     calibrated = read_manifest(weights)
     assert calibrated.version == "t2"
     assert "global" in calibrated.thresholds
@@ -101,6 +102,14 @@ def test_train_resume_calibrate_evaluate_predict(tiny_fracatlas: Path, tmp_path:
     assert {"frontal", "lateral"} <= set(metrics["subgroups"])
     assert (out / "report.md").read_text().startswith("# ")
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # calibrate --evaluate-out: the same as evaluate --subset validation, from one prediction run
+    validation = tmp_path / "eval-validation"
+    cli("evaluate", "--weights", str(weights), "--data", str(tiny_fracatlas), "--out",
+        str(validation), "--device", "cpu", "--subset", "validation")
+    separate = json.loads((validation / "metrics.json").read_text())
+    assert separate["n"] == len(split.validation)
+    assert json.loads((at_once / "metrics.json").read_text()) == separate
 
     image = next((tiny_fracatlas / "images").iterdir())
     result = json.loads(cli("predict", str(image), "--weights", str(weights), "--json").stdout)
