@@ -79,6 +79,15 @@ def test_train_resume_calibrate_evaluate_predict(tiny_fracatlas: Path, tmp_path:
     log = json.loads((weights / "training.json").read_text())
     assert set(log) == {"a", "b"} and log["a"]["epochs_run"] == 2
 
+    # a time budget spent after the first epoch: one epoch run, and training.json says so
+    budget = ("--out", str(tmp_path / "w-budget"), "--runs", str(tmp_path / "r-budget"))
+    cli("train", "--config", str(config), "--member", "b", "--data", str(tiny_fracatlas),
+        *budget, "--device", "cpu", "--no-progress", "--set", "epochs=3",
+        "--set", "max_minutes=0.0001")
+    summary = json.loads((tmp_path / "w-budget" / "training.json").read_text())["b"]
+    assert (summary["stopped"], summary["epochs_run"]) == ("time_budget", 1)
+    assert len((tmp_path / "r-budget" / "b" / "history.jsonl").read_text().splitlines()) == 1
+
     at_once = tmp_path / "eval-at-calibration"
     done = cli("calibrate", "--weights", str(weights), "--data", str(tiny_fracatlas),
                "--device", "cpu", "--version", "t2", "--evaluate-out", str(at_once))

@@ -239,7 +239,7 @@ def train_member(
         (run_dir / "history.jsonl").unlink(missing_ok=True)
 
     stopped = "max_epochs"
-    epoch = start_epoch - 1
+    epochs_run = start_epoch  # completed epochs (a stop at the start of an epoch runs none)
     for epoch in range(start_epoch, settings.epochs):
         if stale >= settings.patience:
             stopped = "early_stopping"
@@ -303,6 +303,7 @@ def train_member(
         auc = tuning_auc(data.labels[tune_idx], scores)
         seconds = time.perf_counter() - t0
         elapsed += seconds
+        epochs_run = epoch + 1
         if best_epoch < 0 or auc > best_auc:  # NaN AUC (one-class tuning set): keep the first
             best_auc, best_epoch, stale = auc, epoch, 0
             _write_best(model, run_dir / "best.safetensors")
@@ -338,7 +339,7 @@ def train_member(
         name=draft.name,
         best_epoch=best_epoch + 1,
         best_tuning_auc=best_auc,
-        epochs_run=epoch + 1,
+        epochs_run=epochs_run,
         seconds=round(elapsed, 1),
         stopped=stopped,
         device=str(device),
