@@ -81,6 +81,19 @@ class StudyConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """``[retention]``: how long finished studies are kept in ``state_dir``.
+
+    A study whose jobs and deliveries are all finished (delivered or failed) and that saw no
+    activity (instance received, job run, delivery attempted) for ``keep_days`` is removed:
+    its instances, results and rows. ``keep_days = 0`` keeps everything (the disk then fills
+    up, and C-STORE answers 0xA700 at ``node.min_free_bytes``).
+    """
+
+    keep_days: int = 30
+
+
+@dataclass(frozen=True)
 class InferenceConfig:
     """``[inference]``: the ensemble to load, where and how to run it."""
 
@@ -182,6 +195,7 @@ class Config:
     allowed_callers: tuple[AllowedCaller, ...]
     source: Path | None = None
     tls: TlsConfig | None = None
+    retention: RetentionConfig = RetentionConfig()
 
 
 class _Table:
@@ -369,6 +383,8 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
 
     node_t, study_t, inference_t = table("node"), table("study"), table("inference")
     outputs_t, queue_t, delivery_t = table("outputs"), table("queue"), table("delivery")
+    retention_t = table("retention")
+    retention = RetentionConfig(keep_days=retention_t.integer("keep_days", 30, 0, 36500))
     node = _node(node_t)
     study = StudyConfig(stable_seconds=study_t.seconds("stable_seconds", 10.0))
     inference = InferenceConfig(
@@ -418,7 +434,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
         tls_t = table("tls")
         tls = _tls(tls_t)
         tls_t.finish()
-    for t in (root, node_t, study_t, inference_t, outputs_t, queue_t, delivery_t):
+    for t in (root, node_t, study_t, inference_t, outputs_t, queue_t, delivery_t, retention_t):
         t.finish()
     needs_tls = ["node.tls"] if node.tls else []
     needs_tls += [f"destinations[{i}].tls" for i, d in enumerate(destinations) if d.tls]
@@ -440,6 +456,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
         allowed_callers=tuple(callers),
         source=source,
         tls=tls,
+        retention=retention,
     )
 
 

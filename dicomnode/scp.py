@@ -19,6 +19,7 @@ import ipaddress
 import sqlite3
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from enum import IntEnum
 from pathlib import Path
@@ -79,6 +80,9 @@ _HEADER_TAGS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInst
 _REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED = 0x01, 0x01, 0x03
 
 log = get_logger(__name__)
+
+PURGE_INTERVAL = 3600.0
+"""Seconds between two retention passes of the listener (the first runs at start)."""
 
 
 class StoreStatus(IntEnum):
@@ -306,6 +310,29 @@ class Listener:
     ) -> None:
         self.stop()
 
+    def purge(self, now: float | None = None) -> tuple[str, ...]:
+        """Remove the finished studies idle for ``retention.keep_days`` (and folders a crash
+        left without rows); returns the removed Study Instance UIDs."""
+        if self.store is None or self.db is None:
+            raise RuntimeError("listener is not running")
+        keep_days = self.config.retention.keep_days
+        if keep_days <= 0:
+            return ()
+        cutoff = (time.time() if now is None else now) - keep_days * 86400.0
+        removed = tuple(
+            uid for uid in self.db.idle_studies(cutoff) if self.store.forget_study(uid, cutoff)
+        )
+        orphans = self.store.sweep_orphans(cutoff)
+        if removed or orphans:
+            log.info(
+                "studies_purged",
+                studies=len(removed),
+                orphan_folders=orphans,
+                keep_days=keep_days,
+                study_instance_uids=list(removed),
+            )
+        return removed
+
     def assemble(self, now: float | None = None) -> tuple[str, ...]:
         """Queue a job for every study quiet for ``stable_seconds``; returns their UIDs."""
         if self.queue is None:
@@ -465,6 +492,7 @@ def run_listener(
     (the service's watchdog pings only while it is called).
     """
     poll = min(1.0, config.study.stable_seconds / 4)
+    next_purge = 0.0  # at start, then every PURGE_INTERVAL seconds
     with Listener(config) as listener:
         if ready is not None:
             ready(listener)
@@ -473,5 +501,8 @@ def run_listener(
                 heartbeat()
             try:
                 listener.assemble()
-            except sqlite3.Error as exc:
-                log.error("study_assembly_failed", error=f"{type(exc).__name__}: {exc}")
+                if time.monotonic() >= next_purge:
+                    next_purge = time.monotonic() + PURGE_INTERVAL
+                    listener.purge()
+            except (sqlite3.Error, OSError) as exc:
+                log.error("study_housekeeping_failed", error=f"{type(exc).__name__}: {exc}")

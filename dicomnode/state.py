@@ -120,6 +120,20 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 }
 
 
+_IDLE_STUDIES = """
+SELECT s.study_uid FROM studies s
+WHERE s.last_received_at < :cutoff AND s.revision = s.queued_revision {only}
+  AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_uid = s.study_uid
+                  AND (j.state NOT IN ('delivered', 'failed') OR j.updated_at >= :cutoff))
+  AND NOT EXISTS (SELECT 1 FROM deliveries d JOIN jobs j ON d.job_id = j.job_id
+                  WHERE j.study_uid = s.study_uid
+                  AND (d.state = 'pending' OR d.updated_at >= :cutoff))
+ORDER BY s.last_received_at
+"""
+"""Studies with nothing left to do and no activity since ``:cutoff``: every revision queued,
+every job and delivery delivered or failed, nothing received, run or sent since then."""
+
+
 class LeaseLostError(RuntimeError):
     """The job's lease expired or moved to another worker; its outcome is not recorded."""
 
@@ -247,6 +261,26 @@ class StateDB:
                 "last_received_at = excluded.last_received_at, revision = revision + 1",
                 (inst.study_instance_uid, now, now),
             )
+
+    def idle_studies(self, cutoff: float) -> tuple[str, ...]:
+        """Studies retention may remove: finished, and no activity since ``cutoff``."""
+        rows = self.query(_IDLE_STUDIES.format(only=""), {"cutoff": cutoff})
+        return tuple(str(r[0]) for r in rows)
+
+    def forget_study(self, study_uid: str, cutoff: float) -> bool:
+        """Delete every row of ``study_uid`` if it is still idle since ``cutoff`` (checked again
+        in the same transaction); False if it is not (e.g. an instance arrived meanwhile)."""
+        with self.transaction() as conn:
+            params = {"cutoff": cutoff, "study": study_uid}
+            sql = _IDLE_STUDIES.format(only="AND s.study_uid = :study")
+            if not conn.execute(sql, params).fetchall():
+                return False
+            jobs = "SELECT job_id FROM jobs WHERE study_uid = :study"
+            conn.execute(f"DELETE FROM deliveries WHERE job_id IN ({jobs})", params)
+            conn.execute(f"DELETE FROM results WHERE job_id IN ({jobs})", params)
+            for table in ("jobs", "instances", "studies"):
+                conn.execute(f"DELETE FROM {table} WHERE study_uid = :study", params)
+        return True
 
     # -- status ------------------------------------------------------------------------------
 

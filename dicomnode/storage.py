@@ -198,6 +198,12 @@ class StateLayout:
                 removed += 1
         return removed
 
+    def remove_study_files(self, study_uid: str) -> None:
+        """Delete the instances and results of a study (missing folders are fine)."""
+        study = check_uid(study_uid, "StudyInstanceUID")
+        for folder in (self.instances_dir / study, self.results_dir / study):
+            shutil.rmtree(folder, ignore_errors=True)
+
     def instance_path(self, study_uid: str, sop_instance_uid: str) -> Path:
         """Where an instance is kept: ``instances/<StudyUID>/<SOPInstanceUID>.dcm``."""
         study = check_uid(study_uid, "StudyInstanceUID")
@@ -287,6 +293,29 @@ class InstanceStore:
             partial.unlink(missing_ok=True)
         outcome = StoreOutcome.NEW if existing is None else StoreOutcome.REPLACED
         return StoreResult(instance, outcome)
+
+    def forget_study(self, study_uid: str, cutoff: float) -> bool:
+        """Remove a finished study idle since ``cutoff``: its rows, then its instance and result
+        folders. Runs under the store's lock, so an instance of the study arriving meanwhile is
+        either recorded first (and the study is no longer idle) or stored after the removal."""
+        with self._lock:
+            if not self.db.forget_study(study_uid, cutoff):
+                return False
+            self.layout.remove_study_files(study_uid)
+        return True
+
+    def sweep_orphans(self, cutoff: float) -> int:
+        """Remove study folders no row refers to, untouched since ``cutoff`` (left by a crash
+        between :meth:`forget_study`'s commit and its file removal); returns how many."""
+        removed = 0
+        with self._lock:
+            known = {str(r[0]) for r in self.db.query("SELECT study_uid FROM studies")}
+            for folder in (self.layout.instances_dir, self.layout.results_dir):
+                for study in folder.iterdir():
+                    if study.name not in known and study.stat().st_mtime < cutoff:
+                        shutil.rmtree(study, ignore_errors=True)
+                        removed += 1
+        return removed
 
     def _publish(self, partial: Path, final: Path) -> None:
         """Rename ``partial`` to ``final`` and fsync the folders whose entries changed."""
