@@ -233,7 +233,7 @@ def status_text(report: StatusReport) -> str:
                 "INSTANCES",
                 "LAST RECEIVED",
                 "NEXT ATTEMPT",
-                "LAST ERROR",
+                "LAST ERROR / NOTE",
             ),
             [
                 (
@@ -243,7 +243,7 @@ def status_text(report: StatusReport) -> str:
                     str(s.instance_count),
                     iso_time(s.last_received_at),
                     next_attempt_text(s.next_attempt_at, report.generated_at),
-                    s.last_error or "-",
+                    s.last_error or s.note or "-",
                 )
                 for s in report.studies
             ],

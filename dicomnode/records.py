@@ -179,3 +179,5 @@ class StudyStatus:
     version: int
     last_error: str | None
     next_attempt_at: float | None
+    note: str | None = None
+    """What the latest job's results leave out (views skipped and why), if anything."""

@@ -49,7 +49,7 @@ from dicomnode.records import (
 
 #: Version of the database layout (SQLite ``user_version``). Older state databases are
 #: upgraded in place by :data:`_MIGRATIONS` when opened; newer ones are refused.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -84,6 +84,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     not_before REAL,
+    note TEXT,
     UNIQUE (study_uid, version)
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state);
@@ -117,6 +118,8 @@ CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_attempt_at);
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # 2: a queued job may wait (back-off after a retryable failure) until ``not_before``.
     1: ("ALTER TABLE jobs ADD COLUMN not_before REAL",),
+    # 3: what an analysed job left out (views skipped, with their reasons), for ``status``.
+    2: ("ALTER TABLE jobs ADD COLUMN note TEXT",),
 }
 
 
@@ -308,7 +311,7 @@ class StateDB:
         rows = self.query(
             "SELECT s.study_uid, s.last_received_at, s.revision, s.queued_revision, "
             "(SELECT COUNT(*) FROM instances i WHERE i.study_uid = s.study_uid) AS n, "
-            "j.state, j.version, j.last_error, j.not_before "
+            "j.state, j.version, j.last_error, j.not_before, j.note "
             "FROM studies s LEFT JOIN jobs j ON j.job_id = "
             "(SELECT MAX(job_id) FROM jobs WHERE study_uid = s.study_uid) "
             "ORDER BY s.last_received_at DESC, s.study_uid LIMIT ?",
@@ -344,6 +347,7 @@ def _study_status(row: sqlite3.Row) -> StudyStatus:
         version=row["version"] or 0,
         last_error=row["last_error"],
         next_attempt_at=row["not_before"] if state is StudyState.QUEUED else None,
+        note=row["note"],
     )
 
 
@@ -397,8 +401,10 @@ class JobQueue(Protocol):
         results: Sequence[ResultFile],
         destinations: Sequence[Destination],
         now: float | None = None,
+        note: str | None = None,
     ) -> None:
-        """Record the written results and create one pending delivery per destination."""
+        """Record the written results and create one pending delivery per destination;
+        ``note`` says what the results leave out (e.g. views skipped), shown by ``status``."""
         ...
 
     def fail(
@@ -572,10 +578,12 @@ class SqliteJobQueue:
         results: Sequence[ResultFile],
         destinations: Sequence[Destination],
         now: float | None = None,
+        note: str | None = None,
     ) -> None:
         now = time.time() if now is None else now
         with self.db.transaction() as conn:
             self._held(conn, job, now)
+            conn.execute("UPDATE jobs SET note = ? WHERE job_id = ?", (note, job.job_id))
             conn.executemany(
                 "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?)",
                 [

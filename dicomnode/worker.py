@@ -218,6 +218,13 @@ def result_files(objects: ResultObjects) -> tuple[ResultFile, ...]:
     )
 
 
+def skipped_note(skipped: Sequence[SkippedView], analysed: int) -> str | None:
+    """What ``status`` shows for a job that analysed some views and skipped others."""
+    if not skipped:
+        return None
+    return f"{len(skipped)} of {len(skipped) + analysed} views skipped: {skipped_summary(skipped)}"
+
+
 def skipped_summary(skipped: Sequence[SkippedView]) -> str:
     """One line naming every skipped instance and its reason."""
     return "; ".join(f"{s.sop_instance_uid}: {s.reason}" for s in skipped)
@@ -349,7 +356,8 @@ class Worker:
             except Exception as exc:
                 return self._fail(job, exc, lost.is_set())
         try:
-            self.queue.complete(job, outcome.results, self.config.destinations)
+            note = skipped_note(outcome.skipped, outcome.analysed)
+            self.queue.complete(job, outcome.results, self.config.destinations, note=note)
         except LeaseLostError:
             bound.warning("job_lease_lost", stage="complete")
             return None

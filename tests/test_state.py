@@ -219,15 +219,16 @@ def test_a_version_1_state_database_is_upgraded_in_place(db_path: Path) -> None:
         queue = make_queue(db)
         db.record_instance(instance("1.2.3.4.1"), now=T0)
         queue.enqueue_stable_studies(now=T0 + STABLE)
-    # the layout of version 1: the same tables without jobs.not_before
+    # the layout of version 1: the same tables without jobs.not_before (2) and jobs.note (3)
     with sqlite3.connect(db_path) as conn:
         conn.execute("ALTER TABLE jobs DROP COLUMN not_before")
+        conn.execute("ALTER TABLE jobs DROP COLUMN note")
         conn.execute("PRAGMA user_version = 1")
     conn.close()
     with StateDB(db_path) as db:
-        assert db.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 2
+        assert db.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 3
         columns = [row["name"] for row in db.query("PRAGMA table_info(jobs)")]
-        assert "not_before" in columns
+        assert {"not_before", "note"} <= set(columns)
         assert db.recent_studies()[0].state is StudyState.QUEUED
         job = make_queue(db).lease("w1", now=T0 + STABLE)
         assert job is not None and job.instances[0].sop_instance_uid == "1.2.3.4.1"

@@ -27,6 +27,7 @@ from dicomnode.worker import (
     Worker,
     lease_kept,
     resolve_view_region,
+    skipped_note,
 )
 from inference.ensemble import Ensemble
 from inference.imageio import read_grayscale
@@ -126,6 +127,11 @@ def test_a_broken_instance_is_skipped_and_the_rest_of_the_study_analysed(
     (group,) = sr.content.get_image_measurement_groups()
     good_uid = pydicom.dcmread(good).SOPInstanceUID
     assert group.source_images[0].referenced_sop_instance_uid == good_uid
+    # recorded with the job, and shown by status as the study's note
+    node.queue.complete(job, outcome.results, [], note=skipped_note(outcome.skipped, 1))
+    (status,) = [s for s in node.db.recent_studies() if s.study_instance_uid == study]
+    assert status.last_error is None and status.note is not None
+    assert status.note.startswith(f"1 of 2 views skipped: {skipped.sop_instance_uid}: cannot")
 
 
 def test_a_study_without_a_decodable_view_fails_at_once_with_the_reasons(
