@@ -47,14 +47,21 @@ def test_load_refuses_a_missing_weights_file(random_weights: Path) -> None:
         Ensemble.load(random_weights, device="cpu")
 
 
+def accept_hash_of(folder: Path, member: str) -> None:
+    """Write the current hash of ``member``'s weights file into the manifest (as an attacker
+    who can change both would)."""
+    manifest = read_manifest(folder)
+    members = tuple(
+        replace(m, sha256=sha256_file(folder / m.weights)) if m.name == member else m
+        for m in manifest.members
+    )
+    write_manifest(replace(manifest, members=members))
+
+
 def test_load_refuses_a_malformed_weights_file_with_a_matching_hash(random_weights: Path) -> None:
     path = random_weights / "raw-map.safetensors"
     path.write_bytes(b"this is not safetensors")
-    manifest = read_manifest(random_weights)
-    members = tuple(
-        replace(m, sha256=sha256_file(path)) if m.name == "raw-map" else m for m in manifest.members
-    )
-    write_manifest(replace(manifest, members=members))
+    accept_hash_of(random_weights, "raw-map")
     with pytest.raises(ManifestError, match="not a valid safetensors"):
         Ensemble.load(random_weights, device="cpu")
 
@@ -74,11 +81,7 @@ def test_load_never_unpickles_a_pickled_weights_file(random_weights: Path, tmp_p
     path = random_weights / "raw-map.safetensors"
     with path.open("wb") as handle:
         pickle.dump({"weight": _Payload(marker)}, handle)
-    manifest = read_manifest(random_weights)
-    members = tuple(
-        replace(m, sha256=sha256_file(path)) if m.name == "raw-map" else m for m in manifest.members
-    )
-    write_manifest(replace(manifest, members=members))
+    accept_hash_of(random_weights, "raw-map")
     with pytest.raises(ManifestError, match="not a valid safetensors"):
         Ensemble.load(random_weights, device="cpu")
     assert not marker.exists()

@@ -25,8 +25,8 @@ from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicomnode.demo import OrthancPacs, dx_from_image
-from tests.test_node_e2e import NODE_AE, fracatlas, positive_weights
+from dicomnode.demo import OrthancPacs, dx_from_image, free_port
+from tests.test_node_e2e import NODE_AE, fracatlas, positive_weights, write_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODALITY = "FAULT_MODALITY"
@@ -34,6 +34,12 @@ MODALITY = "FAULT_MODALITY"
 IMAGE_SIDE = 128
 SEND_AS_STORED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 VIEWS = (("IMG0000019.jpg", "HAND"), ("IMG0000466.jpg", "LEG"), ("IMG0002303.jpg", "SHOULDER"))
+
+
+def node_config(folder: Path, weights: Path, pacs: OrthancPacs | None = None) -> Path:
+    """A node config in ``folder`` on a free port, sending results to ``pacs`` (if given)."""
+    destinations = [(pacs.ae_title, pacs.dicom_port)] if pacs is not None else []
+    return write_config(folder, weights, destinations, port=free_port())
 
 
 def record_counts(category: str, counts: dict[str, Any]) -> dict[str, Any]:

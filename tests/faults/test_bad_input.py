@@ -33,20 +33,21 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
 
 from dicomnode.config import load_config
-from dicomnode.demo import OrthancPacs, free_port
+from dicomnode.demo import OrthancPacs
 from dicomnode.records import JobState
 from tests.conftest import DICOM_SAMPLES
 from tests.faults.conftest import (
     NODE_AE,
     StoreAnswer,
     echo_ok,
+    node_config,
     record_counts,
     save,
     scu,
     small_dx,
     store_file,
 )
-from tests.test_node_e2e import NodeProcess, node, settled, wait_for, write_config
+from tests.test_node_e2e import NodeProcess, node, settled, wait_for
 
 pytestmark = [pytest.mark.dicom_peers, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -100,12 +101,7 @@ def fuzz_node(
 ) -> Iterator[FuzzNode]:
     """``dicomnode serve``; its listener spools into ``state_dir/spool``, checked for leftovers."""
     tmp = tmp_path_factory.mktemp("fuzz")
-    config = write_config(
-        tmp / "node",
-        fault_weights,
-        [(fault_orthanc.ae_title, fault_orthanc.dicom_port)],
-        port=free_port(),
-    )
+    config = node_config(tmp / "node", fault_weights, fault_orthanc)
     settings = load_config(config)
     spool = settings.node.state_dir / "spool"
     with node("serve", config, tmp / "node.log") as running:

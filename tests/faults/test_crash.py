@@ -28,11 +28,18 @@ import pytest
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, generate_uid
 
 from dicomnode.config import load_config
-from dicomnode.demo import OrthancPacs, ReceivedObject, free_port, read_report
+from dicomnode.demo import OrthancPacs, ReceivedObject, read_report
 from dicomnode.records import JobState
 from dicomnode.state import StateDB
-from tests.faults.conftest import dataset_sha256, record_counts, save, small_dx, store_file
-from tests.test_node_e2e import NodeProcess, by_class, node, wait_for, write_config
+from tests.faults.conftest import (
+    dataset_sha256,
+    node_config,
+    record_counts,
+    save,
+    small_dx,
+    store_file,
+)
+from tests.test_node_e2e import NodeProcess, by_class, node, wait_for
 
 pytestmark = [pytest.mark.dicom_peers, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -185,12 +192,7 @@ def test_random_kills_lose_nothing_and_leave_one_current_result(
 ) -> None:
     print(f"[faults] crash: seed {SEED}, {KILLS} kills")
     rng = random.Random(SEED)
-    config = write_config(
-        tmp_path / "node",
-        fault_weights,
-        [(fault_orthanc.ae_title, fault_orthanc.dicom_port)],
-        port=free_port(),
-    )
+    config = node_config(tmp_path / "node", fault_weights, fault_orthanc)
     cfg = load_config(config)
     log_path = tmp_path / "node.log"
     modality = Modality(cfg.node.port, tmp_path / "sent")

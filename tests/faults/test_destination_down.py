@@ -13,11 +13,19 @@ import pytest
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
 from dicomnode.config import load_config
-from dicomnode.demo import OrthancPacs, free_port
+from dicomnode.demo import OrthancPacs
 from dicomnode.records import JobState
 from dicomnode.state import StateDB
-from tests.faults.conftest import NODE_AE, dataset_sha256, record_counts, save, small_dx, store_file
-from tests.test_node_e2e import by_class, node, settled, status_json, wait_for, write_config
+from tests.faults.conftest import (
+    NODE_AE,
+    dataset_sha256,
+    node_config,
+    record_counts,
+    save,
+    small_dx,
+    store_file,
+)
+from tests.test_node_e2e import by_class, node, settled, status_json, wait_for
 
 pytestmark = [pytest.mark.dicom_peers, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -56,9 +64,7 @@ def delivered(config: Path, study_uid: str) -> bool:
 
 def test_destination_down_then_back_loses_nothing(fault_weights: Path, tmp_path: Path) -> None:
     pacs = OrthancPacs(tmp_path / "orthanc", ae_title="DOWNPACS", allowed=[(NODE_AE, "127.0.0.1")])
-    config = write_config(
-        tmp_path / "node", fault_weights, [(pacs.ae_title, pacs.dicom_port)], port=free_port()
-    )
+    config = node_config(tmp_path / "node", fault_weights, pacs)
     cfg = load_config(config)
     port = cfg.node.port
     sent: dict[str, tuple[str, str]] = {}  # SOP Instance UID -> (study, dataset hash)

@@ -17,19 +17,20 @@ from pydicom.uid import (
 )
 
 from dicomnode.config import load_config
-from dicomnode.demo import OrthancPacs, free_port
+from dicomnode.demo import OrthancPacs
 from dicomnode.records import JobState
 from dicomnode.state import StateDB
 from tests.faults.conftest import (
     NODE_AE,
     dataset_sha256,
+    node_config,
     record_counts,
     save,
     scu,
     small_dx,
     store_file,
 )
-from tests.test_node_e2e import by_class, node, send, settled, study_jobs, wait_for, write_config
+from tests.test_node_e2e import by_class, node, send, settled, study_jobs, wait_for
 
 pytestmark = [pytest.mark.dicom_peers, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -49,12 +50,7 @@ def send_in_one_association(port: int, *files: Path) -> list[int]:
 def test_duplicates_are_stored_once_and_give_one_current_result(
     fault_weights: Path, fault_orthanc: OrthancPacs, tmp_path: Path
 ) -> None:
-    config = write_config(
-        tmp_path / "node",
-        fault_weights,
-        [(fault_orthanc.ae_title, fault_orthanc.dicom_port)],
-        port=free_port(),
-    )
+    config = node_config(tmp_path / "node", fault_weights, fault_orthanc)
     cfg = load_config(config)
     port = cfg.node.port
     study_uid, series_uid = generate_uid(), generate_uid()
@@ -135,12 +131,7 @@ def test_duplicate_results_use_the_same_uids_when_sent_again(
 ) -> None:
     """The node's own re-send of a study's results (as after a crash during delivery) stores
     the same SOP Instance UIDs at Orthanc again: its instance count does not grow."""
-    config = write_config(
-        tmp_path / "node",
-        fault_weights,
-        [(fault_orthanc.ae_title, fault_orthanc.dicom_port)],
-        port=free_port(),
-    )
+    config = node_config(tmp_path / "node", fault_weights, fault_orthanc)
     cfg = load_config(config)
     study = save(small_dx(0), tmp_path / "one.dcm")
     study_uid = small_dx_study(study)

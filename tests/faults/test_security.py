@@ -26,7 +26,15 @@ from pynetdicom.pdu import A_ASSOCIATE_RJ
 from dicomnode.config import load_config
 from dicomnode.demo import OrthancPacs, Patient, free_port
 from dicomnode.records import JobState
-from tests.faults.conftest import MODALITY, record_counts, save, scu, small_dx, store_file
+from tests.faults.conftest import (
+    MODALITY,
+    node_config,
+    record_counts,
+    save,
+    scu,
+    small_dx,
+    store_file,
+)
 from tests.test_node_e2e import (
     ECHOSCU,
     NODE_AE,
@@ -127,12 +135,7 @@ def test_allowed_callers_reject_strangers_by_ae_title_and_by_address(
 def test_no_patient_data_in_logs_and_state_files_are_private(
     fault_weights: Path, fault_orthanc: OrthancPacs, tmp_path: Path
 ) -> None:
-    config = write_config(
-        tmp_path / "node",
-        fault_weights,
-        [(fault_orthanc.ae_title, fault_orthanc.dicom_port)],
-        port=free_port(),
-    )
+    config = node_config(tmp_path / "node", fault_weights, fault_orthanc)
     config.chmod(0o644)
     state = load_config(config).node.state_dir
     state.mkdir(mode=0o755)
