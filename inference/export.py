@@ -55,6 +55,9 @@ def save_weights(model: torch.nn.Module, path: Path, dtype: torch.dtype = torch.
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path))
+    # safetensors writes through a private temporary file (mode 0600): weights are not secret,
+    # and the service user must be able to read what an admin exported
+    path.chmod(0o644)
     return sha256_file(path)
 
 

@@ -30,6 +30,8 @@ def test_manifest_round_trip(random_weights: Path) -> None:
     assert read_manifest(random_weights) == manifest
     for member in manifest.members:
         assert sha256_file(random_weights / member.weights) == member.sha256
+        # readable by the service user whoever exported them (safetensors writes 0600)
+        assert (random_weights / member.weights).stat().st_mode & 0o777 == 0o644
 
 
 def test_load_refuses_a_changed_weights_file(random_weights: Path) -> None:
