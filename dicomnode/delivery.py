@@ -73,8 +73,8 @@ def tls_by_destination(config: Config) -> dict[str, TlsConfig]:
     """The ``[tls]`` settings for each destination with ``tls = true``, by ``Destination.key``.
 
     Deliveries read back from the state database carry no TLS flag (the database keeps where,
-    not how), so the sender looks each one up here: the configuration in force decides, and a
-    destination no longer configured is sent to over plain TCP as before.
+    not how), so the sender looks each one up here: the configuration in force decides (a
+    destination no longer configured is not sent to at all, see :meth:`DeliveryLoop.attempt`).
     """
     if config.tls is None:
         return {}
@@ -127,6 +127,7 @@ class DeliveryLoop:
         timeouts: sender.Timeouts | None = None,
         claim_seconds: float = CLAIM_SECONDS,
         tls_configs: Mapping[str, TlsConfig] | None = None,
+        configured: frozenset[str] | None = None,
     ) -> None:
         self.queue = queue
         self.calling_ae = calling_ae
@@ -134,11 +135,20 @@ class DeliveryLoop:
         self.claim_seconds = claim_seconds
         self.tls_configs = dict(tls_configs or {})
         """TLS settings by destination key (:func:`tls_by_destination`); others: plain TCP."""
+        self.configured = configured
+        """Keys of the destinations in the configuration in force (None: send anywhere)."""
 
     def attempt(self, delivery: Delivery) -> tuple[DeliveryOutcome, str | None]:
-        """Send one delivery's files once (nothing recorded) and classify the outcome."""
+        """Send one delivery's files once (nothing recorded) and classify the outcome.
+
+        A delivery whose destination is no longer configured (removed, or its AE title, host
+        or port changed) fails permanently without a connection: results go only where the
+        configuration in force says, and never in the clear to a peer that was TLS."""
         if not delivery.files:
             return DeliveryOutcome.PERMANENT_FAILURE, "the job recorded no result files"
+        key = delivery.destination.key
+        if self.configured is not None and key not in self.configured:
+            return DeliveryOutcome.PERMANENT_FAILURE, f"destination {key} is no longer configured"
         tls_config = self.tls_configs.get(delivery.destination.key)
         destination = scu_destination(delivery, self.calling_ae, tls_config)
         batch = sender.send_files(destination, delivery.files, self.timeouts)
@@ -207,6 +217,7 @@ def delivery_loop(queue: JobQueue, config: Config) -> DeliveryLoop:
         send_timeouts(config.delivery),
         claim_seconds=config.queue.lease_seconds,
         tls_configs=tls_configs,
+        configured=frozenset(d.key for d in config.destinations),
     )
 
 

@@ -165,3 +165,19 @@ def test_the_configured_timeout_bounds_every_step_of_a_send(tmp_path: Path) -> N
     assert delivery.last_error is not None and "aborted or timed out" in delivery.last_error
     default = delivery_loop(queue, make_config(tmp_path, 4242))
     assert default.timeouts == sender.Timeouts(connect=60, acse=60, dimse=60, network=60)
+
+
+def test_a_destination_no_longer_configured_is_not_sent_to(tmp_path: Path) -> None:
+    with StoreScpPacs(tmp_path / "pacs", ae_title="PACS") as scp:
+        config = make_config(tmp_path, scp.dicom_port)
+        queue, study = job_with_results(tmp_path, config)
+        moved = make_config(tmp_path, free_port())  # the admin changed the PACS's port since
+        loop = delivery_loop(queue, moved)
+        assert loop.run_once() == 1
+        assert scp.received(study) == []
+    (delivery,) = queue.db.recent_deliveries()
+    assert delivery.state is DeliveryState.FAILED and delivery.attempts == 1
+    assert (
+        delivery.last_error
+        == f"destination PACS@127.0.0.1:{scp.dicom_port} is no longer configured"
+    )
