@@ -9,6 +9,7 @@ of the config file, so a config and its weights can move together.
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from dicomnode.records import Destination
 MIB = 1024 * 1024
 DEFAULT_MAX_PDU = 4 * MIB
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_RECEIVE_PROCESSES = 64
+AUTO_RECEIVE_PROCESSES_CAP = 4
 PRECISIONS = ("auto", "fp32", "bf16")
 """``inference.precision`` values: those of ``inference.precision.PRECISIONS`` (not imported, so
 that reading a config does not load torch)."""
@@ -71,6 +74,9 @@ class NodeConfig:
     """An association with no traffic for this long is aborted."""
     tls: bool = False
     """Listen with DICOM TLS only (needs the ``[tls]`` table)."""
+    receive_processes: int = 1
+    """Processes accepting associations on ``port`` (the listener and its receiver children);
+    ``"auto"`` in the file: :func:`auto_receive_processes`."""
 
 
 @dataclass(frozen=True)
@@ -240,6 +246,12 @@ class _Table:
             )
         return value
 
+    def integer_or_auto(self, key: str, auto: int, low: int, high: int) -> int:
+        """An integer in ``low..high``, or ``"auto"`` (the default) for ``auto``."""
+        if self._get(key, "auto") == "auto":
+            return auto
+        return self.integer(key, "auto", low, high)
+
     def seconds(self, key: str, default: object) -> float:
         value = self._get(key, default)
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
@@ -332,7 +344,17 @@ def _node(t: _Table) -> NodeConfig:
         dimse_timeout_seconds=t.seconds("dimse_timeout_seconds", 60.0),
         network_timeout_seconds=t.seconds("network_timeout_seconds", 60.0),
         tls=t.flag("tls", False),
+        receive_processes=t.integer_or_auto(
+            "receive_processes", auto_receive_processes(), 1, MAX_RECEIVE_PROCESSES
+        ),
     )
+
+
+def auto_receive_processes() -> int:
+    """``node.receive_processes = "auto"``: one per CPU this process may use, at most
+    :data:`AUTO_RECEIVE_PROCESSES_CAP` (receiving is mostly waiting on the network and the disk
+    beyond that; the worker needs the cores)."""
+    return max(1, min(AUTO_RECEIVE_PROCESSES_CAP, len(os.sched_getaffinity(0))))
 
 
 def _existing_file(t: _Table, key: str, default: object = None) -> Path:

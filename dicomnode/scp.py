@@ -15,12 +15,16 @@ that has been quiet for ``study.stable_seconds``.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import ipaddress
+import socket
 import sqlite3
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 from types import TracebackType
@@ -34,9 +38,11 @@ from pynetdicom.events import EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode import tls
+from dicomnode.children import ChildContext, ChildSupervisor
 from dicomnode.config import AllowedCaller, Config, OtherSopClasses
 from dicomnode.limits import InboundLimits, space_shortfall, spooled_dataset_size
-from dicomnode.logging import get_logger
+from dicomnode.logging import configure_logging, get_logger
+from dicomnode.receivers import AssociationSlots, SharedSocketServer
 from dicomnode.records import InstanceHeader
 from dicomnode.state import SqliteJobQueue, StateDB
 from dicomnode.storage import InstanceStore, StateLayout, check_uid
@@ -78,11 +84,18 @@ loses the VRs of private elements and changes the stored bytes)."""
 _HEADER_TAGS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 _REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED = 0x01, 0x01, 0x03
+_REJECT_TRANSIENT, _SOURCE_PROVIDER_PRESENTATION, _LOCAL_LIMIT_EXCEEDED = 0x02, 0x03, 0x02
 
 log = get_logger(__name__)
 
 PURGE_INTERVAL = 3600.0
 """Seconds between two retention passes of the listener (the first runs at start)."""
+SPOOL_SWEEP_AGE = 1.0
+"""Seconds a spool file must be old before :meth:`Listener.sweep_spool` removes it."""
+RECEIVER_STOP_SECONDS = 30.0
+"""How long a stopping listener waits for each receiver child before killing it."""
+RECEIVER_HANG_SECONDS = 120.0
+"""A receiver child whose main loop (a 1 s beat) is silent this long is killed and restarted."""
 
 
 class StoreStatus(IntEnum):
@@ -216,15 +229,30 @@ def discard_unfinished_spool(assoc: object) -> Path | None:
     return Path(path)
 
 
+@dataclass(frozen=True)
+class ReceiverSeat:
+    """What a receiver child needs from the listener: its index (1 and up; the listener is 0),
+    the listening socket to adopt, and the shared association count."""
+
+    index: int
+    listening: socket.socket
+    slots: AssociationSlots
+
+
 class Listener:
     """A running Storage SCP on ``config.node.bind``:``port`` plus its state and store.
 
     Use as a context manager or call :meth:`start` and :meth:`stop`. ``port`` is the bound port
-    (useful when ``node.port = 0`` picks a free one).
+    (useful when ``node.port = 0`` picks a free one). The listener binds the port and starts
+    ``node.receive_processes - 1`` receiver children (``dicomnode.receivers``); a receiver child
+    is a Listener given its ``seat``: it adopts the socket, and leaves the clean-up at start,
+    study assembly and retention to the listener.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, seat: ReceiverSeat | None = None) -> None:
         self.config = config
+        self.seat = seat
+        self.index = 0 if seat is None else seat.index
         self.layout = StateLayout(config.node.state_dir)
         self.db: StateDB | None = None
         self.queue: SqliteJobQueue | None = None
@@ -234,6 +262,18 @@ class Listener:
         self.limits = InboundLimits(
             node.max_pdu, node.max_instance_bytes, node.network_timeout_seconds
         )
+        self.slots = (
+            seat.slots
+            if seat is not None
+            else AssociationSlots(
+                node.receive_processes,
+                node.max_associations,
+                self.layout.root / "associations.lock",
+            )
+        )
+        self.receivers: list[ChildSupervisor] = []
+        self._admitted: set[Any] = set()
+        self._admitted_lock = threading.Lock()
         self._chunked_before = _config.STORE_RECV_CHUNKED_DATASET
         self._tempdir_before: str | None = tempfile.tempdir
 
@@ -245,14 +285,19 @@ class Listener:
         return int(self._server.server_address[1])
 
     def start(self) -> Listener:
-        """Open the state, bind the port and serve associations in background threads."""
+        """Open the state, bind the port (or adopt the listener's socket) and serve associations
+        in background threads; the listener then starts its receiver children."""
         self.db = self.layout.open_db()
-        self.layout.clear_tmp()
-        self.layout.clear_spool()
+        if self.seat is None:
+            self.layout.clear_tmp()
+            self.layout.clear_spool()
+        spool = self.layout.receiver_spool(self.index)
+        spool.mkdir(mode=0o700, exist_ok=True)
+        self.layout.clear_spool(self.index)
         # pynetdicom spools incoming data sets with tempfile: into our own folder, so that what
         # an aborted or broken transfer leaves behind can be found and removed.
         self._tempdir_before = tempfile.tempdir
-        tempfile.tempdir = str(self.layout.spool_dir)
+        tempfile.tempdir = str(spool)
         self.queue = SqliteJobQueue.from_config(self.db, self.config)
         self.store = InstanceStore(self.layout, self.db)
         self._chunked_before = _config.STORE_RECV_CHUNKED_DATASET
@@ -268,12 +313,19 @@ class Listener:
             ssl_context = tls.listener_context(self.config)  # None: plain TCP
             if ssl_context is not None:  # first: the other handlers need the handshake done
                 handlers.insert(0, (evt.EVT_CONN_OPEN, self._on_conn_open))
-            self._server = build_ae(self.config).start_server(
+            self._server = build_ae(self.config).make_server(
                 (self.config.node.bind, self.config.node.port),
-                block=False,
                 evt_handlers=handlers,
                 ssl_context=ssl_context,
+                server_class=SharedSocketServer,
+                listening=None if self.seat is None else self.seat.listening,
             )
+            self._server.ae._servers.append(self._server)  # as AE.start_server does
+            threading.Thread(
+                target=self._server.serve_forever, name="AcceptorServer", daemon=True
+            ).start()
+            if self.seat is None:
+                self._start_receivers()
         except Exception:
             self.stop()
             raise
@@ -284,15 +336,74 @@ class Listener:
             port=self.port,
             state_dir=str(self.layout.root),
             tls=tls.mode(self.config),
+            receive_processes=self.config.node.receive_processes,
+            receiver=self.index,
         )
         return self
 
+    def _start_receivers(self) -> None:
+        for index in range(1, self.config.node.receive_processes):
+            seat = ReceiverSeat(index, self._server.socket, self.slots)
+            supervisor = ChildSupervisor(
+                "receiver",
+                receiver_child,
+                (self.config, seat),
+                RECEIVER_HANG_SECONDS,
+                fields={"receiver": index},
+                before_restart=functools.partial(self.slots.reset, index),
+                die_with_parent=True,  # it holds the port a restarted listener binds again
+            )
+            supervisor.start()
+            self.receivers.append(supervisor)
+
+    def tend(self) -> None:
+        """Every poll of a receiving process: refresh its association count, remove what
+        failed transfers left in its spool (:meth:`sweep_spool`), and (the listener) restart
+        receiver children that died or hung. Raises RuntimeError when one died before it ever
+        served (it cannot start)."""
+        self.slots.update(self.index, self._running())
+        self.sweep_spool()
+        for supervisor in self.receivers:
+            if not supervisor.check():
+                raise RuntimeError(
+                    f"receiver process {supervisor.restarts + 1} of the listener failed at start"
+                )
+
+    def sweep_spool(self, now: float | None = None) -> int:
+        """With no association of this process open, delete the files in its spool older than
+        :data:`SPOOL_SWEEP_AGE` seconds; returns how many.
+
+        The connection-close handler removes what an unfinished transfer leaves, but a file can
+        outlive it (e.g. a write that failed while another association was open). With none
+        open nothing is being written or read there; the age spares a file of an association
+        accepted after the check (file times come from a coarse clock)."""
+        if self._server is None or self._server.active_associations:
+            return 0
+        cutoff = (time.time() if now is None else now) - SPOOL_SWEEP_AGE
+        removed = 0
+        for path in self.layout.receiver_spool(self.index).iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+        if removed:
+            log.warning("spool_swept", spool_files_removed=removed, receiver=self.index)
+        return removed
+
+    def receivers_ready(self) -> bool:
+        """Every receiver child has served at least once."""
+        return all(supervisor.ready for supervisor in self.receivers)
+
     def stop(self) -> None:
-        """Stop accepting, close running associations and the state database."""
+        """Stop the receiver children, then stop accepting, close running associations and the
+        state database."""
+        for supervisor in self.receivers:
+            supervisor.shutdown(RECEIVER_STOP_SECONDS)
+        self.receivers = []
         if self._server is not None:
             self._server.shutdown()
             self._server = None
-            log.info("listener_stopped", ae_title=self.config.node.ae_title)
+            log.info("listener_stopped", ae_title=self.config.node.ae_title, receiver=self.index)
         _config.STORE_RECV_CHUNKED_DATASET = self._chunked_before
         tempfile.tempdir = self._tempdir_before
         if self.db is not None:
@@ -344,25 +455,44 @@ class Listener:
 
     # -- event handlers (run in pynetdicom's association threads) -----------------------------
 
+    def _running(self) -> int:
+        """How many associations this process admitted are still running."""
+        with self._admitted_lock:
+            self._admitted = {assoc for assoc in self._admitted if assoc.is_alive()}
+            return len(self._admitted)
+
     def _on_requested(self, event: evt.Event) -> None:
-        """Reject (A-ASSOCIATE-RJ, permanent, calling AE not recognised) unknown callers."""
-        primitive = event.assoc.requestor.primitive
+        """Reject unknown callers (A-ASSOCIATE-RJ, permanent, calling AE not recognised), and
+        any caller while all receiving processes together hold ``node.max_associations``
+        (transient, local limit exceeded, as pynetdicom answers within one process)."""
+        assoc = event.assoc
+        primitive = assoc.requestor.primitive
         calling_ae = str(primitive.calling_ae_title if primitive else "").strip()
-        address = event.assoc.requestor.address
-        if caller_allowed(self.config.allowed_callers, calling_ae, address):
+        address = assoc.requestor.address
+        if not caller_allowed(self.config.allowed_callers, calling_ae, address):
+            log.warning(
+                "association_rejected",
+                calling_ae=calling_ae,
+                peer=address,
+                reason="calling AE title and host not in allowed_callers",
+            )
+            reason = (_REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED)
+        elif self.slots.admit(self.index, self._running()):
+            with self._admitted_lock:
+                self._admitted.add(assoc)
             return
-        log.warning(
-            "association_rejected",
-            calling_ae=calling_ae,
-            peer=address,
-            reason="calling AE title and host not in allowed_callers",
-        )
-        event.assoc.acse.send_reject(
-            _REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED
-        )
+        else:
+            log.warning(
+                "association_rejected",
+                calling_ae=calling_ae,
+                peer=address,
+                reason=f"node.max_associations = {self.slots.limit} reached",
+            )
+            reason = (_REJECT_TRANSIENT, _SOURCE_PROVIDER_PRESENTATION, _LOCAL_LIMIT_EXCEEDED)
+        assoc.acse.send_reject(*reason)
         # As pynetdicom's own rejection does: kill() waits until the DUL has sent the
         # A-ASSOCIATE-RJ, so the socket is not closed before the peer reads the reason.
-        event.assoc.kill()
+        assoc.kill()
 
     def _on_conn_open(self, event: evt.Event) -> None:
         """TLS only: complete the handshake in this association's thread (a stalled peer
@@ -387,15 +517,18 @@ class Listener:
         connection mid-transfer): pynetdicom deletes it only after a complete message."""
         try:
             self.limits.forget(event.assoc)
+            with self._admitted_lock:
+                self._admitted.discard(event.assoc)
+            self.slots.update(self.index, self._running())
             removed = discard_unfinished_spool(event.assoc)
             others = [
                 a
                 for a in (self._server.active_associations if self._server else [])
                 if a is not event.assoc
             ]
-            # with no other association open nothing can be arriving: whatever is spooled is
-            # left over from a transfer pynetdicom gave up on (e.g. an undecodable request)
-            orphans = 0 if others else self.layout.clear_spool()
+            # with no other association of this process open nothing can be arriving in its
+            # spool: what is there is left over from a transfer pynetdicom gave up on
+            orphans = 0 if others else self.layout.clear_spool(self.index)
         except Exception:  # a handler never raises; the files then go at the next sweep
             log.exception("spool_cleanup_failed", peer=event.assoc.requestor.address)
             return
@@ -420,6 +553,7 @@ class Listener:
             sop_instance_uid=str(request.AffectedSOPInstanceUID),
             calling_ae=event.assoc.requestor.ae_title,
             peer=event.assoc.requestor.address,
+            receiver=self.index,
         )
         try:
             status, fields = self._store(event)
@@ -478,6 +612,17 @@ class Listener:
         return StoreStatus.SUCCESS, fields
 
 
+def receiver_child(config: Config, seat: ReceiverSeat, context: ChildContext) -> None:
+    """Entry point of a receiver child (a fresh interpreter): serve on the listener's socket
+    until SIGTERM or until the listener is gone."""
+    configure_logging(config.node.log_level)
+    with Listener(config, seat) as listener:
+        context.mark_ready()
+        while not context.stop.wait(1.0):
+            context.alive()
+            listener.tend()
+
+
 def run_listener(
     config: Config,
     stop_event: threading.Event,
@@ -486,17 +631,24 @@ def run_listener(
 ) -> None:
     """Serve until ``stop_event`` is set, assembling studies every poll; then shut down.
 
-    ``ready`` is called once the port is bound (e.g. to notify systemd or learn the port when
-    ``node.port = 0``). The poll interval is a quarter of ``stable_seconds`` (at most 1 s), so a
-    study is queued within that long after it became stable. ``heartbeat`` is called every poll
-    (the service's watchdog pings only while it is called).
+    ``ready`` is called once the port is bound and the receiver children serve too (e.g. to
+    notify systemd or learn the port when ``node.port = 0``). The poll interval is a quarter of
+    ``stable_seconds`` (at most 1 s), so a study is queued within that long after it became
+    stable. ``heartbeat`` is called every poll (the service's watchdog pings only while it is
+    called). Raises RuntimeError when a receiver child cannot start.
     """
     poll = min(1.0, config.study.stable_seconds / 4)
     next_purge = 0.0  # at start, then every PURGE_INTERVAL seconds
+    announced = False
     with Listener(config) as listener:
-        if ready is not None:
-            ready(listener)
-        while not stop_event.wait(poll):
+        while True:
+            listener.tend()
+            if not announced and listener.receivers_ready():
+                announced = True
+                if ready is not None:
+                    ready(listener)
+            if stop_event.wait(poll):
+                break
             if heartbeat is not None:
                 heartbeat()
             try:

@@ -22,19 +22,14 @@ leased jobs and pending deliveries live in the state database.
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import signal
 import sys
 import threading
-import time
 import traceback
 from collections.abc import Callable, Sequence
-from multiprocessing.process import BaseProcess
-from multiprocessing.sharedctypes import Synchronized
-from types import FrameType
 
 from dicomnode import sdnotify
+from dicomnode.children import ChildContext, ChildSupervisor, Heartbeat, signal_setter
 from dicomnode.config import Config
 from dicomnode.delivery import run_delivery
 from dicomnode.logging import configure_logging, get_logger
@@ -47,34 +42,9 @@ log = get_logger(__name__)
 TICK_SECONDS = 1.0
 #: How long a stopping service waits for each role to finish its current work.
 STOP_GRACE_SECONDS = 60.0
-#: Delay before restarting a dead worker child: doubles from the first to the last value.
-RESTART_DELAY_SECONDS = (1.0, 60.0)
 
 ExitCode = int
 Role = Callable[[EventLike, Callable[[], None]], None]
-
-
-class Heartbeat:
-    """When a role last showed it works (``time.monotonic()``, system-wide on Linux).
-
-    Backed by a ``multiprocessing`` shared double when the role runs in a child process.
-    """
-
-    def __init__(self, shared: Synchronized[float] | None = None) -> None:
-        self.shared = shared
-        self._last = time.monotonic()
-        self.beat()
-
-    def beat(self) -> None:
-        now = time.monotonic()
-        if self.shared is not None:
-            self.shared.value = now
-        self._last = now
-
-    def age(self) -> float:
-        """Seconds since the last beat."""
-        last = self.shared.value if self.shared is not None else self._last
-        return time.monotonic() - last
 
 
 class RoleThread:
@@ -114,36 +84,19 @@ class RoleThread:
             log.warning("role_not_stopped", role=self.name, waited_seconds=timeout)
 
 
-def worker_child(config: Config, ready: Synchronized[float], beat: Synchronized[float]) -> None:
+def worker_child(config: Config, context: ChildContext) -> None:
     """Entry point of the worker child process of ``serve`` (runs in a fresh interpreter).
 
-    The parent stops it with SIGTERM (the current job is finished first); SIGINT is ignored (a
-    Ctrl-C in a terminal reaches the whole process group, and the parent handles it). Readiness
-    and heartbeat go to the parent through lock-free shared values: the child may be killed at
-    any moment, and a lock or condition it held would then stay held forever. Exit status 3
-    when the worker cannot run at all.
+    The parent stops it with SIGTERM (the current job is finished first). Readiness and
+    heartbeat go to the parent through lock-free shared values: the child may be killed at any
+    moment, and a lock or condition it held would then stay held forever. Exit status 3 when
+    the worker cannot run at all.
     """
     configure_logging(config.node.log_level)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, signal_setter(stop))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from dicomnode.worker import run_worker  # torch is imported in the child only
 
-    heartbeat = Heartbeat(beat)
-    parent = os.getppid()
-
-    def mark_ready() -> None:
-        ready.value = time.monotonic()
-
-    def alive() -> None:
-        """Beat, and stop if the parent is gone (killed without a chance to stop us)."""
-        heartbeat.beat()
-        if os.getppid() != parent:
-            log.warning("worker_orphaned", parent_pid=parent)
-            stop.set()
-
     try:
-        run_worker(config, stop, ready=mark_ready, heartbeat=alive)
+        run_worker(config, context.stop, ready=context.mark_ready, heartbeat=context.alive)
     except Exception as exc:
         log.error(
             "worker_crashed",
@@ -153,111 +106,10 @@ def worker_child(config: Config, ready: Synchronized[float], beat: Synchronized[
         sys.exit(3)
 
 
-class WorkerSupervisor:
-    """Runs the worker role in a child process and restarts it when it dies or hangs."""
-
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        self._ctx = multiprocessing.get_context("spawn")
-        self._ready_at = self._ctx.Value("d", 0.0, lock=False)
-        self.heartbeat = Heartbeat(self._ctx.Value("d", time.monotonic(), lock=False))
-        self.hang_seconds = config.queue.lease_seconds
-        self.process: BaseProcess | None = None
-        self.ever_ready = False
-        self.restarts = 0
-        self._delay = RESTART_DELAY_SECONDS[0]
-        self._restart_at: float | None = None
-        self._started_at = time.monotonic()
-
-    def start(self) -> None:
-        """Start a fresh worker child."""
-        self._started_at = time.monotonic()
-        self.heartbeat.beat()
-        assert self.heartbeat.shared is not None
-        process = self._ctx.Process(
-            target=worker_child,
-            args=(self.config, self._ready_at, self.heartbeat.shared),
-            name="dicomnode-worker",
-        )
-        process.start()
-        self.process = process
-        log.info("worker_process_started", pid=process.pid, restarts=self.restarts)
-
-    @property
-    def child_ready(self) -> bool:
-        """The current child has loaded its weights."""
-        return bool(self._ready_at.value >= self._started_at)
-
-    @property
-    def ready(self) -> bool:
-        """The worker loaded its weights at least once (it may be restarting now)."""
-        self.ever_ready = self.ever_ready or self.child_ready
-        return self.ever_ready
-
-    def check(self) -> bool:
-        """Restart a dead or hung worker when its delay is up.
-
-        The delay doubles with each restart and falls back to its minimum once a child has run
-        for longer than the current delay. Returns False when the worker died before it was
-        ever ready (a start-up error such as a bad weights folder).
-        """
-        ready = self.ready
-        process = self.process
-        now = time.monotonic()
-        if process is not None and process.is_alive():
-            if self.child_ready and self.heartbeat.age() > self.hang_seconds:
-                log.error("worker_hung", pid=process.pid, silent_seconds=self.heartbeat.age())
-                process.kill()
-            else:
-                if self.child_ready and now - self._started_at > self._delay:
-                    self._delay = RESTART_DELAY_SECONDS[0]  # it worked for a while: reset
-                return True
-        if process is not None:
-            process.join()
-            log.error(
-                "worker_process_died",
-                pid=process.pid,
-                exit_code=process.exitcode,
-                restart_in_seconds=self._delay if ready else None,
-            )
-            self.process = None
-            if not ready:
-                return False
-            self._restart_at = now + self._delay
-            self._delay = min(self._delay * 2, RESTART_DELAY_SECONDS[1])
-        if self._restart_at is not None and now >= self._restart_at:
-            self._restart_at = None
-            self.restarts += 1
-            self.start()
-        return True
-
-    def shutdown(self, grace: float) -> None:
-        """SIGTERM the child (it finishes its current job); SIGKILL it after ``grace`` s."""
-        process = self.process
-        if process is None:
-            return
-        process.terminate()
-        process.join(grace)
-        if process.is_alive():
-            log.warning("worker_killed", pid=process.pid, waited_seconds=grace)
-            process.kill()
-            process.join()
-        self.process = None
-
-
-def signal_setter(event: threading.Event) -> Callable[[int, FrameType | None], None]:
-    """A signal handler that sets ``event`` and logs the signal.
-
-    ``event.set()`` runs in a new thread: a handler runs in the main thread, which may be
-    inside ``event.wait()`` holding the event's lock at that moment; from another thread
-    ``set()`` simply waits for it.
-    """
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        log.info("shutdown_requested", signal=signal.Signals(signum).name)
-        threading.Thread(target=event.set, name="signal", daemon=True).start()
-
-    return handler
+def worker_supervisor(config: Config) -> ChildSupervisor:
+    """The worker of ``serve`` in a child process, restarted when it dies or is silent for a
+    whole lease period."""
+    return ChildSupervisor("worker", worker_child, (config,), config.queue.lease_seconds)
 
 
 def install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
@@ -275,7 +127,7 @@ def install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
 def supervise(
     stop: threading.Event,
     roles: Sequence[RoleThread],
-    supervisor: WorkerSupervisor | None,
+    supervisor: ChildSupervisor | None,
     is_ready: Callable[[], bool],
     describe: Callable[[], str],
 ) -> ExitCode:
@@ -312,7 +164,7 @@ def run_roles(
     stop: threading.Event,
     is_ready: Callable[[], bool],
     describe: Callable[[], str],
-    supervisor: WorkerSupervisor | None = None,
+    supervisor: ChildSupervisor | None = None,
 ) -> ExitCode:
     """Start the roles, supervise them until SIGTERM/SIGINT or a failure, then stop them."""
     restore = install_signal_handlers(stop)
@@ -395,7 +247,7 @@ def run_serve(config: Config) -> ExitCode:
         RoleThread("listener", _listener_role(config, bound), stop),
         RoleThread("sender", _sender_role(config), stop),
     ]
-    supervisor = WorkerSupervisor(config)
+    supervisor = worker_supervisor(config)
     return run_roles(
         "serve",
         roles,

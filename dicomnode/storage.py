@@ -16,6 +16,7 @@ overwrites.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import re
@@ -23,9 +24,12 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import IO
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -153,6 +157,11 @@ class StateLayout:
         return self.root / "tmp"
 
     @property
+    def lock_path(self) -> Path:
+        """The file :class:`StoreLock` locks."""
+        return self.root / "store.lock"
+
+    @property
     def spool_dir(self) -> Path:
         """Where the listener's pynetdicom spools incoming data sets while they arrive."""
         return self.root / "spool"
@@ -188,14 +197,28 @@ class StateLayout:
             else:
                 leftover.unlink()
 
-    def clear_spool(self) -> int:
-        """Delete every spooled data set; returns how many. Only the listener calls this, and
-        only while no association is open (nothing can be arriving then)."""
+    def receiver_spool(self, index: int) -> Path:
+        """The spool folder of receiving process ``index`` (0: the listener itself)."""
+        return self.spool_dir / str(index)
+
+    def spooled_files(self) -> list[Path]:
+        """Every file in the spool folders of all receiving processes."""
+        return sorted(p for p in self.spool_dir.rglob("*") if p.is_file())
+
+    def clear_spool(self, index: int | None = None) -> int:
+        """Delete the spooled data sets of receiving process ``index``, or of every process
+        (``None``); returns how many. Only a receiving process calls this for its own folder
+        while none of its associations is open, and the listener for all of them before any
+        process receives (nothing can be arriving then)."""
+        folders = [self.receiver_spool(index)] if index is not None else [self.spool_dir]
+        if index is None:
+            folders += [p for p in self.spool_dir.iterdir() if p.is_dir()]
         removed = 0
-        for leftover in self.spool_dir.iterdir():
-            if leftover.is_file():
-                leftover.unlink(missing_ok=True)
-                removed += 1
+        for folder in folders:
+            for leftover in folder.iterdir() if folder.is_dir() else ():
+                if leftover.is_file():
+                    leftover.unlink(missing_ok=True)
+                    removed += 1
         return removed
 
     def remove_study_files(self, study_uid: str) -> None:
@@ -232,6 +255,52 @@ class StoreResult:
     outcome: StoreOutcome
 
 
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block; the
+    kernel releases it if the process dies holding it."""
+    with path.open("a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+class StoreLock:
+    """Mutual exclusion for the threads of a process and for the processes sharing a state
+    directory (the listener and its receiver children): a thread lock, then an ``flock`` on
+    ``path`` (released by closing the file, or by the kernel if the process dies)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._threads = threading.Lock()
+        self._handle: IO[str] | None = None
+
+    def __enter__(self) -> None:
+        self._threads.acquire()
+        try:
+            handle = self.path.open("a")
+        except BaseException:
+            self._threads.release()
+            raise
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        except BaseException:
+            handle.close()
+            self._threads.release()
+            raise
+        self._handle = handle
+
+    def __exit__(self, *exc: object) -> None:
+        handle, self._handle = self._handle, None
+        try:
+            if handle is not None:
+                handle.close()
+        finally:
+            self._threads.release()
+
+
 class InstanceStore:
     """Writes received instances durably and records them, one row per SOP Instance UID.
 
@@ -239,14 +308,14 @@ class InstanceStore:
     encoding (:func:`same_content`, e.g. re-sent in another transfer syntax), are a duplicate
     and change nothing (the first copy is kept); different content replaces the stored file
     and row and makes the study run again (a corrected re-send). The check-rename-record step
-    runs under a lock so two associations sending the same instance at once cannot leave a row
-    that disagrees with its file.
+    runs under a lock (:class:`StoreLock`, across threads and processes) so two associations
+    sending the same instance at once cannot leave a row that disagrees with its file.
     """
 
     def __init__(self, layout: StateLayout, db: StateDB) -> None:
         self.layout = layout
         self.db = db
-        self._lock = threading.Lock()
+        self._lock = StoreLock(layout.lock_path)
 
     def store(
         self,

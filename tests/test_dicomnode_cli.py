@@ -17,7 +17,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from dicomnode.cli import collect_status, main, status_text
-from dicomnode.config import Config, load_config
+from dicomnode.config import Config, auto_receive_processes, load_config
 from dicomnode.demo import dx_from_image, free_port
 from dicomnode.pixels import load_view
 from dicomnode.records import DeliveryOutcome
@@ -286,8 +286,13 @@ def test_listen_notifies_systemd_and_stops_cleanly_on_sigterm(tmp_path: Path) ->
                 process.kill()
                 process.wait()
     assert process.returncode == 0
-    events = [json.loads(line)["event"] for line in output.decode().splitlines()]
-    assert events[-3:] == ["service_stopping", "listener_stopped", "service_stopped"]
+    records = [json.loads(line) for line in output.decode().splitlines()]
+    events = [r["event"] for r in records]
+    assert events[-1] == "service_stopped"
+    after_stop = records[events.index("service_stopping") :]
+    # every receiving process (the listener and its receiver children) stopped, after the stop
+    stopped = sorted(r["receiver"] for r in after_stop if r["event"] == "listener_stopped")
+    assert stopped == list(range(auto_receive_processes()))
     assert "shutdown_requested" in events
 
 

@@ -50,8 +50,11 @@ NODE_AE, CALLER_AE = "FRACTURE_AI", "MODALITY"
 
 
 def make_config(tmp_path: Path, **node: Any) -> Config:
+    """One receiving process unless ``receive_processes`` says otherwise: these tests read the
+    handlers' log events in this process (tests/test_receivers.py covers several)."""
     extra = node.pop("extra", {})
-    raw = {"node": {"state_dir": "state", "port": 0, **node}, "study": {"stable_seconds": 0.5}}
+    node = {"state_dir": "state", "port": 0, "receive_processes": 1, **node}
+    raw = {"node": node, "study": {"stable_seconds": 0.5}}
     return parse_config({**raw, **extra}, tmp_path)
 
 

@@ -35,6 +35,7 @@ from pynetdicom.dsutils import split_dataset
 from dicomnode.config import load_config
 from dicomnode.demo import OrthancPacs
 from dicomnode.records import JobState
+from dicomnode.storage import StateLayout
 from tests.conftest import DICOM_SAMPLES
 from tests.faults.conftest import (
     NODE_AE,
@@ -99,7 +100,8 @@ class FuzzNode:
 def fuzz_node(
     fault_weights: Path, fault_orthanc: OrthancPacs, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[FuzzNode]:
-    """``dicomnode serve``; its listener spools into ``state_dir/spool``, checked for leftovers."""
+    """``dicomnode serve``; its receiving processes spool into ``state_dir/spool/<index>``,
+    checked for leftovers."""
     tmp = tmp_path_factory.mktemp("fuzz")
     config = node_config(tmp / "node", fault_weights, fault_orthanc)
     settings = load_config(config)
@@ -327,9 +329,11 @@ def test_crafted_cases_raw_pdus_and_aborts(fuzz_node: FuzzNode, tmp_path: Path) 
     internal = [
         e
         for e in fuzz_node.node.events()
-        if e["event"] in ("instance_failed", "role_crashed", "worker_crashed")
+        if e["event"]
+        in ("instance_failed", "role_crashed", "worker_crashed", "receiver_process_died")
     ]
-    leftovers = sorted(p.name for p in fuzz_node.spool.iterdir())
+    # every receiving process spools into its own folder, spool/<index>
+    leftovers = [str(p) for p in StateLayout(fuzz_node.spool.parent).spooled_files()]
     counts = record_counts(
         "bad_input",
         {

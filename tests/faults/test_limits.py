@@ -109,7 +109,7 @@ def events(log: io.StringIO, name: str) -> list[dict[str, Any]]:
 
 
 def spool_files(listener: Listener) -> list[str]:
-    return sorted(p.name for p in listener.layout.spool_dir.iterdir())
+    return [p.name for p in listener.layout.spooled_files()]
 
 
 def test_silent_or_stalled_connections_are_closed_after_their_timeout(tmp_path: Path) -> None:

@@ -1,0 +1,215 @@
+"""Several receiving processes on one port (``node.receive_processes``, dicomnode.receivers).
+
+``dicomnode listen`` runs with two processes (the listener and one receiver child). Which
+process accepts a connection is the kernel's choice; the tests make it deterministic by
+stopping one process with SIGSTOP (a stopped process does not accept, so the other one must).
+Peers: pynetdicom modality AEs and DCMTK ``echoscu``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from dicomnode.demo import free_port
+from dicomnode.state import StateDB
+from dicomnode.storage import StoreLock
+from tests.faults.conftest import echo_ok, save, scu, small_dx, store_file
+from tests.faults.test_limits import wait_until
+from tests.test_node_e2e import NODE_AE, NodeProcess, node
+
+pytestmark = [pytest.mark.dicom_peers, pytest.mark.timeout(180)]
+
+ECHOSCU = "/usr/bin/echoscu"
+
+
+def listen_config(folder: Path, **node_keys: object) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = {"receive_processes": 2, **node_keys}
+    lines = [f'ae_title = "{NODE_AE}"', f"port = {free_port()}", 'state_dir = "state"']
+    lines += [f"{key} = {value}" for key, value in keys.items()]
+    path = folder / "node.toml"
+    path.write_text("[node]\n" + "\n".join(lines) + "\n\n[study]\nstable_seconds = 30\n")
+    path.chmod(0o600)
+    return path
+
+
+def port_of(running: NodeProcess) -> int:
+    started = running.event("listener_started", receiver=0)
+    assert started is not None
+    return int(started["port"])
+
+
+def child_pid(running: NodeProcess, restarts: int = 0) -> int:
+    started = running.event("receiver_process_started", receiver=1, restarts=restarts)
+    assert started is not None
+    return int(started["pid"])
+
+
+@contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """SIGSTOP ``pid`` for the block: it accepts no connection meanwhile."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def receivers_of(running: NodeProcess, path: Path) -> list[int]:
+    """Which processes logged receiving the instance in file ``path``."""
+    sop_uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    return [
+        int(e["receiver"])
+        for e in running.events()
+        if e["event"] == "instance_received" and e.get("sop_instance_uid") == sop_uid
+    ]
+
+
+def test_each_process_accepts_and_stores_on_the_one_port(tmp_path: Path) -> None:
+    files = [save(small_dx(i), tmp_path / f"{i}.dcm") for i in range(2)]
+    config = listen_config(tmp_path / "node")
+    with node("listen", config, tmp_path / "node.log") as running:
+        port = port_of(running)
+        with stopped(child_pid(running)):
+            first = store_file(port, files[0])
+        with stopped(running.process.pid):
+            second = store_file(port, files[1])
+        assert first.success and second.success
+        assert receivers_of(running, files[0]) == [0]
+        assert receivers_of(running, files[1]) == [1]
+        uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+        db = StateDB(tmp_path / "node" / "state" / "state.sqlite")
+        try:
+            assert all(db.instance(uid) is not None for uid in uids)
+        finally:
+            db.close()
+
+
+def test_max_associations_is_one_limit_for_all_processes(tmp_path: Path) -> None:
+    """One association held in each process with ``max_associations = 2``: a third is
+    rejected-transient, local limit exceeded (each process alone holds only one); once one is
+    released, associations are accepted again."""
+    config = listen_config(tmp_path / "node", max_associations=2)
+    with node("listen", config, tmp_path / "node.log") as running:
+        port = port_of(running)
+        modalities = [scu(storage=False), scu(storage=False)]
+        with stopped(child_pid(running)):
+            held = [modalities[0].associate("127.0.0.1", port, ae_title=NODE_AE)]
+        with stopped(running.process.pid):
+            held.append(modalities[1].associate("127.0.0.1", port, ae_title=NODE_AE))
+        try:
+            assert all(a.is_established for a in held)
+            dcmtk = subprocess.run(
+                [ECHOSCU, "-aec", NODE_AE, "127.0.0.1", str(port)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            statuses = [int(a.send_c_echo().Status) for a in held]
+        finally:
+            for assoc in held:
+                assoc.release()
+            for ae in modalities:
+                ae.shutdown()
+        assert dcmtk.returncode != 0
+        assert "Local Limit Exceeded" in dcmtk.stdout + dcmtk.stderr, dcmtk.stderr
+        assert statuses == [0, 0]
+        rejected = running.event("association_rejected")
+        assert rejected is not None and "max_associations" in rejected["reason"]
+        wait_until("associations accepted again", lambda: echo_ok(port), timeout=10)
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
+def test_a_receiver_that_ends_is_restarted_and_the_port_keeps_working(
+    tmp_path: Path, how: signal.Signals
+) -> None:
+    """SIGTERM makes the child close its copy of the listening socket: the listener's copy
+    must keep accepting (pynetdicom's server_close would shut the shared socket down)."""
+    files = [save(small_dx(i), tmp_path / f"{i}.dcm") for i in range(2)]
+    config = listen_config(tmp_path / "node")
+    with node("listen", config, tmp_path / "node.log") as running:
+        port = port_of(running)
+        os.kill(child_pid(running), how)
+        wait_until("the child to end", lambda: running.event("receiver_process_died") is not None)
+        assert store_file(port, files[0]).success  # the listener alone, meanwhile
+        wait_until(
+            "a new receiver",
+            lambda: running.event("receiver_process_started", restarts=1) is not None,
+        )
+        wait_until("the new receiver serving", lambda: _count(running, "listener_started") == 3)
+        with stopped(running.process.pid):
+            assert store_file(port, files[1]).success  # the new child
+        assert receivers_of(running, files[1]) == [1]
+        assert running.process.poll() is None
+
+
+def _count(running: NodeProcess, event: str) -> int:
+    return sum(e["event"] == event for e in running.events())
+
+
+def test_receivers_die_with_the_listener_and_free_the_port(tmp_path: Path) -> None:
+    """A listener killed without a chance to stop its children (SIGKILL, the OOM killer) takes
+    them along at once, so a restarted node can bind its port again."""
+    config = listen_config(tmp_path / "node")
+    with node("listen", config, tmp_path / "node.log") as running:
+        port, child = port_of(running), child_pid(running)
+        running.process.kill()
+        running.process.wait()
+        wait_until("the port to be free again", lambda: _bindable(port), timeout=5)
+        assert not _running(child)
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an exited child not reaped yet: its parent was killed)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _hold(lock_path: Path, held: Any, seconds: float) -> None:
+    """In another process: take the lock, say so (``held``: an Event), keep it a while."""
+    with StoreLock(lock_path):
+        held.set()
+        time.sleep(seconds)
+
+
+def test_the_store_lock_excludes_other_processes(tmp_path: Path) -> None:
+    """The check-rename-record step of storing (and retention's removal) is serialised across
+    the receiving processes, not only across the threads of one."""
+    lock_path = tmp_path / "store.lock"
+    ctx = multiprocessing.get_context("spawn")
+    taken = ctx.Event()
+    other = ctx.Process(target=_hold, args=(lock_path, taken, 1.0))
+    other.start()
+    try:
+        assert taken.wait(30)
+        start = time.monotonic()
+        with StoreLock(lock_path):
+            waited = time.monotonic() - start
+    finally:
+        other.join(30)
+    assert waited > 0.5, waited
