@@ -6,10 +6,13 @@
 - ``bf16``: bfloat16 autocast (convolutions and matrix products in bf16, reductions and the
   sigmoid in fp32); scores stay within :data:`BF16_SCORE_TOLERANCE` of fp32 (measured on real
   FracAtlas radiographs with the shipped weights, see ``benchmarks/inference_speed.py``);
-- ``auto``: bf16 where bf16 matrix units make it a clear win (a CUDA device with bf16 support, a
-  CPU with AMX), else fp32. A CPU with AVX-512 BF16 but no AMX stays in fp32: on the 2-core EPYC
-  of this project bf16 inference at batch 1 was no faster than fp32 (within the noise of a busy
-  machine), unlike bf16 training at batch 48 (2-2.4x); ``precision = "bf16"`` forces it.
+- ``auto``: bf16 where the hardware multiplies bf16 natively (a CUDA device with bf16 support, a
+  CPU with AMX or AVX-512 BF16), else fp32. On the 2-core AVX-512 BF16 EPYC of this project,
+  measured on a quiet machine, bf16 + channels-last ran the shipped ensemble 1.8-1.9x faster than
+  fp32 (302-329 against 585-595 ms per radiograph), and on the whole validation split (322
+  images) kept the AUC within 0.0002 of fp32 with no decision changed and scores within 0.0037
+  (``benchmarks/results/inference-cpu-quiet-2026-11-27.md``). Other CPUs stay in fp32 (bf16
+  there is emulated and slow); ``precision = "fp32"`` forces the reference answers anywhere.
 
 ``channels_last`` (NHWC memory layout): ``None`` means automatic, which is on with bf16 (oneDNN's
 bf16 convolutions on the CPU are fast only in NHWC: NCHW bf16 was 1.5-1.7x *slower* than fp32 on
@@ -49,11 +52,21 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+#: CPU flags of native bf16 matrix instructions.
+NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with native bf16 matrix instructions (AMX or AVX-512 BF16)."""
+    return bool(NATIVE_BF16_FLAGS & cpu_flags())
+
+
 def fast_bf16(device: torch.device) -> bool:
-    """Whether ``auto`` picks bf16 on ``device``: CUDA with bf16 support, or a CPU with AMX."""
+    """Whether ``auto`` picks bf16 on ``device``: CUDA with bf16 support, or a CPU with native
+    bf16 instructions."""
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
-    return "amx_bf16" in cpu_flags()
+    return cpu_has_native_bf16()
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,13 @@ import torch
 
 from inference.ensemble import Ensemble, EnsembleOutput
 from inference.imageio import read_grayscale
-from inference.precision import BF16_SCORE_TOLERANCE, FP32, SpeedSettings, resolve_speed
+from inference.precision import (
+    BF16_SCORE_TOLERANCE,
+    FP32,
+    SpeedSettings,
+    cpu_flags,
+    resolve_speed,
+)
 from inference.preprocess import Preprocessed
 
 from .conftest import FRACATLAS, REPO
@@ -71,5 +77,7 @@ def test_resolve_speed_decides_auto_and_refuses_unknown_values() -> None:
     assert resolve_speed("fp32", True, cpu) == SpeedSettings("fp32", True)
     auto = resolve_speed("auto", None, cpu)
     assert auto.channels_last == (auto.precision == "bf16")
+    # auto: bf16 exactly where the CPU multiplies bf16 natively (AMX or AVX-512 BF16)
+    assert (auto.precision == "bf16") == bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
     with pytest.raises(ValueError, match="precision must be one of"):
         resolve_speed("fp16", None, cpu)

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from inference.export import add_member, empty_manifest
 from inference.models import DRN, build_model
+from inference.precision import cpu_has_native_bf16
 from inference.training.augment import AugmentSettings, augment
 from inference.training.config import EnsembleConfig, MemberConfig, TrainSettings
 from inference.training.dataset import Record, load_dataset
@@ -42,20 +43,11 @@ from inference.training.split import Split, load_split, save_split, split_datase
 CHANNELS = {"raw": (0,), "lcn": (1,), "both": (0, 1)}
 
 
-def cpu_supports_bf16() -> bool:
-    """True on CPUs with native bf16 matrix instructions (AMX or AVX-512 BF16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def autocast_for(precision: str, device: torch.device) -> Callable[[], AbstractContextManager[Any]]:
     """A factory of autocast contexts: bf16 where asked for (or, for auto, where the hardware
     does bf16 natively: any CUDA device, CPUs with AMX / AVX-512 BF16), else full fp32."""
     use_bf16 = precision == "bf16" or (
-        precision == "auto" and (device.type == "cuda" or cpu_supports_bf16())
+        precision == "auto" and (device.type == "cuda" or cpu_has_native_bf16())
     )
     if not use_bf16:
         return nullcontext
