@@ -120,10 +120,12 @@ def storescp(workdir: Path) -> Iterator[tuple[int, str, Path]]:
         stop_process(process)
 
 
-def node_config(state_dir: Path, port: int) -> str:
+def node_config(state_dir: Path, port: int, receive_processes: int | None) -> str:
+    """``receive_processes``: None keeps the node's default (``auto``)."""
+    processes = "" if receive_processes is None else f"receive_processes = {receive_processes}\n"
     return (
         f'[node]\nae_title = "{NODE_AE}"\nbind = "{LOOPBACK}"\nport = {port}\n'
-        f'state_dir = "{state_dir}"\nmax_associations = 32\n\n'
+        f'state_dir = "{state_dir}"\nmax_associations = 32\n{processes}\n'
         "[study]\nstable_seconds = 3600\n"  # no study is queued during the measurement
     )
 
@@ -133,6 +135,7 @@ def listener_command(config: Path, profile_out: Path | None, py_spy: str | None)
     if profile_out is None or py_spy is None:
         return node
     return [py_spy, "record", "--format", "raw", "--rate", "200", "--nonblocking", "--function",
+            "--subprocesses",
             "-o", str(profile_out), "--", *node]
 
 
@@ -150,13 +153,16 @@ def children(pid: int) -> list[int]:
 
 @contextmanager
 def node_listener(
-    workdir: Path, profile_out: Path | None = None, py_spy: str | None = None
+    workdir: Path,
+    receive_processes: int | None = None,
+    profile_out: Path | None = None,
+    py_spy: str | None = None,
 ) -> Iterator[tuple[int, str, Path]]:
     """``python -m dicomnode listen`` with a fresh state folder; (port, AE, state dir)."""
     state = workdir / "node-state"
     port = free_port()
     config = workdir / "node.toml"
-    config.write_text(node_config(state, port))
+    config.write_text(node_config(state, port, receive_processes))
     log = workdir / "node.log"
     with log.open("wb") as handle:
         process = subprocess.Popen(
@@ -204,10 +210,12 @@ def send(port: int, ae: str, files: Sequence[Path], senders: int) -> float:
     return seconds
 
 
-def measure(target: str, workdir: Path, files: Sequence[Path], senders: int) -> Measurement:
+def measure(
+    target: str, workdir: Path, files: Sequence[Path], senders: int, processes: int | None
+) -> Measurement:
     run_dir = Path(tempfile.mkdtemp(prefix=f"{target}-", dir=workdir))
     try:
-        receiver = storescp(run_dir) if target == "storescp" else node_listener(run_dir)
+        receiver = storescp(run_dir) if target == "storescp" else node_listener(run_dir, processes)
         with receiver as (port, ae, out):
             seconds = send(port, ae, files, senders)
             stored = count_stored(target, out)
@@ -231,12 +239,16 @@ def count_stored(target: str, out: Path) -> int:
 #: Where a sample of an association thread is counted: the first pattern (leaf to root) that a
 #: frame of its stack contains.
 CATEGORIES = (
+    ("move_durably", "storage.move_durably: spool file into place (link, SHA-256 read, fsync)"),
     ("copy_durably", "storage.copy_durably: copy spool -> state (read, SHA-256, write, fsync)"),
     ("fsync", "other fsync (directory)"),
     ("sqlite", "SQLite record"),
     ("state.py", "SQLite record"),
     ("pydicom/", "pydicom (header parse)"),
     ("tempfile", "spool write (pynetdicom chunked receive)"),
+    ("AssociationSocket.ready", "pynetdicom polling loops (1 ms sleeps)"),
+    ("Association._run_reactor", "pynetdicom polling loops (1 ms sleeps)"),
+    ("DULServiceProvider.run_reactor", "pynetdicom polling loops (1 ms sleeps)"),
     ("transport.py", "socket receive (pynetdicom transport)"),
     ("pynetdicom/", "DICOM protocol handling (pynetdicom DUL/DIMSE, Python)"),
     ("dicomnode/", "other node code"),
@@ -251,24 +263,26 @@ def category(frames: Sequence[str]) -> str:
     return "other"
 
 
-def profile_node(workdir: Path, files: Sequence[Path], py_spy: str, senders: int) -> None:
+def profile_node(
+    workdir: Path, files: Sequence[Path], py_spy: str, senders: int, processes: int | None
+) -> None:
     """One extra node run under py-spy: where the association threads spend their samples."""
     run_dir = Path(tempfile.mkdtemp(prefix="profile-", dir=workdir))
     raw = run_dir / "node.pyspy.txt"
-    with node_listener(run_dir, raw, py_spy) as (port, ae, _):
+    with node_listener(run_dir, processes, raw, py_spy) as (port, ae, _):
         send(port, ae, files, senders)
     shares: collections.Counter[str] = collections.Counter()
     leaf: collections.Counter[str] = collections.Counter()
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         frames = stack.split(";")
-        if not count_text.isdigit() or not any("run_reactor" in f for f in frames):
-            continue  # start-up, main thread and other threads
+        if not count_text.isdigit() or not any("Thread.run" in f for f in frames):
+            continue  # start-up and main threads
         shares[category(frames)] += int(count_text)
         leaf[frames[-1]] += int(count_text)
     total = sum(shares.values()) or 1
-    print(f"## Where the node's association threads spend their time (py-spy at 200 Hz, "
-          f"{senders} sender(s), {total} samples of busy association threads)")
+    print(f"## Where the node's threads spend their time (py-spy at 200 Hz, all receiving "
+          f"processes, {senders} sender(s), {total} samples of busy threads)")
     print_table(["category", "share"], [[c, f"{n / total:.1%}"] for c, n in shares.most_common()])
     print_table(["leaf function", "share"],
                 [[f"`{f}`", f"{n / total:.1%}"] for f, n in leaf.most_common(10)])
@@ -292,6 +306,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="concurrent storescu processes, comma-separated (1,4,16)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where instances and received files go (default: $TMPDIR)")
+    parser.add_argument("--receive-processes", type=int, default=None,
+                        help="node.receive_processes of the node (default: its auto)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one node run with py-spy (--py-spy)")
     parser.add_argument("--py-spy", default=shutil.which("py-spy"), help="py-spy executable")
@@ -334,7 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for run in range(args.runs):
                 order = ("storescp", "node") if run % 2 == 0 else ("node", "storescp")
                 for target in order:
-                    results.append(measure(target, workdir, files, senders))
+                    results.append(
+                        measure(target, workdir, files, senders, args.receive_processes)
+                    )
                     m = results[-1]
                     print(f"# {target:8s} senders {senders:2d} run {run + 1}: {m.seconds:.2f} s",
                           flush=True)
@@ -357,7 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.py_spy:
                 print("# --profile: py-spy not found (pip install py-spy, or --py-spy PATH)")
             else:
-                profile_node(workdir, files, args.py_spy, args.senders[0])
+                profile_node(workdir, files, args.py_spy, args.senders[-1],
+                             args.receive_processes)
         print(f"# finished; 1-minute load average now {os.getloadavg()[0]:.2f}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

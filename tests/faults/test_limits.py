@@ -16,6 +16,7 @@ import io
 import json
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ from pydicom.dataset import Dataset
 
 from dicomnode.config import Config
 from dicomnode.demo import Patient, dx_from_image
+from dicomnode.limits import receive_exactly
 from dicomnode.scp import Listener, StoreStatus
 from tests.faults.conftest import (
     NODE_AE,
@@ -257,3 +259,22 @@ def test_pdu_longer_than_max_pdu_gets_an_a_abort_and_max_pdu_itself_is_accepted(
     assert answers == {"p_data_1_mib": (2, 6), "associate_rq_4_gib": (2, 6)}
     assert len(stored) == 1
     record_counts("limits_pdu", {"answers": {k: list(v or ()) for k, v in answers.items()}})
+
+
+def test_receive_exactly_reads_a_whole_pdu_across_many_sends_and_stops_at_a_close() -> None:
+    """The listener's PDU read (``recv_into`` one buffer instead of pynetdicom's 4096-byte
+    loop): every byte in order however the peer splits its sends; a peer closing half-way gives
+    what arrived (pynetdicom then ends the association as a closed connection)."""
+    payload = bytes(range(256)) * 4099  # 1,049,344 bytes, not a multiple of any chunk size
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        pieces = [payload[i : i + 7001] for i in range(0, len(payload), 7001)]
+        sender = threading.Thread(target=lambda: [peer.sendall(piece) for piece in pieces])
+        sender.start()
+        received = receive_exactly(ours, len(payload))
+        sender.join()
+        assert bytes(received) == payload
+        peer.sendall(payload[:1000])
+        peer.close()
+        short = receive_exactly(ours, 5000)
+    assert bytes(short) == payload[:1000]
