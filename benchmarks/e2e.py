@@ -56,7 +56,15 @@ from dicomnode.demo import (
 from inference.ensemble import Ensemble
 from inference.imageio import read_grayscale
 
-SEGMENTS = ("received_to_leased", "job", "results_to_delivered", "latency")
+SEGMENTS = (
+    "received_to_leased",
+    "job",
+    "job: decode",
+    "job: ensemble (Ensemble.analyse)",
+    "job: write SR/SC",
+    "results_to_delivered",
+    "latency",
+)
 
 
 def views() -> list[tuple[np.ndarray, str]]:
@@ -98,20 +106,24 @@ def study_times(log: Path, study_uid: str) -> dict[str, float] | None:
     """Times of the study's events, or None while it is not delivered yet."""
     mine = [e for e in events(log) if e.get("study_instance_uid") == study_uid]
     received = [seconds_of(e) for e in mine if e["event"] == "instance_received"]
-    by_name = {str(e["event"]): seconds_of(e) for e in mine}
+    by_name = {str(e["event"]): e for e in mine}
     if "delivery_delivered" not in by_name or not received:
         return None
+    steps = by_name["job_results_written"].get("seconds")
+    assert isinstance(steps, dict), "the node logs each job's step times"
     return {
         "received": max(received),
-        "leased": by_name["job_leased"],
-        "results": by_name["job_results_written"],
-        "delivered": by_name["delivery_delivered"],
+        "leased": seconds_of(by_name["job_leased"]),
+        "results": seconds_of(by_name["job_results_written"]),
+        "delivered": seconds_of(by_name["delivery_delivered"]),
+        **{f"step_{name}": float(value) for name, value in steps.items()},
     }
 
 
 def analyse_seconds(images: Sequence[tuple[np.ndarray, str]], repeats: int = 3) -> float:
-    """Median wall time of ``Ensemble.analyse`` on the three views (one batch) in this process."""
-    ensemble = Ensemble.load(WEIGHTS_DIR, device="auto")
+    """Median wall time of ``Ensemble.analyse`` on the three views (one batch) in this process,
+    with the speed settings the node's defaults choose (``inference.precision = "auto"``)."""
+    ensemble = Ensemble.load(WEIGHTS_DIR, device="auto", precision="auto")
     pixels = [p for p, _ in images]
     regions: list[str | None] = [None] * len(pixels)
     ensemble.analyse(pixels, regions)  # warm-up
@@ -153,6 +165,9 @@ def run(args: argparse.Namespace, workdir: Path) -> list[dict[str, float]]:
             row = {
                 "received_to_leased": times["leased"] - times["received"] - args.stable_seconds,
                 "job": times["results"] - times["leased"],
+                "job: decode": times["step_decode"],
+                "job: ensemble (Ensemble.analyse)": times["step_analyse"],
+                "job: write SR/SC": times["step_write"],
                 "results_to_delivered": times["delivered"] - times["results"],
                 "latency": times["delivered"] - times["received"] - args.stable_seconds,
             }

@@ -20,7 +20,13 @@ from contextlib import contextmanager
 from dicomnode import sender, tls
 from dicomnode.config import Config, DeliveryConfig, TlsConfig
 from dicomnode.logging import get_logger
-from dicomnode.records import Delivery, DeliveryOutcome, DeliveryState, EventLike
+from dicomnode.records import (
+    IDLE_POLL_SECONDS,
+    Delivery,
+    DeliveryOutcome,
+    DeliveryState,
+    EventLike,
+)
 from dicomnode.state import JobQueue, open_queue
 from dicomnode.storage import StateLayout
 
@@ -227,8 +233,9 @@ def run_delivery(
     """The sender role: deliver results to ``config.destinations`` until ``stop`` is set.
 
     Calls with our own AE title (``node.ae_title``) and the timeouts of
-    ``delivery.timeout_seconds``. Polls at most every second, more often when
-    ``delivery.retry_initial_seconds`` is short.
+    ``delivery.timeout_seconds``. Looks for due deliveries every
+    :data:`~dicomnode.records.IDLE_POLL_SECONDS` when idle (more often when
+    ``delivery.retry_initial_seconds`` is shorter than four times that).
     """
     with StateLayout(config.node.state_dir).open_db() as db:
         loop = delivery_loop(open_queue(db, config), config)
@@ -237,6 +244,6 @@ def run_delivery(
             destinations=[d.key for d in config.destinations],
             tls_destinations=sorted(loop.tls_configs),
         )
-        poll = min(1.0, config.delivery.retry_initial_seconds / 4)
+        poll = min(IDLE_POLL_SECONDS, config.delivery.retry_initial_seconds / 4)
         loop.run(stop, poll=poll, heartbeat=heartbeat)
         log.info("sender_stopped")

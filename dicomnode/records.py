@@ -12,6 +12,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
+IDLE_POLL_SECONDS = 0.2
+"""How often an idle worker or sender looks for work in the state database (a lease query each
+time): a study's job and its deliveries start at most this long after they are ready."""
+
 
 class EventLike(Protocol):
     """The stop flag the role loops wait on: a ``threading.Event`` or a ``multiprocessing``

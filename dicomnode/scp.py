@@ -90,6 +90,8 @@ log = get_logger(__name__)
 
 PURGE_INTERVAL = 3600.0
 """Seconds between two retention passes of the listener (the first runs at start)."""
+MIN_WAIT_SECONDS = 0.01
+"""The listener's shortest wait between two passes of study assembly."""
 SPOOL_SWEEP_AGE = 1.0
 """Seconds a spool file must be old before :meth:`Listener.sweep_spool` removes it."""
 RECEIVER_STOP_SECONDS = 30.0
@@ -444,6 +446,15 @@ class Listener:
             )
         return removed
 
+    def seconds_to_next_stable(self, now: float | None = None) -> float | None:
+        """Seconds until the next study can be queued (0 if one can now; None: none waits)."""
+        if self.queue is None:
+            raise RuntimeError("listener is not running")
+        due = self.queue.next_stable_at()
+        if due is None:
+            return None
+        return max(0.0, due - (time.time() if now is None else now))
+
     def assemble(self, now: float | None = None) -> tuple[str, ...]:
         """Queue a job for every study quiet for ``stable_seconds``; returns their UIDs."""
         if self.queue is None:
@@ -632,29 +643,35 @@ def run_listener(
     """Serve until ``stop_event`` is set, assembling studies every poll; then shut down.
 
     ``ready`` is called once the port is bound and the receiver children serve too (e.g. to
-    notify systemd or learn the port when ``node.port = 0``). The poll interval is a quarter of
-    ``stable_seconds`` (at most 1 s), so a study is queued within that long after it became
-    stable. ``heartbeat`` is called every poll (the service's watchdog pings only while it is
-    called). Raises RuntimeError when a receiver child cannot start.
+    notify systemd or learn the port when ``node.port = 0``). The loop wakes when the next
+    study becomes stable (from the state database, so it is queued at once) and at least every
+    quarter of ``stable_seconds`` (at most 1 s). ``heartbeat`` is called every poll (the
+    service's watchdog pings only while it is called). Raises RuntimeError when a receiver
+    child cannot start.
     """
     poll = min(1.0, config.study.stable_seconds / 4)
     next_purge = 0.0  # at start, then every PURGE_INTERVAL seconds
     announced = False
     with Listener(config) as listener:
+        wait = 0.0
         while True:
             listener.tend()
             if not announced and listener.receivers_ready():
                 announced = True
                 if ready is not None:
                     ready(listener)
-            if stop_event.wait(poll):
+            if stop_event.wait(wait):
                 break
             if heartbeat is not None:
                 heartbeat()
+            wait = poll
             try:
                 listener.assemble()
                 if time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + PURGE_INTERVAL
                     listener.purge()
+                due = listener.seconds_to_next_stable()
+                if due is not None:  # wake when it is stable, not up to a poll later
+                    wait = min(poll, max(MIN_WAIT_SECONDS, due))
             except (sqlite3.Error, OSError) as exc:
                 log.error("study_housekeeping_failed", error=f"{type(exc).__name__}: {exc}")

@@ -512,6 +512,19 @@ class SqliteJobQueue:
                 )
         return tuple(ready)
 
+    def next_stable_at(self) -> float | None:
+        """When the next study :meth:`enqueue_stable_studies` would queue becomes stable (epoch
+        seconds; past when it is stable now), or None when there is none: the listener wakes up
+        then to queue it."""
+        row = self.db.query(
+            "SELECT MIN(last_received_at) FROM studies s WHERE revision > queued_revision "
+            "AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.study_uid = s.study_uid "
+            "AND j.state = ?)",
+            (JobState.QUEUED,),
+        )
+        first = row[0][0] if row else None
+        return None if first is None else float(first) + self.stable_seconds
+
     def _return_expired(self, conn: sqlite3.Connection, now: float) -> None:
         expired = conn.execute(
             "SELECT job_id, attempt FROM jobs WHERE state = ? AND lease_expires_at <= ?",

@@ -22,19 +22,30 @@ from __future__ import annotations
 import os
 import socket
 import sqlite3
+import tempfile
 import threading
+import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+import numpy as np
 
 from dicomnode.config import Config
 from dicomnode.logging import get_logger
 from dicomnode.pixels import PixelDataError, View, load_view, region_hints
-from dicomnode.records import EventLike, JobState, ResultFile, StoredInstance, StudyJob
+from dicomnode.records import (
+    IDLE_POLL_SECONDS,
+    EventLike,
+    JobState,
+    ResultFile,
+    StoredInstance,
+    StudyJob,
+)
 from dicomnode.state import JobQueue, LeaseLostError, open_queue
 from dicomnode.storage import StateLayout
 from dicomnode.uids import ResultKind
@@ -46,12 +57,14 @@ from dicomnode.writers import (
     write_results,
 )
 from inference.ensemble import Ensemble
-from inference.records import ImageResult
+from inference.records import AlgorithmInfo, Box, Decision, ImageResult, Thresholds
 from inference.regions import RegionMatch, resolve_region
 
 log = get_logger(__name__)
 
 PACKAGE = "fracture-dicomnode"
+WARM_UP_SIDE = 64
+"""Side in pixels of the synthetic view :func:`warm_up_writers` writes results for."""
 
 
 class NoDecodableViewsError(ValueError):
@@ -85,6 +98,21 @@ class StudyOutcome:
     skipped: tuple[SkippedView, ...]
     analysed: int
     predecessor_sr: str | None
+    seconds: StepSeconds
+    """Wall time of each step (logged with the results)."""
+
+
+@dataclass(frozen=True)
+class StepSeconds:
+    """Wall time of the steps of one job: decoding the views, the ensemble (pre-processing,
+    members, post-processing) and writing the result objects."""
+
+    decode: float
+    analyse: float
+    write: float
+
+    def fields(self) -> dict[str, float]:
+        return {name: round(value, 3) for name, value in asdict(self).items()}
 
 
 def node_identity(config: Config) -> NodeIdentity:
@@ -303,12 +331,15 @@ class Worker:
 
         Raises :class:`NoDecodableViewsError` when no instance of the study decodes.
         """
+        t0 = time.perf_counter()
         decoded = decode_study(job.instances)
         self._beat()
+        t1 = time.perf_counter()
         findings, refused = (
             analyse_views(self.analyser, decoded.views) if decoded.views else ([], [])
         )
         self._beat()
+        t2 = time.perf_counter()
         skipped = (*decoded.skipped, *refused)
         for skip in skipped:
             log.warning(
@@ -333,6 +364,7 @@ class Worker:
             secondary_captures=self.config.outputs.sc,
             presentation_states=self.config.outputs.gsps,
         )
+        seconds = StepSeconds(t1 - t0, t2 - t1, time.perf_counter() - t2)
         return StudyOutcome(
             job_id=job.job_id,
             study_instance_uid=job.study_instance_uid,
@@ -341,6 +373,7 @@ class Worker:
             skipped=skipped,
             analysed=len(findings),
             predecessor_sr=None if previous is None else previous.sop_instance_uid,
+            seconds=seconds,
         )
 
     def handle(self, job: StudyJob) -> JobState | None:
@@ -370,6 +403,7 @@ class Worker:
             results=[f"{r.kind}:{r.sop_instance_uid}" for r in outcome.results],
             predecessor_sr=outcome.predecessor_sr,
             destinations=[d.key for d in self.config.destinations],
+            seconds=outcome.seconds.fields(),
         )
         return state
 
@@ -405,7 +439,7 @@ class Worker:
 
     def run(self, stop: EventLike) -> None:
         """Handle jobs until ``stop`` is set (the current job is finished first)."""
-        poll = min(1.0, self.config.study.stable_seconds / 4)
+        poll = min(IDLE_POLL_SECONDS, self.config.study.stable_seconds / 4)
         while not stop.is_set():
             self._beat()
             try:
@@ -417,6 +451,36 @@ class Worker:
                 stop.wait(poll)
 
 
+def warm_up_writers(node: NodeIdentity, algorithm: AlgorithmInfo) -> float:
+    """Write one synthetic result set (SR, SC, GSPS) into a temporary folder, delete it, and
+    return the seconds it took.
+
+    highdicom reads its tables of the standard on first use (about half a second), which the
+    first study after a start would otherwise pay; the pass also shows at start, before any
+    job is taken, that the writers work here (an error stops the worker like bad weights)."""
+    from dicomnode.demo import dx_from_image  # a DX wrapper for an array, as in the demo
+
+    t0 = time.perf_counter()
+    ramp = np.linspace(0, 255, WARM_UP_SIDE, dtype=np.float32)
+    pixels = (np.add.outer(ramp, ramp) / 2).astype(np.uint8)
+    side = float(WARM_UP_SIDE)
+    result = ImageResult(
+        score=0.9,
+        decision=Decision.FRACTURE,
+        boxes=(Box(side / 4, side / 4, side / 2, side / 2, 0.9),),
+        region="hand",
+        group="hand",
+        group_fallback=False,
+        thresholds=Thresholds(sensitivity=0.3, high_specificity=0.6, binarize=0.5),
+    )
+    with tempfile.TemporaryDirectory(prefix="dicomnode-warm-up-") as folder:
+        path = Path(folder) / "view.dcm"
+        dx_from_image(pixels, body_part="HAND").save_as(path, enforce_file_format=True)
+        findings = [ImageFinding(load_view(path), result)]
+        write_results(findings, algorithm, node, Path(folder) / "results", presentation_states=True)
+    return time.perf_counter() - t0
+
+
 def run_worker(
     config: Config,
     stop: EventLike,
@@ -425,7 +489,8 @@ def run_worker(
 ) -> None:
     """Load the ensemble, then handle jobs until ``stop`` is set.
 
-    ``ready`` is called once the weights are loaded and the queue is open.
+    ``ready`` is called once the weights are loaded, the writers warmed up
+    (:func:`warm_up_writers`) and the queue is open.
     """
     ensemble = Ensemble.load(
         config.inference.weights,
@@ -433,6 +498,7 @@ def run_worker(
         precision=config.inference.precision,
         channels_last=config.inference.channels_last,
     )
+    warm_up_seconds = warm_up_writers(node_identity(config), ensemble.algorithm)
     with StateLayout(config.node.state_dir).open_db() as db:
         worker = Worker(config, ensemble, open_queue(db, config), heartbeat=heartbeat)
         algorithm = ensemble.algorithm
@@ -444,6 +510,7 @@ def run_worker(
             device=str(ensemble.device),
             speed=ensemble.speed.describe(),
             trained=ensemble.manifest.trained,
+            writers_warm_up_seconds=round(warm_up_seconds, 3),
         )
         if ready is not None:
             ready()

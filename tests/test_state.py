@@ -110,6 +110,25 @@ def test_study_is_queued_once_after_it_was_quiet_for_stable_seconds(db: StateDB)
     assert (status.state, status.instance_count, status.version) == (StudyState.QUEUED, 2, 1)
 
 
+def test_next_stable_at_is_when_the_listener_can_queue_the_next_study(db: StateDB) -> None:
+    """The listener sleeps until then: the first unqueued study's last arrival plus
+    stable_seconds; nothing while a study's job waits in the queue (it cannot be queued
+    again), its later instances count once the job is leased."""
+    queue = make_queue(db)
+    assert queue.next_stable_at() is None
+    db.record_instance(instance("1.2.3.4.1"), now=T0)
+    db.record_instance(instance("1.2.3.4.2"), now=T0 + 5)
+    assert queue.next_stable_at() == T0 + 5 + STABLE
+    assert queue.enqueue_stable_studies(now=T0 + 5 + STABLE) == (STUDY,)
+    assert queue.next_stable_at() is None
+    db.record_instance(instance("1.2.3.4.3"), now=T0 + 30)  # while its job is queued
+    assert queue.next_stable_at() is None
+    assert queue.lease("w1", now=T0 + 30 + STABLE) is not None  # takes the new instance too
+    assert queue.next_stable_at() is None
+    db.record_instance(instance("1.2.3.4.4"), now=T0 + 40)  # while leased: a re-run is due
+    assert queue.next_stable_at() == T0 + 40 + STABLE
+
+
 def test_lease_hands_out_the_study_with_its_instances(db: StateDB) -> None:
     queue = make_queue(db)
     for i in range(3):

@@ -29,6 +29,7 @@ from dicomnode.worker import (
     resolve_view_region,
     skipped_note,
 )
+from dicomnode.writers import write_results
 from inference.ensemble import Ensemble
 from inference.imageio import read_grayscale
 from tests.conftest import DICOM_SAMPLES, REPO
@@ -355,3 +356,32 @@ def test_a_job_taken_over_after_its_lease_expired_is_not_recorded_twice(
     rows = node.db.query("SELECT state, lease_owner FROM jobs WHERE job_id = ?", (job.job_id,))
     assert (rows[0][0], rows[0][1]) == (JobState.LEASED, "other-worker")
     assert node.db.query("SELECT COUNT(*) FROM results")[0][0] == 0
+
+
+def test_writers_warm_up_writes_a_whole_result_set_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run by the worker before it takes jobs: highdicom loads its tables then, not during the
+    first study; the synthetic SR, SC and GSPS go to a temporary folder that is removed."""
+    import tempfile
+
+    from dicomnode import worker
+
+    written: list[object] = []
+
+    def spy(*args: object, **kwargs: object) -> object:
+        objects = write_results(*args, **kwargs)  # type: ignore[arg-type]
+        written.extend(hd.sr.Comprehensive3DSR.from_dataset(pydicom.dcmread(o.path))
+                       if o.kind is ResultKind.SR else pydicom.dcmread(o.path).Modality
+                       for o in objects.all)
+        return objects
+
+    monkeypatch.setattr(worker, "write_results", spy)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    algorithm = Ensemble.load(REPO / "ensemble_weights", device="cpu").algorithm
+    config = parse_config({"node": {"state_dir": "state"}}, tmp_path)
+    assert worker.warm_up_writers(worker.node_identity(config), algorithm) > 0
+    assert len(written) == 3  # SR, SC, GSPS
+    assert isinstance(written[0], hd.sr.Comprehensive3DSR)
+    assert sorted(map(str, written[1:])) == ["OT", "PR"]
+    assert list(tmp_path.iterdir()) == []
