@@ -305,6 +305,7 @@ class Listener:
         self._chunked_before = _config.STORE_RECV_CHUNKED_DATASET
         _config.STORE_RECV_CHUNKED_DATASET = True
         handlers: list[EventHandlerType] = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open_spool),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -382,8 +383,10 @@ class Listener:
         if self._server is None or self._server.active_associations:
             return 0
         cutoff = (time.time() if now is None else now) - SPOOL_SWEEP_AGE
+        folder = self.layout.receiver_spool(self.index)
+        folder.mkdir(mode=0o700, exist_ok=True)  # an aging clean-up may have removed it
         removed = 0
-        for path in self.layout.receiver_spool(self.index).iterdir():
+        for path in folder.iterdir():
             with contextlib.suppress(FileNotFoundError):
                 if path.is_file() and path.stat().st_mtime < cutoff:
                     path.unlink()
@@ -523,6 +526,14 @@ class Listener:
         except Exception:  # a handler never raises; pynetdicom then drops the connection
             log.exception("tls_handshake_error", peer=address)
 
+    def _on_conn_open_spool(self, event: evt.Event) -> None:
+        """Make sure this process's spool folder exists before anything arrives: an aging
+        clean-up of the spool (systemd-tmpfiles) may have removed it while it sat empty."""
+        try:
+            self.layout.receiver_spool(self.index).mkdir(mode=0o700, exist_ok=True)
+        except OSError:  # a handler never raises; the transfer then fails with its own status
+            log.exception("spool_folder_unavailable", peer=event.assoc.requestor.address)
+
     def _on_conn_close(self, event: evt.Event) -> None:
         """Remove the spool file of a C-STORE the peer never finished (an abort or a dropped
         connection mid-transfer): pynetdicom deletes it only after a complete message."""
@@ -655,7 +666,10 @@ def run_listener(
     with Listener(config) as listener:
         wait = 0.0
         while True:
-            listener.tend()
+            try:
+                listener.tend()  # RuntimeError (a receiver cannot start) ends the listener
+            except OSError as exc:
+                log.error("listener_housekeeping_failed", error=f"{type(exc).__name__}: {exc}")
             if not announced and listener.receivers_ready():
                 announced = True
                 if ready is not None:

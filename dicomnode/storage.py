@@ -209,10 +209,15 @@ class StateLayout:
         """Delete the spooled data sets of receiving process ``index``, or of every process
         (``None``); returns how many. Only a receiving process calls this for its own folder
         while none of its associations is open, and the listener for all of them before any
-        process receives (nothing can be arriving then)."""
-        folders = [self.receiver_spool(index)] if index is not None else [self.spool_dir]
-        if index is None:
-            folders += [p for p in self.spool_dir.iterdir() if p.is_dir()]
+        process receives (nothing can be arriving then).
+
+        Only the receiving processes' folders (``spool/<n>``) are touched: under the systemd
+        units the spool is also ``$TMPDIR`` of the worker, whose temporary files sit beside
+        them (systemd-tmpfiles ages whatever a crash leaves there)."""
+        if index is not None:
+            folders = [self.receiver_spool(index)]
+        else:
+            folders = [p for p in self.spool_dir.iterdir() if p.is_dir() and p.name.isdigit()]
         removed = 0
         for folder in folders:
             for leftover in folder.iterdir() if folder.is_dir() else ():

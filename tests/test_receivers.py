@@ -213,3 +213,17 @@ def test_the_store_lock_excludes_other_processes(tmp_path: Path) -> None:
     finally:
         other.join(30)
     assert waited > 0.5, waited
+
+
+def test_a_spool_folder_removed_while_idle_comes_back(tmp_path: Path) -> None:
+    """systemd-tmpfiles ages the spool: an empty spool/<n> left untouched for a day may be
+    removed under a running listener. The next association recreates it and is stored."""
+    from tests.test_scp import listening, make_config
+
+    with listening(make_config(tmp_path)) as listener:
+        spool = listener.layout.receiver_spool(0)
+        spool.rmdir()
+        listener.tend()  # the poll does not fail on it either
+        spool.rmdir()
+        assert store_file(listener.port, save(small_dx(0), tmp_path / "0.dcm")).success
+        assert spool.is_dir()

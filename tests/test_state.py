@@ -523,3 +523,19 @@ def test_open_queue_is_the_sqlite_queue_of_the_config(db: StateDB, tmp_path: Pat
     queue = open_queue(db, config)
     assert isinstance(queue, SqliteJobQueue)
     assert (queue.stable_seconds, queue.max_attempts) == (3.0, 5)
+
+
+def test_clear_spool_touches_only_the_receiving_processes_folders(tmp_path: Path) -> None:
+    """spool/<n> belongs to receiving process n; under the systemd units the spool is also the
+    worker's $TMPDIR, so its temporary files there are left alone."""
+    layout = StateLayout(tmp_path / "state").create()
+    mine = [layout.receiver_spool(n) / f"tmp{n}.dcm" for n in (0, 1)]
+    worker_temp = layout.spool_dir / "dicomnode-warm-up-x" / "view.dcm"
+    loose = layout.spool_dir / "tmpworker.bin"
+    for path in (*mine, worker_temp, loose):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    assert layout.clear_spool(1) == 1 and mine[0].exists() and not mine[1].exists()
+    assert layout.clear_spool() == 1 and not mine[0].exists()
+    assert worker_temp.exists() and loose.exists()
+    assert layout.spooled_files() == sorted([worker_temp, loose])
