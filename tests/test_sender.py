@@ -286,3 +286,25 @@ def test_backoff_keeps_retrying_for_hours() -> None:
     assert total > 3 * 3600  # fifteen retries span more than three hours
     with pytest.raises(ValueError):
         backoff_delay(0, rng)
+
+
+def test_the_sending_socket_has_nagle_off(
+    results: ResultObjects, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TCP_NODELAY on every sending association (Nagle held the last segment of each C-STORE
+    for the peer's delayed acknowledgement)."""
+    import dicomnode.sender as sender_module
+
+    seen: list[int] = []
+
+    def spy(assoc: object) -> None:
+        sender_module_no_delay(assoc)  # type: ignore[arg-type]
+        sock = assoc.dul.socket.socket  # type: ignore[attr-defined]
+        seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    sender_module_no_delay = sender_module.no_delay
+    monkeypatch.setattr(sender_module, "no_delay", spy)
+    with storescp(tmp_path) as port:
+        batch = send_files(Destination("127.0.0.1", port, "STORESCP"), [results.report.path], FAST)
+    assert batch.all_succeeded
+    assert seen == [1]
