@@ -248,9 +248,14 @@ class _Table:
 
     def integer_or_auto(self, key: str, auto: int, low: int, high: int) -> int:
         """An integer in ``low..high``, or ``"auto"`` (the default) for ``auto``."""
-        if self._get(key, "auto") == "auto":
+        value = self._get(key, "auto")
+        if value == "auto":
             return auto
-        return self.integer(key, "auto", low, high)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(
+                f'{self._key(key)}: must be "auto" or an integer in {low}..{high}, got {value!r}'
+            )
+        return value
 
     def seconds(self, key: str, default: object) -> float:
         value = self._get(key, default)

@@ -75,6 +75,22 @@ def test_every_key_but_state_dir_has_a_default() -> None:
                 parse_config(trimmed, EXAMPLE.parent)
 
 
+def test_receive_processes_auto_is_one_per_usable_cpu_at_most_four() -> None:
+    import os
+
+    auto = parse_config(BASE, REPO).node.receive_processes
+    assert auto == max(1, min(4, len(os.sched_getaffinity(0))))
+    assert parse_config({"node": {**BASE["node"], "receive_processes": "auto"}}, REPO).node == (
+        parse_config(BASE, REPO).node
+    )
+    assert (
+        parse_config(
+            {"node": {**BASE["node"], "receive_processes": 3}}, REPO
+        ).node.receive_processes
+        == 3
+    )
+
+
 def test_relative_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
     (tmp_path / "etc").mkdir()
     cfg = tmp_path / "etc" / "node.toml"
@@ -94,6 +110,9 @@ BASE = {"node": {"state_dir": "/srv/state"}}
         ("node", "port", -1, r"node\.port"),
         ("node", "port", "11112", r"node\.port"),
         ("node", "port", True, r"node\.port"),
+        ("node", "receive_processes", 0, r'node\.receive_processes: must be "auto" or an integer'),
+        ("node", "receive_processes", 65, r"node\.receive_processes"),
+        ("node", "receive_processes", "many", r"node\.receive_processes"),
         ("node", "ae_title", "A" * 17, r"node\.ae_title: AE title is longer than 16"),
         ("node", "ae_title", "", r"node\.ae_title"),
         ("node", "ae_title", " PAD", r"node\.ae_title"),
