@@ -9,7 +9,7 @@
 - ``auto``: bf16 where the hardware multiplies bf16 natively (a CUDA device with bf16 support, a
   CPU with AMX or AVX-512 BF16), else fp32. On the 2-core AVX-512 BF16 EPYC of this project,
   measured on a quiet machine, bf16 + channels-last ran the shipped ensemble 1.8-1.9x faster than
-  fp32 (302-329 against 585-595 ms per radiograph), and on the whole validation split (322
+  fp32 (288-312 against 532-593 ms per radiograph), and on the whole validation split (322
   images) kept the AUC within 0.0002 of fp32 with no decision changed and scores within 0.0037
   (``benchmarks/results/inference-cpu-quiet-2026-11-27.md``). Other CPUs stay in fp32 (bf16
   there is emulated and slow); ``precision = "fp32"`` forces the reference answers anywhere.
