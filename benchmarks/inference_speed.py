@@ -341,6 +341,8 @@ def bench_cpu(
                 best = (seconds, variant)
     if best is None:
         return rows
+    if args.cpu_compile:
+        rows += compiled_rows(name, members, flops, peaks, args, best[1])
     for count in thread_counts:
         if count == threads:
             continue
@@ -348,6 +350,30 @@ def bench_cpu(
         seconds, memory = time_variant(members, best[1], device, 1, args.runs)
         rows.append(result_row(name, best[1], 1, seconds, memory, flops, peaks, count))
     torch.set_num_threads(threads)
+    return rows
+
+
+def compiled_rows(
+    name: str,
+    members: Sequence[Member],
+    flops: int,
+    peaks: dict[str, float],
+    args: argparse.Namespace,
+    fastest: Variant,
+) -> list[list[object]]:
+    """``torch.compile`` (inductor, default mode) of the fastest CPU variant, at batch 1 and 3;
+    prints how long the warm-up (the compilation) took before the first timed pass."""
+    device, threads = torch.device("cpu"), torch.get_num_threads()
+    compiled = Variant(fastest.precision, fastest.channels_last, "default")
+    rows = []
+    for batch in (1, 3):
+        t0 = time.perf_counter()
+        seconds, memory = time_variant(members, compiled, device, batch, args.runs)
+        warm_up = time.perf_counter() - t0 - seconds * args.runs
+        print(f"# torch.compile on the CPU, batch {batch}: {warm_up:.0f} s of compilation and "
+              "warm-up before the first timed pass (again for every new batch size)")
+        rows.append(result_row(name, compiled, batch, seconds, memory, flops, peaks, threads))
+        show(args, rows[-1])
     return rows
 
 
@@ -469,6 +495,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--paper-runs", type=int, default=2, help="timed runs of paper on a CPU")
     parser.add_argument("--gpu-batches", type=thread_list, default=[2, 4, 8, 16, 32])
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile on CUDA")
+    parser.add_argument("--cpu-compile", action="store_true",
+                        help="also time torch.compile (inductor) of the fastest CPU variant")
     parser.add_argument("--no-cpu-paper", action="store_true",
                         help="do not time the paper ensemble on the CPU (minutes per pass)")
     parser.add_argument("--no-cpu", action="store_true", help="time on CUDA only")
