@@ -15,8 +15,8 @@ members at 1024 px, random weights built by the model registry):
 1. FLOPs of one radiograph: every member once at its input size (``FlopCounterMode`` on the meta
    device, so counting costs no compute);
 2. the peak matrix-multiply rate of this machine in the same run and dtype: the faster of a large
-   square ``torch.matmul`` and the same product as a 1x1 convolution (best of several each; in
-   fp32 on AMD CPUs matmul's MKL skips AVX-512 while the members' oneDNN convolutions use it);
+   square ``torch.matmul`` and the same product as a 1x1 convolution (best of several each: the
+   two may run in different libraries and kernels, and the members' convolutions in a third);
 3. latency of all members on a batch of one view and of a three-view study (median of ``--runs``
    after a warm-up), radiographs per second, peak memory (RSS high-water mark, reset before each
    variant through ``/proc/self/clear_refs``; ``torch.cuda.max_memory_allocated`` on a GPU) and
@@ -172,9 +172,8 @@ def peak_gemm_as_conv(dtype: torch.dtype, device: torch.device, n: int, repeats:
     """FLOP/s of the same n x n x n product done as a 1x1 convolution (n channels in and out
     over n pixels), best of ``repeats``.
 
-    On a CPU this runs in oneDNN, the library the members' convolutions run in, while
-    ``torch.matmul`` in fp32 runs in MKL, which on AMD CPUs does not use AVX-512: the
-    convolutions then reach more than MKL's "peak". The machine's peak is the faster of the two.
+    On a CPU this runs in oneDNN, the library the members' convolutions run in; ``torch.matmul``
+    may use another BLAS. The peak efficiency is measured against is the faster of the two.
     """
     side = max(1, round(n**0.5))
     x = torch.randn(1, n, side, side, device=device).to(dtype)
