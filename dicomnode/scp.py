@@ -270,7 +270,7 @@ class Listener:
             else AssociationSlots(
                 node.receive_processes,
                 node.max_associations,
-                self.layout.root / "associations.lock",
+                self.layout.associations_lock_path,
             )
         )
         self.receivers: list[ChildSupervisor] = []
@@ -366,11 +366,9 @@ class Listener:
         served (it cannot start)."""
         self.slots.update(self.index, self._running())
         self.sweep_spool()
-        for supervisor in self.receivers:
+        for index, supervisor in enumerate(self.receivers, start=1):
             if not supervisor.check():
-                raise RuntimeError(
-                    f"receiver process {supervisor.restarts + 1} of the listener failed at start"
-                )
+                raise RuntimeError(f"receiver process {index} of the listener failed at start")
 
     def sweep_spool(self, now: float | None = None) -> int:
         """With no association of this process open, delete the files in its spool older than

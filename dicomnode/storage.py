@@ -162,6 +162,11 @@ class StateLayout:
         return self.root / "store.lock"
 
     @property
+    def associations_lock_path(self) -> Path:
+        """The file the receiving processes lock to count their associations together."""
+        return self.root / "associations.lock"
+
+    @property
     def spool_dir(self) -> Path:
         """Where the listener's pynetdicom spools incoming data sets while they arrive."""
         return self.root / "spool"

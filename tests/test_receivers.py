@@ -227,3 +227,28 @@ def test_a_spool_folder_removed_while_idle_comes_back(tmp_path: Path) -> None:
         spool.rmdir()
         assert store_file(listener.port, save(small_dx(0), tmp_path / "0.dcm")).success
         assert spool.is_dir()
+
+
+def test_a_receiver_that_cannot_start_stops_the_service(tmp_path: Path) -> None:
+    """Restarting cannot mend a start-up error: ``listen`` exits 1 and says which process.
+    Here receiver 1's spool folder cannot be made (a file holds its name)."""
+    import json
+    import sys
+
+    config = listen_config(tmp_path / "node")
+    spool = tmp_path / "node" / "state" / "spool"
+    spool.mkdir(parents=True)
+    (spool / "1").write_bytes(b"not a folder")
+    run = subprocess.run(
+        [sys.executable, "-m", "dicomnode", "listen", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1, run.stdout[-2000:]
+    events = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    died = [e for e in events if e["event"] == "receiver_process_died"]
+    assert died and died[0]["receiver"] == 1 and died[0]["restart_in_seconds"] is None
+    crashed = [e for e in events if e["event"] == "role_crashed"]
+    assert crashed and "receiver process 1 of the listener failed at start" in crashed[0]["error"]
+    assert not any(e["event"] == "service_ready" for e in events)
