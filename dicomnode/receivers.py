@@ -103,6 +103,3 @@ class AssociationSlots:
     def reset(self, index: int) -> None:
         """Process ``index`` is gone (called by the parent before starting its successor)."""
         self.update(index, 0)
-
-    def total(self) -> int:
-        return int(sum(self.counts))
