@@ -137,6 +137,29 @@ ORDER BY s.last_received_at
 every job and delivery delivered or failed, nothing received, run or sent since then."""
 
 
+OPEN_TIMEOUT_SECONDS = 30.0
+"""How long opening the database or a write waits for another connection's lock."""
+
+
+def _enable_wal(conn: sqlite3.Connection, deadline: float) -> None:
+    """Switch the database to WAL mode, retrying while another connection holds it.
+
+    Converting a new database to WAL takes an exclusive lock, and SQLite answers "database is
+    locked" at once, without its busy handler, when another connection is converting or creating
+    the same file (the listener and sender threads of ``serve`` open it together at start).
+    """
+    pause = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+
+
 class LeaseLostError(RuntimeError):
     """The job's lease expired or moved to another worker; its outcome is not recorded."""
 
@@ -152,10 +175,10 @@ class StateDB:
         self.path = Path(path)
         self._lock = threading.RLock()
         self._conn = sqlite3.connect(
-            self.path, timeout=30.0, isolation_level=None, check_same_thread=False
+            self.path, timeout=OPEN_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
         )
         self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
+        _enable_wal(self._conn, deadline=time.monotonic() + OPEN_TIMEOUT_SECONDS)
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         found = self._conn.execute("PRAGMA user_version").fetchone()[0]

@@ -10,6 +10,7 @@ import os
 import shutil
 import sqlite3
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,23 @@ def make_queue(db: StateDB, max_attempts: int = 2) -> SqliteJobQueue:
 
 def test_database_is_in_wal_mode(db: StateDB) -> None:
     assert db.query("PRAGMA journal_mode")[0][0] == "wal"
+
+
+def test_roles_opening_a_new_database_together_all_get_it(tmp_path: Path) -> None:
+    # serve's listener and sender threads open a fresh state database at the same moment;
+    # switching it to WAL mode must wait for the other connection, not fail with "locked".
+    # One round failed about one time in ten before the switch was retried.
+    def open_and_close(path: Path) -> str:
+        StateDB(path).close()
+        return "opened"
+
+    for round_ in range(60):
+        path = tmp_path / f"round-{round_}.sqlite"
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            assert list(pool.map(open_and_close, [path] * 6)) == ["opened"] * 6
+        with StateDB(path) as db:
+            assert db.query("PRAGMA journal_mode")[0][0] == "wal"
+            assert db.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION
 
 
 def test_study_is_queued_once_after_it_was_quiet_for_stable_seconds(db: StateDB) -> None:
