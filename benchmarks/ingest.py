@@ -5,6 +5,7 @@ side by side in one invocation.
     python benchmarks/ingest.py                         # 100 instances, 1/4/16 senders, 3 runs
     python benchmarks/ingest.py --quick                 # 12 instances, 1/4 senders, 1 run
     python benchmarks/ingest.py --profile               # also: where the node's time goes (py-spy)
+    python benchmarks/ingest.py --idle                  # also: the node's CPU, associations idle
 
 Instances: DX, 2560 x 2048, 16 bit, Explicit VR Little Endian, about 10 MB each (wrapped with
 ``dicomnode.demo.dx_from_image`` and widened to 16 bit), written once into a temporary folder on
@@ -64,6 +65,15 @@ class Measurement:
     seconds: float
     instances: int
     megabytes: float
+    cpu_seconds: float  # of the receiver's processes while the senders ran
+
+
+@dataclass(frozen=True)
+class Receiver:
+    port: int
+    ae_title: str
+    out: Path
+    pid: int  # the receiver's first process (its children and theirs count too)
 
 
 # -- instances -------------------------------------------------------------------------------
@@ -105,8 +115,8 @@ def make_instances(folder: Path, count: int, rows: int, cols: int) -> list[Path]
 
 
 @contextmanager
-def storescp(workdir: Path) -> Iterator[tuple[int, str, Path]]:
-    """DCMTK storescp syncing each file and its folder before answering; (port, AE, out dir)."""
+def storescp(workdir: Path) -> Iterator[Receiver]:
+    """DCMTK storescp syncing each file and its folder before answering."""
     out = workdir / "storescp-out"
     out.mkdir(parents=True)
     port = free_port()
@@ -115,9 +125,46 @@ def storescp(workdir: Path) -> Iterator[tuple[int, str, Path]]:
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until_bound(port, process, time.monotonic() + 15)
-        yield port, SCP_AE, out
+        yield Receiver(port, SCP_AE, out, process.pid)
     finally:
         stop_process(process)
+
+
+#: Loaded by the node's interpreters when ``--pynetdicom-sleep`` puts its folder on PYTHONPATH:
+#: pynetdicom's association reactor and DUL loop sleep ``INGEST_PYNETDICOM_SLEEP`` seconds where
+#: they sleep 1 ms. An experiment on how much pynetdicom's polling costs; never part of the node.
+SLEEP_SHIM = """\
+import os
+import time as _time
+import types
+
+import pynetdicom.association
+import pynetdicom.dul
+
+_DELAY = float(os.environ["INGEST_PYNETDICOM_SLEEP"])
+
+
+def _sleep(seconds, _real=_time.sleep):
+    _real(_DELAY if seconds == 0.001 else seconds)
+
+
+_shim = types.SimpleNamespace(**{k: getattr(_time, k) for k in dir(_time) if k[0] != "_"})
+_shim.sleep = _sleep
+pynetdicom.association.time = _shim
+pynetdicom.dul.time = _shim
+"""
+
+
+def sleep_shim_env(workdir: Path, seconds: float | None) -> dict[str, str]:
+    """Environment for the node: ``seconds`` None leaves pynetdicom as it is."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if seconds is not None:
+        folder = workdir / "pynetdicom-sleep"
+        folder.mkdir(exist_ok=True)
+        (folder / "sitecustomize.py").write_text(SLEEP_SHIM)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(folder), env.get("PYTHONPATH")]))
+        env["INGEST_PYNETDICOM_SLEEP"] = str(seconds)
+    return env
 
 
 def node_config(state_dir: Path, port: int, receive_processes: int | None) -> str:
@@ -151,14 +198,37 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants now (children of any of its threads)."""
+    found = [pid]
+    with suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with suppress(OSError):
+                for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
+                    found += process_tree(int(child))
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid``'s process tree so far, including descendants that
+    ended and were waited for (their time is in their parent's cutime / cstime)."""
+    ticks = 0
+    for member in process_tree(pid):
+        with suppress(OSError):
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
 def node_listener(
     workdir: Path,
     receive_processes: int | None = None,
     profile_out: Path | None = None,
     py_spy: str | None = None,
-) -> Iterator[tuple[int, str, Path]]:
-    """``python -m dicomnode listen`` with a fresh state folder; (port, AE, state dir)."""
+    pynetdicom_sleep: float | None = None,
+) -> Iterator[Receiver]:
+    """``python -m dicomnode listen`` with a fresh state folder (``Receiver.out``)."""
     state = workdir / "node-state"
     port = free_port()
     config = workdir / "node.toml"
@@ -167,7 +237,7 @@ def node_listener(
     with log.open("wb") as handle:
         process = subprocess.Popen(
             listener_command(config, profile_out, py_spy), stdout=handle,
-            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stderr=subprocess.STDOUT, env=sleep_shim_env(workdir, pynetdicom_sleep),
         )
     try:
         deadline = time.monotonic() + 60
@@ -175,7 +245,7 @@ def node_listener(
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the listener did not start: {log.read_text()[-2000:]}")
             time.sleep(0.1)
-        yield port, NODE_AE, state
+        yield Receiver(port, NODE_AE, state, process.pid)
     finally:
         under_py_spy = children(process.pid)
         for child in under_py_spy:  # stop the node; py-spy then writes its profile and exits
@@ -211,18 +281,28 @@ def send(port: int, ae: str, files: Sequence[Path], senders: int) -> float:
 
 
 def measure(
-    target: str, workdir: Path, files: Sequence[Path], senders: int, processes: int | None
+    target: str,
+    workdir: Path,
+    files: Sequence[Path],
+    senders: int,
+    processes: int | None,
+    pynetdicom_sleep: float | None,
 ) -> Measurement:
     run_dir = Path(tempfile.mkdtemp(prefix=f"{target}-", dir=workdir))
     try:
-        receiver = storescp(run_dir) if target == "storescp" else node_listener(run_dir, processes)
-        with receiver as (port, ae, out):
-            seconds = send(port, ae, files, senders)
-            stored = count_stored(target, out)
+        receiver = (
+            storescp(run_dir) if target == "storescp"
+            else node_listener(run_dir, processes, pynetdicom_sleep=pynetdicom_sleep)
+        )
+        with receiver as running:
+            cpu_before = tree_cpu_seconds(running.pid)
+            seconds = send(running.port, running.ae_title, files, senders)
+            cpu_seconds = tree_cpu_seconds(running.pid) - cpu_before
+            stored = count_stored(target, running.out)
         if stored != len(files):
             raise RuntimeError(f"{target}: {stored} of {len(files)} instances on disk")
         megabytes = sum(f.stat().st_size for f in files) / 1e6
-        return Measurement(target, senders, seconds, len(files), megabytes)
+        return Measurement(target, senders, seconds, len(files), megabytes, cpu_seconds)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -231,6 +311,45 @@ def count_stored(target: str, out: Path) -> int:
     if target == "storescp":
         return sum(1 for p in out.iterdir() if p.is_file())
     return sum(1 for p in (out / "instances").rglob("*") if p.is_file())
+
+
+# -- idle associations -----------------------------------------------------------------------
+
+IDLE_SECONDS = 5.0
+
+
+def idle_cost(
+    workdir: Path, counts: Sequence[int], processes: int | None, pynetdicom_sleep: float | None
+) -> list[list[object]]:
+    """The node's CPU while ``n`` associations are open and idle, for each ``n`` in ``counts``:
+    what pynetdicom's per-association polling costs when nothing arrives. The requestors are
+    pynetdicom associations of this process (DCMTK's tools cannot hold one open idle)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation
+
+    run_dir = Path(tempfile.mkdtemp(prefix="idle-", dir=workdir))
+    rows: list[list[object]] = []
+    try:
+        with node_listener(run_dir, processes, pynetdicom_sleep=pynetdicom_sleep) as running:
+            ae = AE(ae_title=MODALITY_AE)
+            ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+            for count in counts:
+                assocs = [ae.associate(LOOPBACK, running.port, ae_title=running.ae_title)
+                          for _ in range(count)]
+                try:
+                    if not all(a.is_established for a in assocs):
+                        raise RuntimeError(f"the node refused one of {count} associations")
+                    time.sleep(1.0)
+                    before = tree_cpu_seconds(running.pid)
+                    time.sleep(IDLE_SECONDS)
+                    used = tree_cpu_seconds(running.pid) - before
+                finally:
+                    for assoc in assocs:
+                        assoc.release()
+                rows.append([count, f"{100 * used / IDLE_SECONDS:.0f} %"])
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return rows
 
 
 # -- profile ---------------------------------------------------------------------------------
@@ -269,8 +388,8 @@ def profile_node(
     """One extra node run under py-spy: where the association threads spend their samples."""
     run_dir = Path(tempfile.mkdtemp(prefix="profile-", dir=workdir))
     raw = run_dir / "node.pyspy.txt"
-    with node_listener(run_dir, processes, raw, py_spy) as (port, ae, _):
-        send(port, ae, files, senders)
+    with node_listener(run_dir, processes, raw, py_spy) as running:
+        send(running.port, running.ae_title, files, senders)
     shares: collections.Counter[str] = collections.Counter()
     leaf: collections.Counter[str] = collections.Counter()
     for line in raw.read_text(errors="replace").splitlines():
@@ -308,6 +427,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="where instances and received files go (default: $TMPDIR)")
     parser.add_argument("--receive-processes", type=int, default=None,
                         help="node.receive_processes of the node (default: its auto)")
+    parser.add_argument("--idle", action="store_true",
+                        help="also measure the node's CPU with as many idle associations as "
+                             "--senders says (pynetdicom's polling)")
+    parser.add_argument("--pynetdicom-sleep", type=float, default=None, metavar="SECONDS",
+                        help="experiment: the node's pynetdicom loops sleep SECONDS where they "
+                             "sleep 0.001 (an injected sitecustomize; never part of the node)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one node run with py-spy (--py-spy)")
     parser.add_argument("--py-spy", default=shutil.which("py-spy"), help="py-spy executable")
@@ -343,6 +468,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "dcmtk": subprocess.run([str(STORESCP), "--version"], capture_output=True,
                                     text=True).stdout.splitlines()[0].strip(),
             "runs": args.runs,
+            "pynetdicom_sleep": "as shipped (0.001 s)" if args.pynetdicom_sleep is None
+            else f"{args.pynetdicom_sleep} s (experiment: --pynetdicom-sleep)",
         })
         print_facts("benchmarks/ingest.py " + " ".join(sys.argv[1:]), facts)
         results: list[Measurement] = []
@@ -350,27 +477,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             for run in range(args.runs):
                 order = ("storescp", "node") if run % 2 == 0 else ("node", "storescp")
                 for target in order:
-                    results.append(
-                        measure(target, workdir, files, senders, args.receive_processes)
-                    )
+                    results.append(measure(target, workdir, files, senders,
+                                           args.receive_processes, args.pynetdicom_sleep))
                     m = results[-1]
-                    print(f"# {target:8s} senders {senders:2d} run {run + 1}: {m.seconds:.2f} s",
-                          flush=True)
+                    print(f"# {target:8s} senders {senders:2d} run {run + 1}: {m.seconds:.2f} s, "
+                          f"receiver CPU {m.cpu_seconds:.2f} s", flush=True)
         rows = []
         for senders in args.senders:
-            med = {
-                target: median([m.seconds for m in results
-                                if m.target == target and m.senders == senders])
-                for target in ("storescp", "node")
-            }
+            runs = {target: [m for m in results if m.target == target and m.senders == senders]
+                    for target in ("storescp", "node")}
+            med = {target: median([m.seconds for m in runs[target]]) for target in runs}
             for target in ("storescp", "node"):
+                cpu = median([m.cpu_seconds for m in runs[target]])
                 rows.append([senders, target, f"{med[target]:.2f}", f"{size / med[target]:.0f}",
                              f"{len(files) / med[target]:.1f}",
-                             f"{med['storescp'] / med[target]:.2f}"])
+                             f"{med['storescp'] / med[target]:.2f}", f"{cpu:.2f}",
+                             f"{cpu / (size / 1000):.2f}"])
         print(f"## Ingest of {len(files)} instances ({size:.0f} MB), median of {args.runs} "
-              "run(s); ratio = node throughput / storescp throughput")
+              "run(s); ratio = node throughput / storescp throughput; receiver CPU = user + "
+              "system seconds of the receiver's processes while the senders ran")
         print_table(["senders", "receiver", "seconds", "MB/s", "instances/s",
-                     "throughput vs storescp"], rows)
+                     "throughput vs storescp", "receiver CPU s", "CPU s per GB"], rows)
+        if args.idle:
+            print(f"## The node's CPU with idle associations ({IDLE_SECONDS:.0f} s each, "
+                  "pynetdicom requestors in the benchmark's process)")
+            print_table(["idle associations", "node CPU (of one core)"],
+                        idle_cost(workdir, args.senders, args.receive_processes,
+                                  args.pynetdicom_sleep))
         if args.profile:
             if not args.py_spy:
                 print("# --profile: py-spy not found (pip install py-spy, or --py-spy PATH)")
