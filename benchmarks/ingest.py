@@ -191,22 +191,18 @@ def has_event(log: Path, event: str) -> bool:
 
 
 def children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants now (children of any of its threads)."""
-    found = [pid]
+    """The child processes of ``pid`` now (started by any of its threads)."""
+    found: list[int] = []
     with suppress(OSError):
         for task in os.listdir(f"/proc/{pid}/task"):
             with suppress(OSError):
-                for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
-                    found += process_tree(int(child))
+                found += map(int, Path(f"/proc/{pid}/task/{task}/children").read_text().split())
     return found
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants now."""
+    return [pid, *(member for child in children(pid) for member in process_tree(child))]
 
 
 def tree_cpu_seconds(pid: int) -> float:

@@ -178,7 +178,11 @@ class StateDB:
             self.path, timeout=OPEN_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
         )
         self._conn.row_factory = sqlite3.Row
-        _enable_wal(self._conn, deadline=time.monotonic() + OPEN_TIMEOUT_SECONDS)
+        try:
+            _enable_wal(self._conn, deadline=time.monotonic() + OPEN_TIMEOUT_SECONDS)
+        except sqlite3.Error:
+            self._conn.close()
+            raise
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         found = self._conn.execute("PRAGMA user_version").fetchone()[0]
