@@ -293,8 +293,7 @@ class Listener:
         if self.seat is None:
             self.layout.clear_tmp()
             self.layout.clear_spool()
-        spool = self.layout.receiver_spool(self.index)
-        spool.mkdir(mode=0o700, exist_ok=True)
+        spool = self._spool_folder()
         self.layout.clear_spool(self.index)
         # pynetdicom spools incoming data sets with tempfile: into our own folder, so that what
         # an aborted or broken transfer leaves behind can be found and removed.
@@ -381,8 +380,7 @@ class Listener:
         if self._server is None or self._server.active_associations:
             return 0
         cutoff = (time.time() if now is None else now) - SPOOL_SWEEP_AGE
-        folder = self.layout.receiver_spool(self.index)
-        folder.mkdir(mode=0o700, exist_ok=True)  # an aging clean-up may have removed it
+        folder = self._spool_folder()
         removed = 0
         for path in folder.iterdir():
             with contextlib.suppress(FileNotFoundError):
@@ -524,11 +522,18 @@ class Listener:
         except Exception:  # a handler never raises; pynetdicom then drops the connection
             log.exception("tls_handshake_error", peer=address)
 
+    def _spool_folder(self) -> Path:
+        """This process's spool folder, created (owner only) if it is missing: at start, or
+        after an aging clean-up of the spool (systemd-tmpfiles) removed it while it sat empty."""
+        folder = self.layout.receiver_spool(self.index)
+        folder.mkdir(mode=0o700, exist_ok=True)
+        return folder
+
     def _on_conn_open_spool(self, event: evt.Event) -> None:
         """Make sure this process's spool folder exists before anything arrives: an aging
         clean-up of the spool (systemd-tmpfiles) may have removed it while it sat empty."""
         try:
-            self.layout.receiver_spool(self.index).mkdir(mode=0o700, exist_ok=True)
+            self._spool_folder()
         except OSError:  # a handler never raises; the transfer then fails with its own status
             log.exception("spool_folder_unavailable", peer=event.assoc.requestor.address)
 
