@@ -86,28 +86,40 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from inference.ensemble import select_device
+    from inference.training import distributed
     from inference.training.config import load_config
     from inference.training.train import train_ensemble
 
     config = load_config(args.config)
-    results = train_ensemble(
-        config,
-        data_root=args.data,
-        out=args.out,
-        runs=args.runs,
-        device=select_device(args.device),
-        resume=args.resume,
-        only=args.member,
-        progress=not args.no_progress,
-        workers=args.workers,
-        prepare_only=args.prepare_only,
-        overrides=dict(_setting(text) for text in args.set),
-    )
+    world = distributed.world_from_env()  # torchrun: one process per GPU (or CPU share)
+    device = distributed.start(world, select_device(args.device))
+    try:
+        results = train_ensemble(
+            config,
+            data_root=args.data,
+            out=args.out,
+            runs=args.runs,
+            device=device,
+            resume=args.resume,
+            only=args.member,
+            progress=not args.no_progress,
+            workers=args.workers,
+            prepare_only=args.prepare_only,
+            overrides=dict(_setting(text) for text in args.set),
+            world=world,
+        )
+    finally:
+        distributed.stop(world)
+    if not world.main:
+        return 0
     for result in results:
+        final = result.final_tuning_auc
         print(
             f"{result.name}: best tuning AUC {result.best_tuning_auc:.4f} at epoch "
-            f"{result.best_epoch} of {result.epochs_run} ({result.stopped}), "
-            f"{result.seconds / 60:.1f} min on {result.device} {result.precision}"
+            f"{result.best_epoch} of {result.epochs_run} ({result.stopped})"
+            f"{'' if final is None else f', final {final:.4f}'}, "
+            f"{result.seconds / 60:.1f} min on {result.processes} x {result.device} "
+            f"{result.precision}"
         )
     return 0
 

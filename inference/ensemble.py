@@ -202,11 +202,9 @@ class Ensemble:
         for index, (spec, model) in enumerate(zip(self.manifest.members, self.models, strict=True)):
             batch = member_input(spec, prepared[spec.size])
             batch = batch.to(self.device, memory_format=self.speed.memory_format)
-            with self._autocast():
-                out = model(batch)
-            scores[index] = torch.sigmoid(out.score_logit.float()).cpu().numpy()
-            if out.map_logit is not None:
-                maps = torch.sigmoid(out.map_logit.float())[:, 0].cpu().numpy()
+            member_scores, maps = self._run_member(model, batch)
+            scores[index] = member_scores
+            if maps is not None:
                 for i in range(n):
                     map_sum[i] += _resize_map(maps[i], self.map_size)
                 n_maps += 1
@@ -220,6 +218,30 @@ class Ensemble:
             )
             for i in range(n)
         ]
+
+    def _run_member(self, model: DRN, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """One member's sigmoid scores [B] and probability maps [B, S, S] (None without a map
+        head); with ``hflip`` test-time augmentation, the mean over the image and its mirror
+        (the mirror's map flipped back)."""
+        flip = "hflip" in self.manifest.tta
+        n = batch.shape[0]
+        with self._autocast():
+            out = model(torch.cat([batch, batch.flip(-1)]) if flip else batch)
+        scores = torch.sigmoid(out.score_logit.float())
+        maps = None if out.map_logit is None else torch.sigmoid(out.map_logit.float())[:, 0]
+        if flip:
+            scores = (scores[:n] + scores[n:]) / 2
+            maps = None if maps is None else (maps[:n] + maps[n:].flip(-1)) / 2
+        return scores.cpu().numpy(), None if maps is None else maps.cpu().numpy()
+
+    def restricted(self, names: Sequence[str]) -> Ensemble:
+        """The same ensemble with only the named members (e.g. the members of one cross-fitting
+        fold, for out-of-fold scores); shares the loaded networks."""
+        chosen = [i for i, spec in enumerate(self.manifest.members) if spec.name in set(names)]
+        if len(chosen) != len(set(names)):
+            raise ValueError(f"not every member of {sorted(names)} is in the ensemble")
+        manifest = replace(self.manifest, members=tuple(self.manifest.members[i] for i in chosen))
+        return Ensemble(manifest, [self.models[i] for i in chosen], self.device, self.speed)
 
     def predict(self, images: Sequence[np.ndarray]) -> list[EnsembleOutput]:
         """Averaged score and map per image; the images (views of a study) form one batch."""

@@ -15,6 +15,7 @@ most sensitive (lowest) threshold among its groups, and counts in each of its re
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import json
 import sys
@@ -41,7 +42,7 @@ from inference.records import Box, Decision, Thresholds
 from inference.regions import CALIBRATION_GROUPS, GLOBAL_GROUP, REGIONS
 from inference.report import EvaluationResult, write_report
 from inference.training.dataset import Record, load_dataset
-from inference.training.split import load_split
+from inference.training.split import Split, load_split
 
 VIEWS = ("frontal", "lateral", "oblique")
 
@@ -191,6 +192,60 @@ def calibrate_predictions(
     return thresholds, summary
 
 
+def out_of_fold_predictions(
+    ensemble: Ensemble, records: Sequence[Record], split: Split, *, progress: bool = True
+) -> Predictions:
+    """Scores of a cross-fitted ensemble's development images, each from the members that did
+    not learn from it (those tuned on its fold), in the order of ``records``. Images of a fold
+    without a trained member yet are left out."""
+    by_fold: dict[int, list[str]] = {}
+    for spec in ensemble.manifest.members:
+        if spec.fold is None or spec.fold >= len(split.folds):
+            raise ValueError(
+                f"member {spec.name!r} names fold {spec.fold}, which the split does not have"
+            )
+        by_fold.setdefault(spec.fold, []).append(spec.name)
+    fold_of = split.fold_of()
+    parts: list[Predictions] = []
+    for fold, names in sorted(by_fold.items()):
+        chosen = [r for r in records if fold_of.get(r.image_id) == fold]
+        parts.append(collect_predictions(ensemble.restricted(names), chosen, progress=progress))
+    merged = concatenate(parts)
+    position = {r.image_id: i for i, r in enumerate(records)}
+    order = sorted(range(len(merged.records)), key=lambda i: position[merged.records[i].image_id])
+    return take(merged, order)
+
+
+def concatenate(parts: Sequence[Predictions]) -> Predictions:
+    """One :class:`Predictions` of several, in turn."""
+    return Predictions(
+        records=tuple(r for p in parts for r in p.records),
+        scores=np.concatenate([p.scores for p in parts]) if parts else np.zeros(0),
+        maps=tuple(m for p in parts for m in p.maps),
+        transforms=tuple(t for p in parts for t in p.transforms),
+    )
+
+
+def calibration_predictions(
+    ensemble: Ensemble, records: Sequence[Record], split: Split, *, progress: bool = True
+) -> tuple[Predictions, str]:
+    """The predictions the operating points are chosen on, and what they are: out-of-fold
+    scores of the development images for a cross-fitted ensemble, else the ensemble's scores of
+    the pooled tuning + validation images (the paper's way)."""
+    if ensemble.manifest.folds:
+        development = set(split.development)
+        chosen = [r for r in records if r.image_id in development]
+        preds = out_of_fold_predictions(ensemble, chosen, split, progress=progress)
+        folds = ensemble.manifest.folds
+        return preds, (
+            f"out-of-fold scores of the development images (folds {', '.join(map(str, folds))}"
+            f" of {len(split.folds)})"
+        )
+    wanted = set(split.tuning) | set(split.validation)
+    chosen = [r for r in records if r.image_id in wanted]
+    return collect_predictions(ensemble, chosen, progress=progress), "tuning + validation scores"
+
+
 def calibrate_folder(
     weights: Path,
     data: Path,
@@ -202,16 +257,19 @@ def calibrate_folder(
     evaluate_out: Path | None = None,
     seed: int = 0,
 ) -> str:
-    """Calibrate on tuning + validation and write the thresholds into the manifest.
+    """Choose the operating points and write them into the manifest: on the pooled tuning +
+    validation predictions (as the paper does), or, for a cross-fitted ensemble, on the
+    out-of-fold scores of all development images (the validation split stays untouched).
 
-    With ``evaluate_out``, also evaluate the validation split at the new operating point from
-    the same predictions (what ``evaluate --subset validation`` writes, without running the
-    ensemble a second time)."""
+    With ``evaluate_out``, also evaluate the validation split at the new operating point (for
+    the paper's way from the same predictions, without running the ensemble a second time)."""
     ensemble = Ensemble.load(weights, device=device)
     split_path = split_path or weights / "split.json"
-    records = _subset(load_dataset(data), split_path, ("tuning", "validation"))
-    preds = collect_predictions(ensemble, records, progress=progress)
+    records = _subset(load_dataset(data), split_path, ("train", "tuning", "validation"))
+    split = load_split(split_path)
+    preds, source = calibration_predictions(ensemble, records, split, progress=progress)
     thresholds, summary = calibrate_predictions(preds)
+    summary["scores"] = source
     manifest = replace(
         ensemble.manifest,
         thresholds=thresholds,
@@ -220,15 +278,20 @@ def calibrate_folder(
     )
     write_manifest(manifest)
     lines = [
-        f"calibrated {manifest.name} {manifest.version} on {len(records)} tuning + "
-        f"validation images:"
+        f"calibrated {manifest.name} {manifest.version} on {len(preds.records)} images' {source}:"
     ]
-    if evaluate_out is not None:  # the validation part of the same predictions, new thresholds
-        wanted = set(load_split(split_path).validation)
-        chosen = [i for i, r in enumerate(records) if r.image_id in wanted]
-        result = evaluate_predictions(take(preds, chosen), thresholds, seed=seed)
-        write_evaluation(result, manifest, data, "validation", evaluate_out)
-        lines.append(f"evaluated {len(chosen)} validation images into {evaluate_out}")
+    if evaluate_out is not None:  # the validation split at the new thresholds
+        wanted = set(split.validation)
+        if manifest.folds:
+            validation = [r for r in records if r.image_id in wanted]
+            valid_preds = collect_predictions(ensemble, validation, progress=progress)
+        else:
+            valid_preds = take(
+                preds, [i for i, r in enumerate(preds.records) if r.image_id in wanted]
+            )
+        result = evaluate_predictions(valid_preds, thresholds, seed=seed)
+        write_evaluation(result, manifest, data, "validation", evaluate_out, valid_preds)
+        lines.append(f"evaluated {len(valid_preds.records)} validation images into {evaluate_out}")
     for name, t in thresholds.items():
         flag = "" if t.calibrated else " (fallback: pooled)"
         lines.append(
@@ -320,7 +383,7 @@ def evaluate_folder(
     records = _subset(load_dataset(data), split_path, (subset,) if subset else None)
     preds = collect_predictions(ensemble, records, progress=progress)
     result = evaluate_predictions(preds, ensemble.manifest.thresholds, seed=seed)
-    write_evaluation(result, ensemble.manifest, data, subset, out)
+    write_evaluation(result, ensemble.manifest, data, subset, out, preds)
     return result
 
 
@@ -334,10 +397,65 @@ def take(preds: Predictions, indices: Sequence[int]) -> Predictions:
     )
 
 
+PREDICTION_COLUMNS = (
+    "image",
+    "regions",
+    "group",
+    "label",
+    "score",
+    "threshold",
+    "decision",
+    "boxes",
+)
+
+
+def prediction_rows(preds: Predictions, table: Mapping[str, Thresholds]) -> list[dict[str, str]]:
+    """One row per image for ``predictions.csv``: its id, regions (``;``-joined), the calibration
+    group whose threshold judged it, the label (0/1), the score, that threshold, the decision
+    the node would give and its boxes (JSON ``[[x0, y0, x1, y1, peak], ...]`` in original
+    pixels; empty for ``no_fracture``)."""
+    rows = []
+    for index, record in enumerate(preds.records):
+        thresholds = thresholds_of(record, table)
+        group = next((g for g, t in table.items() if t is thresholds), GLOBAL_GROUP)
+        score = float(preds.scores[index])
+        boxes = [
+            [round(b.x0, 1), round(b.y0, 1), round(b.x1, 1), round(b.y1, 1), round(b.score, 4)]
+            for b in predicted_boxes(preds, index, thresholds)
+        ]
+        rows.append(
+            {
+                "image": record.image_id,
+                "regions": ";".join(record.regions),
+                "group": group,
+                "label": str(int(record.fractured)),
+                "score": f"{score:.6f}",
+                "threshold": f"{thresholds.sensitivity:.6f}",
+                "decision": str(decide(score, thresholds)),
+                "boxes": json.dumps(boxes),
+            }
+        )
+    return rows
+
+
+def write_predictions(preds: Predictions, table: Mapping[str, Thresholds], path: Path) -> None:
+    """``predictions.csv`` (see :func:`prediction_rows`), so that a site can study its errors."""
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=PREDICTION_COLUMNS)
+        writer.writeheader()
+        writer.writerows(prediction_rows(preds, table))
+
+
 def write_evaluation(
-    result: EvaluationResult, manifest: Manifest, data: Path, subset: str | None, out: Path
+    result: EvaluationResult,
+    manifest: Manifest,
+    data: Path,
+    subset: str | None,
+    out: Path,
+    preds: Predictions,
 ) -> None:
-    """Write ``metrics.json``, ``report.md`` and ``roc.png`` of ``result`` into ``out``."""
+    """Write ``metrics.json``, ``predictions.csv``, ``report.md``, ``roc.png`` and
+    ``calibration.png`` of ``result`` (computed from ``preds``) into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     payload = {
         **result.to_mapping(),
@@ -350,4 +468,5 @@ def write_evaluation(
         "operating_point": "sensitivity threshold (92.5% target) of each image's group",
     }
     (out / "metrics.json").write_text(json.dumps(payload, indent=2) + "\n")
+    write_predictions(preds, manifest.thresholds, out / "predictions.csv")
     write_report(result, out)

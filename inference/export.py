@@ -39,6 +39,7 @@ class MemberDraft:
     input: str
     size: int
     options: Mapping[str, Any]
+    fold: int | None = None
 
     def model_options(self) -> ModelOptions:
         in_chans = 2 if self.input == "both" else 1
@@ -70,6 +71,7 @@ def member_spec(draft: MemberDraft, weights: str, sha256: str) -> MemberSpec:
         weights=weights,
         sha256=sha256,
         options=draft.model_options(),
+        fold=draft.fold,
     )
 
 
@@ -81,6 +83,7 @@ def empty_manifest(
     trained: bool,
     description: str = "",
     preprocessing: PreprocessSettings | None = None,
+    tta: tuple[str, ...] = (),
 ) -> Manifest:
     return Manifest(
         name=name,
@@ -91,6 +94,7 @@ def empty_manifest(
         members=(),
         thresholds={"global": UNCALIBRATED},
         folder=folder,
+        tta=tta,
     )
 
 

@@ -8,6 +8,8 @@ travel with the weights::
     version = "2026.11.27"
     trained = true                 # false: random weights, for tests only
     description = "..."
+    tta = ["hflip"]                # optional test-time augmentation: also run every member on
+                                   # the mirrored image and average (scores and maps)
 
     [preprocessing]                # shared by all members (inference.preprocess.PreprocessSettings)
     lcn_sigma = 0.0078125          # LCN Gaussian sigma as a fraction of the member's size
@@ -21,6 +23,7 @@ travel with the weights::
     size = 256                     # square input side in pixels
     weights = "d22-raw-map.safetensors"
     sha256 = "..."                 # of the weights file; checked before loading
+    fold = 0                       # optional: cross-fitted member tuned on this fold of split.json
     [members.options]              # keyword options of the builder (inference.models.ModelOptions)
     width = 0.5
     map_head = true
@@ -50,6 +53,9 @@ from inference.records import Thresholds
 
 InputKind = Literal["raw", "lcn", "both"]
 INPUT_KINDS: tuple[InputKind, ...] = ("raw", "lcn", "both")
+TTA_KINDS = ("hflip",)
+"""Test-time augmentations the ensemble knows: ``hflip`` (the mirror image, as left and right
+limbs are mirror images of each other)."""
 MANIFEST_NAME = "manifest.toml"
 
 
@@ -68,6 +74,7 @@ class MemberSpec:
     weights: str
     sha256: str
     options: ModelOptions
+    fold: int | None = None
 
     @property
     def in_chans(self) -> int:
@@ -75,6 +82,7 @@ class MemberSpec:
 
     def to_mapping(self) -> dict[str, Any]:
         options = {k: v for k, v in self.options.to_mapping().items() if k != "in_chans"}
+        fold = {} if self.fold is None else {"fold": self.fold}
         return {
             "name": self.name,
             "arch": self.arch,
@@ -82,6 +90,7 @@ class MemberSpec:
             "size": self.size,
             "weights": self.weights,
             "sha256": self.sha256,
+            **fold,
             "options": options,
         }
 
@@ -99,6 +108,12 @@ class Manifest:
     thresholds: Mapping[str, Thresholds]
     calibration: Mapping[str, Any] = field(default_factory=dict)
     folder: Path = Path(".")
+    tta: tuple[str, ...] = ()
+
+    @property
+    def folds(self) -> tuple[int, ...]:
+        """The cross-fitting folds the members are tuned on (sorted; empty: none)."""
+        return tuple(sorted({m.fold for m in self.members if m.fold is not None}))
 
     def thresholds_for(self, group: str) -> tuple[Thresholds, bool]:
         """Thresholds of ``group`` and whether they are a fallback (the global ones)."""
@@ -113,6 +128,7 @@ class Manifest:
                 "version": self.version,
                 "trained": self.trained,
                 "description": self.description,
+                **({"tta": list(self.tta)} if self.tta else {}),
             },
             # the input size is per member; the shared table holds the rest
             "preprocessing": {
@@ -182,6 +198,9 @@ def _parse_member(table: Mapping[str, Any], index: int) -> MemberSpec:
         options = ModelOptions.from_mapping({**raw_options, "in_chans": in_chans})
     except (TypeError, ValueError) as exc:
         raise ManifestError(f"{where}: bad options: {exc}") from exc
+    fold = _field(table, "fold", int, where) if "fold" in table else None
+    if fold is not None and fold < 0:
+        raise ManifestError(f"{where}: fold must be >= 0, got {fold}")
     return MemberSpec(
         name=name,
         arch=_field(table, "arch", str, where),
@@ -190,6 +209,7 @@ def _parse_member(table: Mapping[str, Any], index: int) -> MemberSpec:
         weights=_field(table, "weights", str, where),
         sha256=sha,
         options=options,
+        fold=fold,
     )
 
 
@@ -231,6 +251,11 @@ def parse_manifest(data: Mapping[str, Any], folder: Path) -> Manifest:
     calibration = data.get("calibration", {})
     if not isinstance(calibration, Mapping):
         raise ManifestError("manifest: [calibration] must be a table")
+    tta = ensemble.get("tta", [])
+    if not isinstance(tta, list) or any(t not in TTA_KINDS for t in tta):
+        raise ManifestError(f"ensemble: tta must list some of {list(TTA_KINDS)}, got {tta!r}")
+    if any(m.fold is None for m in members) and any(m.fold is not None for m in members):
+        raise ManifestError("manifest: either every member names its fold or none does")
     return Manifest(
         name=_field(ensemble, "name", str, "ensemble"),
         version=_field(ensemble, "version", str, "ensemble"),
@@ -241,6 +266,7 @@ def parse_manifest(data: Mapping[str, Any], folder: Path) -> Manifest:
         thresholds=_parse_thresholds(data),
         calibration=dict(calibration),
         folder=folder,
+        tta=tuple(tta),
     )
 
 

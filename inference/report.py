@@ -2,8 +2,11 @@
 
 :class:`EvaluationResult` is what the evaluate command fills; :meth:`EvaluationResult.to_mapping`
 is the ``metrics.json`` structure (the command writes it, adding its own provenance), and
-:func:`write_report` writes ``OUTDIR/report.md`` (the same numbers as readable tables) and
-``OUTDIR/roc.png`` (ROC curves overall and per region with the operating points marked). Plots
+:func:`write_report` writes ``OUTDIR/report.md`` (the same numbers as readable tables),
+``OUTDIR/roc.png`` (ROC curves overall and per region with the operating points marked) and
+``OUTDIR/calibration.png`` (a reliability diagram: observed fracture rate per score bin against
+the mean score, with the count of images per bin, so a site sees whether a score of 0.3 means
+three fractures in ten images). Plots
 use matplotlib's Agg canvas directly, with no pyplot global state, so this works headless and
 from any thread.
 """
@@ -20,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from scipy.stats import binned_statistic
 
 from inference.metrics import (
     BinaryMetrics,
@@ -79,6 +83,7 @@ class ReportFiles:
 
     markdown: Path
     roc_png: Path
+    calibration_png: Path
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -271,11 +276,79 @@ def render_roc(result: EvaluationResult, path: Path) -> None:
     fig.savefig(path, format="png")
 
 
+RELIABILITY_BINS = 10
+
+
+def reliability_bins(
+    labels: npt.ArrayLike, scores: npt.ArrayLike, bins: int = RELIABILITY_BINS
+) -> list[tuple[float, float, int]]:
+    """(mean score, observed fracture rate, images) of each non-empty bin of equal width over
+    [0, 1] (a score of exactly 1 falls in the last bin), computed with scipy's
+    ``binned_statistic``."""
+    y = as_binary_labels(labels).astype(np.float64)
+    s = as_scores(scores, y.size)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    mean_score = binned_statistic(s, s, "mean", bins=edges).statistic
+    rate = binned_statistic(s, y, "mean", bins=edges).statistic
+    count = binned_statistic(s, y, "count", bins=edges).statistic
+    return [
+        (float(m), float(r), int(c))
+        for m, r, c in zip(mean_score, rate, count, strict=True)
+        if c > 0
+    ]
+
+
+def render_reliability(result: EvaluationResult, path: Path) -> None:
+    """Save the reliability diagram (overall) with a histogram of the scores below it."""
+    labels = as_binary_labels(result.labels)
+    scores = as_scores(result.scores, labels.size)
+    points = reliability_bins(labels, scores)
+    fig = Figure(figsize=(6.0, 7.0), dpi=120)
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, height_ratios=(3, 1), sharex=True)
+    top.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1, label="perfectly calibrated")
+    top.plot(
+        [p[0] for p in points],
+        [p[1] for p in points],
+        "o-",
+        color="black",
+        label=f"observed ({len(labels)} images)",
+    )
+    for mean, rate, count in points:
+        top.annotate(
+            str(count),
+            (mean, rate),
+            textcoords="offset points",
+            xytext=(4, -10),
+            fontsize="x-small",
+        )
+    top.set(
+        xlim=(0, 1),
+        ylim=(-0.01, 1.01),
+        ylabel="observed fracture rate",
+        title="Reliability (numbers: images per bin)",
+    )
+    top.legend(loc="upper left", fontsize="small")
+    edges = np.linspace(0, 1, RELIABILITY_BINS + 1)
+    bottom.hist(
+        [scores[~labels], scores[labels]],
+        bins=edges,
+        stacked=True,
+        label=["no fracture", "fracture"],
+        color=["0.7", "0.2"],
+    )
+    bottom.set(xlabel="ensemble score", ylabel="images")
+    bottom.legend(loc="upper right", fontsize="x-small")
+    fig.savefig(path, format="png")
+
+
 def write_report(result: EvaluationResult, out_dir: Path | str) -> ReportFiles:
-    """Write ``report.md`` and ``roc.png`` into ``out_dir`` (created if missing)."""
+    """Write ``report.md``, ``roc.png`` and ``calibration.png`` into ``out_dir`` (created if
+    missing)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = ReportFiles(out / "report.md", out / "roc.png")
+    files = ReportFiles(out / "report.md", out / "roc.png", out / "calibration.png")
     files.markdown.write_text(render_markdown(result, files.roc_png.name), encoding="utf-8")
     render_roc(result, files.roc_png)
+    render_reliability(result, files.calibration_png)
     return files

@@ -298,3 +298,14 @@ def test_evaluation_result_rejects_mismatched_data() -> None:
             scores=good.scores,
             regions=good.regions[:3],
         )
+
+
+def test_reliability_bins_hand_worked() -> None:
+    from inference.report import reliability_bins
+
+    labels = [0, 0, 1, 0, 1, 1, 1]
+    scores = [0.05, 0.15, 0.12, 0.55, 0.58, 0.95, 1.0]
+    bins = reliability_bins(labels, scores, bins=10)
+    # bins [0, .1): 0.05; [.1, .2): 0.15 and 0.12; [.5, .6): 0.55 and 0.58; [.9, 1]: 0.95, 1.0
+    assert [(round(m, 3), r, c) for m, r, c in bins] == [
+        (0.05, 0.0, 1), (0.135, 0.5, 2), (0.565, 0.5, 2), (0.975, 1.0, 2)]

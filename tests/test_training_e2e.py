@@ -3,13 +3,16 @@ interruption and --resume), calibrate, evaluate, predict."""
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from inference.evaluation import PREDICTION_COLUMNS
 from inference.manifest import read_manifest
 from inference.training.config import ConfigError, load_config
 from inference.training.split import load_split
@@ -111,6 +114,15 @@ def test_train_resume_calibrate_evaluate_predict(tiny_fracatlas: Path, tmp_path:
     assert {"frontal", "lateral"} <= set(metrics["subgroups"])
     assert (out / "report.md").read_text().startswith("# ")
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "calibration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert len(rows) == 75 and list(rows[0]) == list(PREDICTION_COLUMNS)
+    for row in rows:
+        boxes = json.loads(row["boxes"])
+        assert (row["decision"] == "no_fracture") == (not boxes)
+        positive = float(row["score"]) >= float(row["threshold"])
+        assert positive == (row["decision"] != "no_fracture")
+        assert row["group"] in calibrated.thresholds
 
     # calibrate --evaluate-out: the same as evaluate --subset validation, from one prediction run
     validation = tmp_path / "eval-validation"
@@ -153,3 +165,95 @@ def test_shipped_ensemble_configs_load(name: str) -> None:
         assert len(config.members) == 10
         assert {m.draft.size for m in config.members} == {1024}
         assert {m.draft.options["width"] for m in config.members} == {1.0}
+
+
+CROSSFIT_MEMBER = """
+[member]
+name = "cf"
+arch = "drn_d_22"
+input = "both"
+size = 64
+[member.options]
+width = 0.25
+map_head = true
+[training]
+epochs = 2
+batch_size = 8
+balanced_epochs = 1
+ema_decay = 0.9
+select = "last"
+small_size = 48
+small_epochs = 1
+label_smoothing = 0.1
+"""
+
+
+@pytest.mark.slow
+def test_cross_fitted_ensemble_trains_calibrates_out_of_fold_and_evaluates(
+    tiny_fracatlas: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "cf.toml").write_text(CROSSFIT_MEMBER)
+    config = tmp_path / "crossfit.toml"
+    config.write_text('[ensemble]\nname = "cf"\nversion = "1"\nfolds = 3\ntta = ["hflip"]\n'
+                      'members = ["cf.toml"]\n')
+    weights, runs = tmp_path / "weights", tmp_path / "runs"
+    common = ("--data", str(tiny_fracatlas), "--out", str(weights), "--runs", str(runs),
+              "--device", "cpu", "--no-progress")
+    cli("train", "--config", str(config), *common)
+    manifest = read_manifest(weights)
+    assert [(m.name, m.fold) for m in manifest.members] == [(f"cf-f{k}", k) for k in range(3)]
+    assert manifest.tta == ("hflip",)
+    split = load_split(weights / "split.json")
+    assert len(split.folds) == 3
+    for k in range(3):
+        history = [json.loads(line) for line in
+                   (runs / f"cf-f{k}" / "history.jsonl").read_text().splitlines()]
+        assert [h["size"] for h in history] == [48, 64]  # progressive resizing
+        assert all(h["tuning_auc_raw"] is not None for h in history)  # EMA: both recorded
+        done = json.loads((runs / f"cf-f{k}" / "done.json").read_text())
+        assert (done["stopped"], done["fold"]) == ("max_epochs", k)
+
+    done = cli("calibrate", "--weights", str(weights), "--data", str(tiny_fracatlas),
+               "--device", "cpu", "--evaluate-out", str(tmp_path / "eval"))
+    calibrated = read_manifest(weights)
+    # operating points from the out-of-fold scores of every development image
+    assert calibrated.calibration["images"] == len(split.development)
+    assert "out-of-fold" in str(calibrated.calibration["scores"])
+    assert "out-of-fold" in done.stdout
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["n"] == len(split.validation)
+    rows = list(csv.DictReader((tmp_path / "eval" / "predictions.csv").open()))
+    assert {r["image"] for r in rows} == set(split.validation)
+
+
+@pytest.mark.slow
+def test_two_process_gloo_training_matches_the_batches_and_resumes(
+    tiny_fracatlas: Path, tmp_path: Path
+) -> None:
+    """torchrun with 2 CPU processes (gloo): one member trains, is stopped after its first epoch
+    and resumed across both processes; rank 0 alone writes the history and the export."""
+    config = write_config(tmp_path / "cfg", epochs=1)
+    weights, runs = tmp_path / "weights", tmp_path / "runs"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "-m", "inference", "train", "--config", str(config),
+                "--member", "a", "--data", str(tiny_fracatlas), "--out", str(weights),
+                "--runs", str(runs), "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(*extra: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([*torchrun, *extra], cwd=REPO, capture_output=True, text=True,
+                              timeout=600, check=False, env=env)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done
+
+    first = run()
+    assert first.stdout.count("a: best tuning AUC") == 1  # printed by rank 0 only
+    assert "on 2 x cpu" in first.stdout
+    (runs / "a" / "done.json").unlink()
+    resumed = run("--resume", "--set", "epochs=2")
+    assert "a: resuming at epoch 2" in resumed.stderr
+    history = [json.loads(line) for line in (runs / "a" / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2]  # one line per epoch, not one per process
+    log = json.loads((weights / "training.json").read_text())
+    assert (log["a"]["processes"], log["a"]["epochs_run"]) == (2, 2)
+    assert [m.name for m in read_manifest(weights).members] == ["a"]

@@ -23,7 +23,15 @@ weights' manifest needs::
     description = "..."
     members = ["members/cpu-d22-raw-map.toml", ...]
     split_seed = 0
+    folds = 5                 # optional: cross-fit every member over 5 folds (see below)
+    tta = ["hflip"]           # optional: test-time augmentation written into the manifest
     [preprocessing]           # PreprocessSettings shared by all members
+
+Cross-fitting (``folds = k``, k >= 2): every listed member is trained k times, as
+``<name>-f0`` .. ``<name>-f<k-1>``; member ``-f<j>`` learns from the development images (train +
+tuning) outside fold ``j`` and is tuned on fold ``j`` (folds: :func:`inference.training.split.
+with_folds`). The validation split is never used. ``calibrate`` then sets the operating points on
+the out-of-fold scores of all development images.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from inference.export import MemberDraft
-from inference.manifest import INPUT_KINDS
+from inference.manifest import INPUT_KINDS, TTA_KINDS
 from inference.models import list_models
 from inference.preprocess import PreprocessSettings
 from inference.tables import checked_keys
@@ -62,10 +70,27 @@ class TrainSettings:
     workers: int = -1  # data-loader workers; -1 = automatic
     max_minutes: float = 0.0  # wall-clock budget for this member (0 = none)
     eval_batch_size: int = 64
+    ema_decay: float = 0.0  # exponential moving average of the weights per step (0 = off)
+    label_smoothing: float = 0.0  # image targets become eps/2 and 1 - eps/2
+    select: str = "best"  # best: the epoch with the best tuning AUC; last: the final weights
+    small_size: int = 0  # progressive resizing: the first small_epochs train at this size
+    small_epochs: int = 0
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.patience < 1 or self.batch_size < 1:
             raise ConfigError("training: epochs, patience and batch_size must be >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"training.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(
+                f"training.label_smoothing must be in [0, 1), got {self.label_smoothing}"
+            )
+        if self.select not in ("best", "last"):
+            raise ConfigError(f"training.select must be best or last, got {self.select!r}")
+        if self.small_epochs < 0 or (self.small_epochs and (self.small_size < 32)):
+            raise ConfigError(
+                "training.small_epochs needs small_size >= 32 (pixels of the smaller input)"
+            )
         if self.lr_schedule not in ("cosine", "constant"):
             raise ConfigError(
                 f"training.lr_schedule must be cosine or constant, got {self.lr_schedule!r}"
@@ -97,6 +122,16 @@ class MemberConfig:
     augment: AugmentSettings
     source: Path
 
+    @property
+    def fold(self) -> int | None:
+        """The cross-fitting fold this member is tuned on (None: trained on the train split)."""
+        return self.draft.fold
+
+    def for_fold(self, fold: int) -> MemberConfig:
+        """This member as the cross-fitted copy tuned on ``fold`` (named ``<name>-f<fold>``)."""
+        draft = replace(self.draft, name=f"{self.draft.name}-f{fold}", fold=fold)
+        return replace(self, draft=draft)
+
     def with_training(self, overrides: Mapping[str, Any]) -> MemberConfig:
         """This member with some training settings replaced (e.g. from the command line)."""
         merged = {**asdict(self.training), **overrides}
@@ -112,6 +147,8 @@ class EnsembleConfig:
     preprocessing: PreprocessSettings
     split_seed: int
     source: Path
+    folds: int = 0
+    tta: tuple[str, ...] = ()
 
     def member(self, name: str) -> MemberConfig:
         for member in self.members:
@@ -181,6 +218,14 @@ def load_config(path: Path | str) -> EnsembleConfig:
     if not isinstance(paths, list) or not paths:
         raise ConfigError(f"{path}: ensemble.members must list member config files")
     members = tuple(_member_from(_read_toml(path.parent / p), path.parent / p) for p in paths)
+    folds = ensemble.get("folds", 0)
+    if not isinstance(folds, int) or isinstance(folds, bool) or folds == 1 or folds < 0:
+        raise ConfigError(f"{path}: ensemble.folds must be 0 (no cross-fitting) or >= 2")
+    if folds:
+        members = tuple(m.for_fold(k) for m in members for k in range(folds))
+    tta = ensemble.get("tta", [])
+    if not isinstance(tta, list) or any(t not in TTA_KINDS for t in tta):
+        raise ConfigError(f"{path}: ensemble.tta must list some of {list(TTA_KINDS)}")
     names = [m.draft.name for m in members]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: member names must be unique, got {names}")
@@ -199,4 +244,6 @@ def load_config(path: Path | str) -> EnsembleConfig:
         preprocessing=preprocessing,
         split_seed=int(ensemble.get("split_seed", 0)),
         source=path,
+        folds=folds,
+        tta=tuple(tta),
     )

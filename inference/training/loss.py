@@ -48,6 +48,7 @@ def joint_loss(
     map_weight: float = MAP_WEIGHT_DEFAULT,
     image_weight: float = 1.0,
     localized: torch.Tensor | None = None,
+    smoothing: float = 0.0,
 ) -> LossParts:
     """The joint loss of a batch.
 
@@ -58,6 +59,7 @@ def joint_loss(
     ``localized``: optional (B,) bool, which images' maps count; default ``label > 0.5``. Pass
     ``label.bool() & has_boxes`` where some fractured images carry no annotation, so an empty
     map does not teach "no fracture here".
+    ``smoothing``: label smoothing of the image term, targets ``eps/2`` and ``1 - eps/2``.
     """
     _check_vector(score_logit, "score_logit")
     _check_vector(label, "label")
@@ -67,7 +69,9 @@ def joint_loss(
         )
     if map_weight < 0 or image_weight < 0:
         raise ValueError(f"weights must be >= 0, got map {map_weight}, image {image_weight}")
-    target = label.to(score_logit.dtype)
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+    target = label.to(score_logit.dtype) * (1.0 - smoothing) + smoothing / 2
     image_term = F.binary_cross_entropy_with_logits(score_logit, target)
     if map_logit is None:
         zero = image_term.new_zeros(())

@@ -17,45 +17,52 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from inference.export import add_member, empty_manifest
 from inference.models import DRN, build_model
-from inference.precision import cpu_has_native_bf16
+from inference.precision import resolve_speed
 from inference.training.augment import AugmentSettings, augment
 from inference.training.config import EnsembleConfig, MemberConfig, TrainSettings
 from inference.training.dataset import Record, load_dataset
+from inference.training.distributed import (
+    SINGLE,
+    World,
+    all_max,
+    all_mean,
+    barrier,
+    gather_scores,
+    per_rank_batch,
+    shard,
+)
 from inference.training.loss import joint_loss
 from inference.training.prepare import PreparedData, prepare
 from inference.training.sampler import epoch_indices, sampling_strata
-from inference.training.split import Split, load_split, save_split, split_dataset
+from inference.training.split import Split, load_split, save_split, split_dataset, with_folds
 
 CHANNELS = {"raw": (0,), "lcn": (1,), "both": (0, 1)}
 
 
-def autocast_for(precision: str, device: torch.device) -> Callable[[], AbstractContextManager[Any]]:
-    """A factory of autocast contexts: bf16 where asked for (or, for auto, where the hardware
-    does bf16 natively: any CUDA device, CPUs with AMX / AVX-512 BF16), else full fp32."""
-    use_bf16 = precision == "bf16" or (
-        precision == "auto" and (device.type == "cuda" or cpu_has_native_bf16())
-    )
-    if not use_bf16:
-        return nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 class Samples(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
-    """The images of one epoch in draw order, augmented with a per-sample seeded generator."""
+    """The images of one epoch in draw order, augmented with a per-sample seeded generator.
+
+    ``order`` may be one rank's shard of the epoch (every ``stride``-th image from ``first``):
+    the generator is seeded with the image's position in the whole epoch, so an image is
+    augmented the same way whatever the number of processes."""
 
     def __init__(
         self,
@@ -64,9 +71,13 @@ class Samples(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
         channels: tuple[int, ...],
         settings: AugmentSettings | None,
         seed: Sequence[int],
+        *,
+        first: int = 0,
+        stride: int = 1,
     ) -> None:
         self.data, self.order, self.channels = data, order, channels
         self.settings, self.seed = settings, tuple(seed)
+        self.first, self.stride = first, stride
 
     def __len__(self) -> int:
         return len(self.order)
@@ -76,7 +87,7 @@ class Samples(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
         image = np.asarray(self.data.images[i, list(self.channels)], dtype=np.float32)
         mask = np.asarray(self.data.masks[i])
         if self.settings is not None:
-            rng = np.random.default_rng([*self.seed, k])
+            rng = np.random.default_rng([*self.seed, self.first + k * self.stride])
             raw = self.channels.index(0) if 0 in self.channels else None  # gamma/contrast: raw only
             image, mask = augment(image, mask, rng, self.settings, raw_channel=raw)
         return (
@@ -88,6 +99,10 @@ class Samples(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
 
 @dataclass(frozen=True)
 class EpochRecord:
+    """One line of ``history.jsonl``. ``tuning_auc`` is the AUC of the weights that are kept
+    (the moving average where ``ema_decay`` is set); ``tuning_auc_raw`` that of the trained
+    weights themselves (only with EMA, to show what the average adds)."""
+
     epoch: int
     loss: float
     image_loss: float
@@ -95,6 +110,8 @@ class EpochRecord:
     tuning_auc: float
     seconds: float
     balanced: bool
+    size: int
+    tuning_auc_raw: float | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +124,68 @@ class MemberResult:
     stopped: str
     device: str
     precision: str
+    processes: int = 1
+    fold: int | None = None
+    final_tuning_auc: float | None = None  # of the last epoch's kept weights
+
+
+@dataclass
+class LoopState:
+    """Where a member's training stands; saved in ``last.pt`` after every epoch."""
+
+    epoch: int = 0  # the next epoch to run (0-based) = epochs completed
+    best_auc: float = -1.0
+    best_epoch: int = -1  # 0-based; -1: none yet
+    stale: int = 0  # epochs since the best
+    elapsed: float = 0.0  # seconds of training so far
+
+    def to_checkpoint(self) -> dict[str, float | int]:
+        # "epoch" is the last completed epoch, as in checkpoints written before this record
+        return {
+            "epoch": self.epoch - 1,
+            "best_auc": self.best_auc,
+            "best_epoch": self.best_epoch,
+            "stale": self.stale,
+            "elapsed": self.elapsed,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, state: Mapping[str, Any]) -> LoopState:
+        return cls(
+            epoch=int(state["epoch"]) + 1,
+            best_auc=float(state["best_auc"]),
+            best_epoch=int(state["best_epoch"]),
+            stale=int(state["stale"]),
+            elapsed=float(state["elapsed"]),
+        )
+
+    def stop_reason(self, settings: TrainSettings) -> str | None:
+        """Why no further epoch runs (None: go on)."""
+        if self.epoch >= settings.epochs:
+            return "max_epochs"
+        if settings.select == "best" and self.stale >= settings.patience:
+            return "early_stopping"
+        if settings.max_minutes and self.elapsed >= settings.max_minutes * 60:
+            return "time_budget"
+        return None
+
+    def record(self, auc: float) -> bool:
+        """Count a finished epoch's tuning AUC; True if it is the best so far."""
+        better = self.best_epoch < 0 or auc > self.best_auc  # NaN AUC: keep the first
+        if better:
+            self.best_auc, self.best_epoch, self.stale = auc, self.epoch, 0
+        else:
+            self.stale += 1
+        self.epoch += 1
+        return better
+
+
+def member_ids(member: MemberConfig, split: Split) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(training ids, tuning ids): the split's train and tuning sets, or for a cross-fitted
+    member the development images outside its fold and the fold."""
+    if member.fold is None:
+        return split.train, split.tuning
+    return split.fold_parts(member.fold)
 
 
 def _workers(settings: TrainSettings, device: torch.device) -> int:
@@ -117,11 +196,11 @@ def _workers(settings: TrainSettings, device: torch.device) -> int:
     )
 
 
-def _loader(dataset: Samples, batch: int, workers: int, shuffle: bool = False) -> DataLoader[Any]:
+def _loader(dataset: Samples, batch: int, workers: int) -> DataLoader[Any]:
     return DataLoader(
         dataset,
         batch_size=batch,
-        shuffle=shuffle,
+        shuffle=False,
         num_workers=workers,
         persistent_workers=False,
         pin_memory=False,
@@ -131,7 +210,7 @@ def _loader(dataset: Samples, batch: int, workers: int, shuffle: bool = False) -
 
 @torch.inference_mode()
 def predict_scores(
-    model: DRN,
+    model: torch.nn.Module,
     data: PreparedData,
     indices: np.ndarray,
     channels: tuple[int, ...],
@@ -176,11 +255,176 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def _write_best(model: DRN, path: Path) -> None:
+def _write_best(model: torch.nn.Module, path: Path) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp))
     tmp.replace(path)
+
+
+def input_size(settings: TrainSettings, size: int, epoch: int) -> int:
+    """The side the network trains on in ``epoch``: ``small_size`` during the first
+    ``small_epochs`` (progressive resizing), else the member's size."""
+    return settings.small_size if epoch < settings.small_epochs else size
+
+
+def resized(x: torch.Tensor, mask: torch.Tensor, side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch and its maps shrunk to ``side`` (area averaging; the maps become soft)."""
+    if x.shape[-1] == side:
+        return x, mask
+    return (
+        F.interpolate(x, size=(side, side), mode="area"),
+        F.interpolate(mask, size=(side, side), mode="area"),
+    )
+
+
+class MemberTraining:
+    """The moving parts of one member's training: network (DDP-wrapped across processes),
+    optimizer, optional weight average, precision, and which images it learns and is tuned on."""
+
+    def __init__(
+        self,
+        member: MemberConfig,
+        data: PreparedData,
+        records: Sequence[Record],
+        split: Split,
+        *,
+        device: torch.device,
+        world: World = SINGLE,
+    ) -> None:
+        self.member, self.data, self.device, self.world = member, data, device, world
+        self.settings = settings = member.training
+        options = member.draft.model_options()
+        torch.manual_seed(settings.seed)
+        model = build_model(member.draft.arch, **options.to_mapping())
+        # the inference rule for bf16; channels-last on CUDA only (on the CPU, oneDNN's bf16
+        # backward in NHWC corrupted the heap at width 0.25, 256 px: torch 2.13.0)
+        self.speed = resolve_speed(settings.precision, device.type == "cuda", device)
+        if world.distributed and device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = self.speed.apply_layout(model.to(device))
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.net: nn.Module = self.model
+        if world.distributed:
+            ids = [device.index] if device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.model, device_ids=ids)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=settings.learning_rate)
+        self.ema = (
+            AveragedModel(
+                self.model, multi_avg_fn=get_ema_multi_avg_fn(settings.ema_decay), use_buffers=True
+            )
+            if settings.ema_decay
+            else None
+        )
+        self.autocast = self.speed.autocast(device)
+        self.channels = CHANNELS[member.draft.input]
+        self.map_weight = settings.loss_map_weight(options.attention)
+        train_ids, tune_ids = member_ids(member, split)
+        self.train_idx = data.index_of(train_ids)
+        self.tune_idx = data.index_of(tune_ids)
+        by_id = {r.image_id: r for r in records}
+        self.strata = [sampling_strata(by_id[i]) for i in train_ids]
+        self.batch = per_rank_batch(settings.batch_size, world)
+
+    @property
+    def kept(self) -> nn.Module:
+        """The weights that are evaluated, kept and exported (the average where there is one)."""
+        return self.model if self.ema is None else self.ema.module
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """This rank's images of ``epoch`` in draw order (the same for every rank count)."""
+        rng = np.random.default_rng([self.settings.seed, epoch])
+        order = self.train_idx[
+            epoch_indices(epoch, self.strata, rng, balanced_epochs=self.settings.balanced_epochs)
+        ]
+        return shard(order, self.world)
+
+    def train_epoch(self, epoch: int, lr: float, progress: bool) -> tuple[np.ndarray, int]:
+        """One pass over the epoch's images; returns the mean (total, image, map) losses over
+        all ranks and the side trained on."""
+        settings = self.settings
+        samples = Samples(
+            self.data,
+            self.epoch_order(epoch),
+            self.channels,
+            self.member.augment,
+            (settings.seed, epoch),
+            first=self.world.rank,
+            stride=self.world.size,
+        )
+        loader = _loader(samples, self.batch, _workers(settings, self.device))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        side = input_size(settings, self.member.draft.size, epoch)
+        self.net.train()
+        totals, seen = np.zeros(3), 0
+        bar = tqdm(
+            loader,
+            desc=f"{self.member.draft.name} epoch {epoch + 1}/{settings.epochs}",
+            disable=not (progress and self.world.main),
+            leave=False,
+            file=sys.stderr,
+        )
+        for x, mask, label in bar:
+            x, mask = resized(x.to(self.device), mask.to(self.device), side)
+            x = x.contiguous(memory_format=self.speed.memory_format)
+            label = label.to(self.device)
+            with self.autocast():
+                out = self.net(x)
+            parts = joint_loss(
+                out.score_logit.float(),
+                None if out.map_logit is None else out.map_logit.float(),
+                label,
+                mask,
+                map_weight=self.map_weight,
+                smoothing=settings.label_smoothing,
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            parts.total.backward()
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
+            n = len(label)
+            seen += n
+            totals += n * np.array([float(p.detach()) for p in parts])
+            bar.set_postfix(loss=f"{totals[0] / seen:.4f}")
+        return all_mean(totals / max(seen, 1), self.world), side
+
+    def tuning_auc(self, model: nn.Module) -> float:
+        """AUC of ``model`` on the tuning images (each rank scores its share)."""
+        mine = shard(self.tune_idx, self.world)
+        scores = predict_scores(
+            model,
+            self.data,
+            mine,
+            self.channels,
+            device=self.device,
+            batch=self.settings.eval_batch_size,
+            autocast=self.autocast,
+        )
+        scores = gather_scores(scores, len(self.tune_idx), self.world)
+        return tuning_auc(self.data.labels[self.tune_idx], scores)
+
+    def checkpoint(self, loop: LoopState) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            **loop.to_checkpoint(),
+        }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def restore(self, path: Path) -> LoopState:
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            if "ema" not in state:
+                raise ValueError(f"{path}: written without ema_decay; cannot resume with it")
+            self.ema.load_state_dict(state["ema"])
+        return LoopState.from_checkpoint(state)
 
 
 def train_member(
@@ -193,165 +437,96 @@ def train_member(
     device: torch.device,
     resume: bool = False,
     progress: bool = True,
+    world: World = SINGLE,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
 ) -> tuple[DRN, MemberResult]:
-    """Train one member; returns the model with its best weights loaded, and a summary."""
-    settings, draft = member.training, member.draft
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(settings.seed)
-    options = draft.model_options()
-    model = build_model(draft.arch, **options.to_mapping()).to(device)
-    if device.type == "cuda":  # channels-last convolutions are faster on tensor cores
-        torch.backends.cudnn.benchmark = True
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
-    autocast = autocast_for(settings.precision, device)
-    precision = "bf16" if autocast is not nullcontext else "fp32"
-    channels = CHANNELS[draft.input]
-    map_weight = settings.loss_map_weight(options.attention)
-    train_idx = data.index_of(split.train)
-    tune_idx = data.index_of(split.tuning)
-    by_id = {r.image_id: r for r in records}
-    strata = [sampling_strata(by_id[i]) for i in split.train]
+    """Train one member; returns the model with its kept weights loaded, and a summary.
 
-    start_epoch, best_auc, best_epoch, stale, elapsed = 0, -1.0, -1, 0, 0.0
-    checkpoint = run_dir / "last.pt"
+    Kept weights: the epoch with the best tuning AUC (``select = "best"``, with early stopping)
+    or the final ones (``select = "last"``); the weight average where ``ema_decay`` is set."""
+    settings, name = member.training, member.draft.name
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier(world)
+    job = MemberTraining(member, data, records, split, device=device, world=world)
+    checkpoint, best = run_dir / "last.pt", run_dir / "best.safetensors"
+    loop, auc = LoopState(), float("nan")
     if resume and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, best_auc = int(state["epoch"]) + 1, float(state["best_auc"])
-        best_epoch, stale = int(state["best_epoch"]), int(state["stale"])
-        elapsed = float(state["elapsed"])
-        log(
-            f"{draft.name}: resuming at epoch {start_epoch + 1} (best tuning AUC "
-            f"{best_auc:.4f} at epoch {best_epoch + 1})"
-        )
-    elif not resume:
+        loop = job.restore(checkpoint)
+        if world.main:
+            log(
+                f"{name}: resuming at epoch {loop.epoch + 1} (best tuning AUC "
+                f"{loop.best_auc:.4f} at epoch {loop.best_epoch + 1})"
+            )
+    elif world.main:
         (run_dir / "history.jsonl").unlink(missing_ok=True)
-
-    stopped = "max_epochs"
-    epochs_run = start_epoch  # completed epochs (a stop at the start of an epoch runs none)
-    for epoch in range(start_epoch, settings.epochs):
-        if stale >= settings.patience:
-            stopped = "early_stopping"
-            break
-        if settings.max_minutes and elapsed >= settings.max_minutes * 60:
-            stopped = "time_budget"
-            break
+    while (stopped := loop.stop_reason(settings)) is None:
         t0 = time.perf_counter()
-        rng = np.random.default_rng([settings.seed, epoch])
+        epoch = loop.epoch
+        lr = settings.learning_rate * _lr_factor(settings, epoch, loop.elapsed)
+        losses, side = job.train_epoch(epoch, lr, progress)
+        auc = job.tuning_auc(job.kept)
+        raw = job.tuning_auc(job.model) if job.ema is not None else None
+        seconds = all_max(time.perf_counter() - t0, world)
+        loop.elapsed += seconds
+        if loop.record(auc) and world.main:
+            _write_best(job.kept, best)
         balanced = epoch < settings.balanced_epochs
-        order = train_idx[
-            epoch_indices(epoch, strata, rng, balanced_epochs=settings.balanced_epochs)
-        ]
-        samples = Samples(data, order, channels, member.augment, (settings.seed, epoch))
-        loader = _loader(samples, settings.batch_size, _workers(settings, device))
-        for group in optimizer.param_groups:
-            group["lr"] = settings.learning_rate * _lr_factor(settings, epoch, elapsed)
-        model.train()
-        totals = np.zeros(3)
-        seen = 0
-        bar = tqdm(
-            loader,
-            desc=f"{draft.name} epoch {epoch + 1}/{settings.epochs}",
-            disable=not progress,
-            leave=False,
-            file=sys.stderr,
-        )
-        for x, mask, label in bar:
-            x, mask, label = x.to(device), mask.to(device), label.to(device)
-            with autocast():
-                out = model(x)
-            parts = joint_loss(
-                out.score_logit.float(),
-                None if out.map_logit is None else out.map_logit.float(),
-                label,
-                mask,
-                map_weight=map_weight,
+        total, image, map_ = (float(v) for v in losses)
+        record = EpochRecord(epoch + 1, total, image, map_, auc, seconds, balanced, side, raw)
+        if world.main:
+            with (run_dir / "history.jsonl").open("a") as handle:
+                handle.write(json.dumps(record.__dict__) + "\n")
+            log(
+                f"{name} epoch {epoch + 1}/{settings.epochs}: loss {losses[0]:.4f} "
+                f"(image {losses[1]:.4f}, map {losses[2]:.4f}) tuning AUC {auc:.4f}"
+                f"{'' if raw is None else f' (without EMA {raw:.4f})'} "
+                f"best {loop.best_auc:.4f}@{loop.best_epoch + 1} {seconds:.0f}s {side} px "
+                f"{'balanced' if balanced else 'natural'} sampling"
             )
-            optimizer.zero_grad(set_to_none=True)
-            parts.total.backward()
-            optimizer.step()
-            n = len(label)
-            seen += n
-            totals += n * np.array(
-                [
-                    float(parts.total.detach()),
-                    float(parts.image.detach()),
-                    float(parts.map.detach()),
-                ]
-            )
-            bar.set_postfix(loss=f"{totals[0] / seen:.4f}")
-        scores = predict_scores(
-            model,
-            data,
-            tune_idx,
-            channels,
-            device=device,
-            batch=settings.eval_batch_size,
-            autocast=autocast,
-        )
-        auc = tuning_auc(data.labels[tune_idx], scores)
-        seconds = time.perf_counter() - t0
-        elapsed += seconds
-        epochs_run = epoch + 1
-        if best_epoch < 0 or auc > best_auc:  # NaN AUC (one-class tuning set): keep the first
-            best_auc, best_epoch, stale = auc, epoch, 0
-            _write_best(model, run_dir / "best.safetensors")
-        else:
-            stale += 1
-        mean = totals / max(seen, 1)
-        record = EpochRecord(epoch + 1, mean[0], mean[1], mean[2], auc, seconds, balanced)
-        with (run_dir / "history.jsonl").open("a") as handle:
-            handle.write(json.dumps(record.__dict__) + "\n")
-        log(
-            f"{draft.name} epoch {epoch + 1}/{settings.epochs}: loss {mean[0]:.4f} "
-            f"(image {mean[1]:.4f}, map {mean[2]:.4f}) tuning AUC {auc:.4f} "
-            f"best {best_auc:.4f}@{best_epoch + 1} {seconds:.0f}s "
-            f"{'balanced' if balanced else 'natural'} sampling"
-        )
-        _save_checkpoint(
-            checkpoint,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "best_auc": best_auc,
-                "best_epoch": best_epoch,
-                "stale": stale,
-                "elapsed": elapsed,
-            },
-        )
-    else:
-        if stale >= settings.patience:
-            stopped = "early_stopping"
-    model.load_state_dict(load_file(str(run_dir / "best.safetensors")))
+            _save_checkpoint(checkpoint, job.checkpoint(loop))
+        barrier(world)
+    if settings.select == "best":
+        job.kept.load_state_dict(load_file(str(best), device=str(device)))
     result = MemberResult(
-        name=draft.name,
-        best_epoch=best_epoch + 1,
-        best_tuning_auc=best_auc,
-        epochs_run=epochs_run,
-        seconds=round(elapsed, 1),
+        name=name,
+        best_epoch=loop.best_epoch + 1,
+        best_tuning_auc=loop.best_auc,
+        epochs_run=loop.epoch,
+        seconds=round(loop.elapsed, 1),
         stopped=stopped,
         device=str(device),
-        precision=precision,
+        precision=job.speed.precision,
+        processes=world.size,
+        fold=member.fold,
+        final_tuning_auc=auc if loop.epoch else None,
     )
-    (run_dir / "done.json").write_text(json.dumps(result.__dict__, indent=2) + "\n")
-    return model.eval(), result
+    if world.main:
+        (run_dir / "done.json").write_text(json.dumps(result.__dict__, indent=2) + "\n")
+    kept = job.kept
+    assert isinstance(kept, DRN)
+    return kept.eval(), result
 
 
-def load_or_make_split(records: Sequence[Record], path: Path, seed: int) -> Split:
-    """The split saved at ``path`` (if its ids match the data), else a new one saved there."""
+def load_or_make_split(records: Sequence[Record], path: Path, seed: int, folds: int = 0) -> Split:
+    """The split saved at ``path`` (if its ids match the data), else a new one saved there;
+    with ``folds``, cross-fitting folds are added (and saved) where the file has other or none,
+    leaving its train, tuning and validation sets as they are."""
+    split: Split | None = None
     if path.is_file():
         split = load_split(path)
-        if set(split.train) | set(split.tuning) | set(split.validation) == {
+        if set(split.train) | set(split.tuning) | set(split.validation) != {
             r.image_id for r in records
         }:
-            return split
-    split = split_dataset(records, seed=seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_split(split, path)
+            split = None
+    changed = split is None
+    if split is None:
+        split = split_dataset(records, seed=seed)
+    if folds and len(split.folds) != folds:
+        split, changed = with_folds(split, records, folds, seed), True
+    if changed:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_split(split, path)
     return split
 
 
@@ -368,11 +543,14 @@ def train_ensemble(
     workers: int | None = None,
     prepare_only: bool = False,
     overrides: Mapping[str, Any] | None = None,
+    world: World = SINGLE,
 ) -> list[MemberResult]:
     """Train the config's members in turn (or only one), exporting each into ``out`` as soon as it
-    is done, so that every member can be trained, calibrated and committed on its own."""
+    is done, so that every member can be trained, calibrated and committed on its own.
+
+    Across processes (``world``), rank 0 writes the split, the pre-processing cache and the
+    exports; the others wait for it and then read them."""
     records = load_dataset(data_root)
-    split = load_or_make_split(records, out / "split.json", config.split_seed)
     template = empty_manifest(
         out,
         name=config.name,
@@ -380,50 +558,54 @@ def train_ensemble(
         trained=True,
         description=config.description,
         preprocessing=config.preprocessing,
+        tta=config.tta,
     )
     members = [config.member(only)] if only else list(config.members)
     if overrides:
         members = [m.with_training(overrides) for m in members]
-    prepared: dict[int, PreparedData] = {}
+    sizes = sorted({m.draft.size for m in members})
+
+    def prepared(size: int) -> PreparedData:
+        return prepare(
+            records,
+            size=size,
+            settings=config.preprocessing,
+            cache_dir=runs / "cache",
+            workers=workers,
+        )
+
+    if world.main:  # the split and the cache once, before other processes read them
+        split = load_or_make_split(records, out / "split.json", config.split_seed, config.folds)
+        for size in sizes:
+            prepared(size)
+    barrier(world)
+    if prepare_only:  # members may then train in parallel processes
+        return []
+    split = load_split(out / "split.json")
+    data = {size: prepared(size) for size in sizes}
     results: list[MemberResult] = []
-    if prepare_only:  # fill the cache (and the split) once, before members train in parallel
-        for size in sorted({m.draft.size for m in members}):
-            prepare(
-                records,
-                size=size,
-                settings=config.preprocessing,
-                cache_dir=runs / "cache",
-                workers=workers,
-            )
-        return results
     for member in members:
         run_dir = runs / member.draft.name
         done = run_dir / "done.json"
         if resume and done.is_file() and (out / f"{member.draft.name}.safetensors").is_file():
             results.append(MemberResult(**json.loads(done.read_text())))
             continue
-        size = member.draft.size
-        if size not in prepared:
-            prepared[size] = prepare(
-                records,
-                size=size,
-                settings=config.preprocessing,
-                cache_dir=runs / "cache",
-                workers=workers,
-            )
         model, result = train_member(
             member,
-            prepared[size],
+            data[member.draft.size],
             records,
             split,
             run_dir,
             device=device,
             resume=resume,
             progress=progress,
+            world=world,
         )
-        with _locked(out):  # members may train in parallel processes into one folder
-            add_member(out, member.draft, model.cpu(), template=template)
-            _append_training_log(out, result)
+        if world.main:
+            with _locked(out):  # members may train in parallel processes into one folder
+                add_member(out, member.draft, model.cpu(), template=template)
+                _append_training_log(out, result)
+        barrier(world)
         results.append(result)
     return results
 
