@@ -107,6 +107,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             prepare_only=args.prepare_only,
             overrides=dict(_setting(text) for text in args.set),
             world=world,
+            stream=args.stream,
         )
     finally:
         distributed.stop(world)
@@ -229,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a [training] setting of every member, e.g. precision=fp32 or "
         "max_minutes=10 (TOML values)",
+    )
+    train.add_argument(
+        "--stream",
+        action="store_true",
+        help="decode and pre-process the images in every epoch (data loader workers: "
+        "[training] workers) instead of writing the pre-processing cache",
     )
     train.add_argument(
         "--prepare-only",

@@ -230,14 +230,15 @@ def test_cross_fitted_ensemble_trains_calibrates_out_of_fold_and_evaluates(
 def test_two_process_gloo_training_matches_the_batches_and_resumes(
     tiny_fracatlas: Path, tmp_path: Path
 ) -> None:
-    """torchrun with 2 CPU processes (gloo): one member trains, is stopped after its first epoch
-    and resumed across both processes; rank 0 alone writes the history and the export."""
+    """torchrun with 2 CPU processes (gloo), images streamed: one member trains, is stopped
+    after its first epoch and resumed across both processes; rank 0 alone writes the history
+    and the export."""
     config = write_config(tmp_path / "cfg", epochs=1)
     weights, runs = tmp_path / "weights", tmp_path / "runs"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node=2", "-m", "inference", "train", "--config", str(config),
                 "--member", "a", "--data", str(tiny_fracatlas), "--out", str(weights),
-                "--runs", str(runs), "--device", "cpu", "--no-progress"]
+                "--runs", str(runs), "--device", "cpu", "--no-progress", "--stream"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def run(*extra: str) -> subprocess.CompletedProcess[str]:

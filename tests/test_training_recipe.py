@@ -240,3 +240,26 @@ def test_ranks_together_take_the_one_process_batches() -> None:
 def test_gathered_scores_come_back_in_order_single_process() -> None:
     scores = np.linspace(0, 1, 9)
     assert gather_scores(scores, 9, SINGLE) is scores
+
+
+def test_streamed_cached_and_in_memory_inputs_are_the_same(
+    tiny_fracatlas: Path, tmp_path: Path
+) -> None:
+    from inference.preprocess import PreprocessSettings
+    from inference.training.prepare import StreamingData, prepare
+
+    records = load_dataset(tiny_fracatlas)[:12]
+    settings = PreprocessSettings()
+    memory = prepare(records, size=64, settings=settings, workers=1)
+    cached = prepare(records, size=64, settings=settings, cache_dir=tmp_path, workers=2)
+    assert isinstance(cached.images, np.memmap)  # written to and read from disk, not held
+    again = prepare(records, size=64, settings=settings, cache_dir=tmp_path, workers=2)
+    stream = StreamingData(tuple(records), 64, settings)
+    assert memory.ids == cached.ids == again.ids == stream.ids
+    assert (memory.labels == stream.labels).all() and (cached.labels == stream.labels).all()
+    for i in range(len(records)):
+        planes, mask = stream.item(i)
+        for other in (memory, cached, again):
+            other_planes, other_mask = other.item(i)
+            assert np.array_equal(planes, other_planes) and np.array_equal(mask, other_mask)
+    assert stream.index_of([records[3].image_id]).tolist() == [3]

@@ -50,7 +50,7 @@ from inference.training.distributed import (
     shard,
 )
 from inference.training.loss import joint_loss
-from inference.training.prepare import PreparedData, prepare
+from inference.training.prepare import StreamingData, TrainingData, prepare
 from inference.training.sampler import epoch_indices, sampling_strata
 from inference.training.split import Split, load_split, save_split, split_dataset, with_folds
 
@@ -66,7 +66,7 @@ class Samples(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
 
     def __init__(
         self,
-        data: PreparedData,
+        data: TrainingData,
         order: np.ndarray,
         channels: tuple[int, ...],
         settings: AugmentSettings | None,
@@ -84,8 +84,8 @@ class Samples(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         i = int(self.order[k])
-        image = np.asarray(self.data.images[i, list(self.channels)], dtype=np.float32)
-        mask = np.asarray(self.data.masks[i])
+        planes, mask = self.data.item(i)
+        image = np.asarray(planes[list(self.channels)], dtype=np.float32)
         if self.settings is not None:
             rng = np.random.default_rng([*self.seed, self.first + k * self.stride])
             raw = self.channels.index(0) if 0 in self.channels else None  # gamma/contrast: raw only
@@ -208,23 +208,37 @@ def _loader(dataset: Samples, batch: int, workers: int) -> DataLoader[Any]:
     )
 
 
+class Unaugmented(Dataset[torch.Tensor]):
+    """The model inputs of some images as they are (for scoring)."""
+
+    def __init__(self, data: TrainingData, indices: np.ndarray, channels: tuple[int, ...]):
+        self.data, self.indices, self.channels = data, indices, channels
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> torch.Tensor:
+        planes, _ = self.data.item(int(self.indices[k]))
+        return torch.from_numpy(np.asarray(planes[list(self.channels)], dtype=np.float32))
+
+
 @torch.inference_mode()
 def predict_scores(
     model: torch.nn.Module,
-    data: PreparedData,
+    data: TrainingData,
     indices: np.ndarray,
     channels: tuple[int, ...],
     *,
     device: torch.device,
     batch: int,
     autocast: Callable[[], AbstractContextManager[Any]],
+    workers: int = 0,
 ) -> np.ndarray:
     """Sigmoid image scores of ``model`` for the given images (no augmentation)."""
     model.eval()
     scores: list[np.ndarray] = []
-    for start in range(0, len(indices), batch):
-        rows = indices[start : start + batch]
-        x = torch.from_numpy(np.asarray(data.images[rows][:, list(channels)], dtype=np.float32))
+    loader = DataLoader(Unaugmented(data, indices, channels), batch_size=batch, num_workers=workers)
+    for x in loader:
         with autocast():
             out = model(x.to(device))
         scores.append(torch.sigmoid(out.score_logit.float()).cpu().numpy())
@@ -285,7 +299,7 @@ class MemberTraining:
     def __init__(
         self,
         member: MemberConfig,
-        data: PreparedData,
+        data: TrainingData,
         records: Sequence[Record],
         split: Split,
         *,
@@ -429,7 +443,7 @@ class MemberTraining:
 
 def train_member(
     member: MemberConfig,
-    data: PreparedData,
+    data: TrainingData,
     records: Sequence[Record],
     split: Split,
     run_dir: Path,
@@ -544,9 +558,13 @@ def train_ensemble(
     prepare_only: bool = False,
     overrides: Mapping[str, Any] | None = None,
     world: World = SINGLE,
+    stream: bool = False,
 ) -> list[MemberResult]:
     """Train the config's members in turn (or only one), exporting each into ``out`` as soon as it
     is done, so that every member can be trained, calibrated and committed on its own.
+
+    Inputs come from the pre-processing cache in ``runs/cache`` (written once), or with
+    ``stream`` are decoded and pre-processed in every epoch by the data loader's workers.
 
     Across processes (``world``), rank 0 writes the split, the pre-processing cache and the
     exports; the others wait for it and then read them."""
@@ -565,7 +583,9 @@ def train_ensemble(
         members = [m.with_training(overrides) for m in members]
     sizes = sorted({m.draft.size for m in members})
 
-    def prepared(size: int) -> PreparedData:
+    def prepared(size: int) -> TrainingData:
+        if stream:
+            return StreamingData(tuple(records), size, config.preprocessing)
         return prepare(
             records,
             size=size,
