@@ -348,6 +348,25 @@ def cmd_echo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- export-training -------------------------------------------------------------------------
+
+
+def cmd_export_training(args: argparse.Namespace) -> int:
+    from dicomnode.training_export import ExportError, export_training
+
+    workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))
+    try:
+        summary = export_training(args.dicom_dir, args.labels, args.out, workers)
+    except ExportError as exc:
+        raise UsageError(str(exc)) from None
+    except (RuntimeError, OSError) as exc:
+        raise CommandFailed(f"export-training: {exc}") from None
+    print("\n".join(summary.lines()))
+    if not summary.exported:
+        raise CommandFailed("export-training: no labelled instance could be exported")
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------------
 
 
@@ -396,6 +415,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     echo.add_argument("--timeout", type=float, default=10.0, help="seconds per step (10)")
     echo.set_defaults(func=cmd_echo)
+    export = sub.add_parser(
+        "export-training",
+        help="turn DICOM files + a labels CSV into a training folder",
+        description="Decode the labelled DICOM instances under DICOM_DIR with the node's own "
+        "chain and write the training folder that python -m inference train/calibrate/evaluate "
+        "read (images/, labels.csv, boxes.json). CSV format: dicomnode/training_export.py.",
+    )
+    export.add_argument("dicom_dir", type=Path, metavar="DICOM_DIR", help="folder of DICOM files")
+    export.add_argument(
+        "--labels", required=True, type=Path, metavar="CSV", help="labels keyed by SOP Instance UID"
+    )
+    export.add_argument(
+        "--out", required=True, type=Path, metavar="DIR", help="training folder (new or empty)"
+    )
+    export.add_argument(
+        "--workers", type=int, metavar="N", help="decoding processes (default: CPU count)"
+    )
+    export.set_defaults(func=cmd_export_training)
     return parser
 
 
@@ -403,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``dicomnode`` command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("status", "retry", "echo"):
+    if args.command in ("status", "retry", "echo", "export-training"):
         configure_logging("warning", stream=sys.stderr)
     try:
         return int(args.func(args))
