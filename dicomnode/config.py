@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -118,6 +119,62 @@ class OutputsConfig:
     sr: bool
     sc: bool
     gsps: bool
+    withdraw_superseded: bool = True
+    """After a re-run, withdraw the results it supersedes the IHE IOCM way: a Key Object
+    Selection rejection note (Rejected for Quality Reasons) sent to the same destinations."""
+
+
+DEFAULT_UID_ROOT = "1.2.826.0.1.3680043.8.498."
+"""pydicom's UID root: works out of the box, but an installation should use its organisation's."""
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    """``[identity]``: how result objects name this installation (no patient data).
+
+    Empty strings mean: ``station_name`` = the node's AE title; ``device_serial_number`` = a
+    number derived from the installation's Device Observer UID (made once and kept in the state
+    directory); ``institution_name`` = left out."""
+
+    uid_root: str = DEFAULT_UID_ROOT
+    institution_name: str = ""
+    station_name: str = ""
+    device_serial_number: str = ""
+    manufacturer_model_name: str = "fracture-dicomnode"
+
+
+class OutOfScope(StrEnum):
+    """What the node sends for a study that is outside its intended use."""
+
+    REPORT = "report"  # a short SR and SC saying "not analysed: outside the intended use (...)"
+    IGNORE = "ignore"  # nothing
+
+
+class UnknownRegion(StrEnum):
+    """What the node does with an image whose region no header rule names."""
+
+    ANALYSE = "analyse"  # with the pooled (global) thresholds, flagged as a fallback
+    SKIP = "skip"  # not analysed: "region unknown"
+
+
+CALIBRATED = "calibrated"
+"""``scope.regions`` value: the regions whose calibration group the loaded model calibrated."""
+
+
+@dataclass(frozen=True)
+class ScopeConfig:
+    """``[scope]``: which images get a fracture decision (the intended use).
+
+    ``modalities``: Modality values analysed. ``regions``: region keys of
+    ``inference/regions.py`` analysed, or ``("calibrated",)``: those whose calibration group has
+    thresholds of its own in the loaded model's manifest. An image of another modality, of a known
+    region outside the list, or of anatomy the node recognises as outside musculoskeletal fracture
+    imaging (chest, abdomen, head) gets no fracture decision."""
+
+    modalities: tuple[str, ...] = ("CR", "DX", "DR", "RG")
+    regions: tuple[str, ...] = (CALIBRATED,)
+    unknown_region: UnknownRegion = UnknownRegion.ANALYSE
+    out_of_scope: OutOfScope = OutOfScope.REPORT
 
 
 @dataclass(frozen=True)
@@ -202,6 +259,8 @@ class Config:
     source: Path | None = None
     tls: TlsConfig | None = None
     retention: RetentionConfig = RetentionConfig()
+    identity: IdentityConfig = IdentityConfig()
+    scope: ScopeConfig = ScopeConfig()
 
 
 class _Table:
@@ -428,7 +487,11 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
         sr=outputs_t.flag("sr", True),
         sc=outputs_t.flag("sc", True),
         gsps=outputs_t.flag("gsps", False),
+        withdraw_superseded=outputs_t.flag("withdraw_superseded", True),
     )
+    identity_t, scope_t = table("identity"), table("scope")
+    identity = _identity(identity_t)
+    scope = _scope(scope_t)
     queue = QueueConfig(
         lease_seconds=queue_t.seconds("lease_seconds", 600.0),
         max_attempts=queue_t.integer("max_attempts", 3, 1, 100),
@@ -461,7 +524,18 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
         tls_t = table("tls")
         tls = _tls(tls_t)
         tls_t.finish()
-    for t in (root, node_t, study_t, inference_t, outputs_t, queue_t, delivery_t, retention_t):
+    for t in (
+        root,
+        node_t,
+        study_t,
+        inference_t,
+        outputs_t,
+        queue_t,
+        delivery_t,
+        retention_t,
+        identity_t,
+        scope_t,
+    ):
         t.finish()
     needs_tls = ["node.tls"] if node.tls else []
     needs_tls += [f"destinations[{i}].tls" for i, d in enumerate(destinations) if d.tls]
@@ -484,7 +558,75 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
         source=source,
         tls=tls,
         retention=retention,
+        identity=identity,
+        scope=scope,
     )
+
+
+_UID_ROOT_RE = re.compile(r"[1-9][0-9]*(\.(0|[1-9][0-9]*))*\.?|0(\.(0|[1-9][0-9]*))+\.?")
+MAX_UID_ROOT = 40
+"""Longest UID root accepted: result UIDs add about 20 digits below it (64 in all)."""
+
+
+def _identity(t: _Table) -> IdentityConfig:
+    root = t.string("uid_root", DEFAULT_UID_ROOT)
+    if not _UID_ROOT_RE.fullmatch(root) or len(root.rstrip(".")) > MAX_UID_ROOT:
+        raise ConfigError(
+            f"identity.uid_root: must be a UID root of digits and dots (no leading zeros), at "
+            f"most {MAX_UID_ROOT} characters, got {root!r}"
+        )
+    values = {
+        key: t.string(key, "")
+        for key in ("institution_name", "station_name", "device_serial_number")
+    }
+    for key, limit in (
+        ("institution_name", 64),
+        ("station_name", 16),
+        ("device_serial_number", 64),
+    ):
+        if len(values[key]) > limit or "\\" in values[key]:
+            raise ConfigError(f"identity.{key}: at most {limit} characters, no backslash")
+    model = t.string("manufacturer_model_name", "fracture-dicomnode")
+    if not model or len(model) > 64 or "\\" in model:
+        raise ConfigError("identity.manufacturer_model_name: 1 to 64 characters, no backslash")
+    return IdentityConfig(uid_root=root.rstrip(".") + ".", manufacturer_model_name=model, **values)
+
+
+def _strings(t: _Table, key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    value = t._get(key, list(default))
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{t._key(key)}: must be a non-empty list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _scope(t: _Table) -> ScopeConfig:
+    modalities = tuple(m.strip().upper() for m in _strings(t, "modalities", ScopeConfig.modalities))
+    raw_regions = t._get("regions", CALIBRATED)
+    regions = (raw_regions,) if isinstance(raw_regions, str) else raw_regions
+    if (
+        not isinstance(regions, list | tuple)
+        or not regions
+        or not all(isinstance(r, str) for r in regions)
+    ):
+        raise ConfigError(f'scope.regions: must be "{CALIBRATED}" or a list of region keys')
+    if CALIBRATED in regions and len(regions) > 1:
+        raise ConfigError(f'scope.regions: "{CALIBRATED}" stands alone, got {list(regions)}')
+    known = _region_keys()
+    unknown = sorted(set(regions) - known - {CALIBRATED})
+    if unknown:
+        raise ConfigError(f"scope.regions: unknown region {unknown[0]!r}; known: {sorted(known)}")
+    return ScopeConfig(
+        modalities=modalities,
+        regions=tuple(regions),
+        unknown_region=UnknownRegion(t.choice("unknown_region", "analyse", tuple(UnknownRegion))),
+        out_of_scope=OutOfScope(t.choice("out_of_scope", "report", tuple(OutOfScope))),
+    )
+
+
+def _region_keys() -> set[str]:
+    from inference.regions import REGIONS  # pure Python, no torch
+
+    return set(REGIONS)
 
 
 def load_config(path: Path | str) -> Config:

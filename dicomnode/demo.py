@@ -51,11 +51,13 @@ from pydicom.uid import (
     Comprehensive3DSRStorage,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
+    KeyObjectSelectionDocumentStorage,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
 
-from dicomnode.writers.common import DECISION_CODES, DECISION_TEXT
+from dicomnode.writers.common import BOX_CERTAINTY, DECISION_CODES, DECISION_TEXT
+from dicomnode.writers.kos import REJECTED_FOR_QUALITY_REASONS
 from inference.imageio import read_grayscale
 from inference.records import Decision
 
@@ -236,6 +238,34 @@ class ReceivedObject:
 
     def dataset(self) -> Dataset:
         return pydicom.dcmread(io.BytesIO(self.data))
+
+
+def withdrawn_uids(objects: Sequence[ReceivedObject]) -> set[str]:
+    """The SOP Instance UIDs that the received rejection notes (Key Object Selection documents
+    titled "Rejected for Quality Reasons", IHE IOCM) withdraw."""
+    uids: set[str] = set()
+    for obj in objects:
+        if obj.sop_class_uid != KeyObjectSelectionDocumentStorage:
+            continue
+        kos = obj.dataset()
+        if kos.ConceptNameCodeSequence[0].CodeValue != REJECTED_FOR_QUALITY_REASONS.value:
+            continue
+        for study in kos.CurrentRequestedProcedureEvidenceSequence:
+            for series in study.ReferencedSeriesSequence:
+                uids.update(str(r.ReferencedSOPInstanceUID) for r in series.ReferencedSOPSequence)
+    return uids
+
+
+def current_objects(objects: Sequence[ReceivedObject]) -> list[ReceivedObject]:
+    """What an IOCM-aware archive shows of a study: every object but the rejection notes and
+    the objects they withdraw."""
+    withdrawn = withdrawn_uids(objects)
+    return [
+        o
+        for o in objects
+        if o.sop_instance_uid not in withdrawn
+        and o.sop_class_uid != KeyObjectSelectionDocumentStorage
+    ]
 
 
 class Pacs(Protocol):
@@ -520,22 +550,25 @@ def read_report(data: bytes) -> list[ReportedImage]:
     sr = hd.sr.srread(io.BytesIO(data))
     content = cast(hd.sr.MeasurementReport, sr.content)
     boxes: dict[str, list[tuple[float, float, float, float]]] = {}
-    for region in content.get_planar_roi_measurement_groups():
-        roi = region.roi
+    assessments = []
+    for group in content.get_planar_roi_measurement_groups():
+        roi = group.roi
         if roi is None:
             continue
         points = np.asarray(roi.value)
-        source = roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-        box = (
-            float(points[:, 0].min()),
-            float(points[:, 1].min()),
-            float(points[:, 0].max()),
-            float(points[:, 1].max()),
-        )
-        boxes.setdefault(str(source), []).append(box)
+        source = str(roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        if group.get_measurements(name=codes.DCM.Probability):  # the whole-image assessment
+            assessments.append((source, group))
+        elif group.get_measurements(name=BOX_CERTAINTY):  # a fracture region
+            box = (
+                float(points[:, 0].min()),
+                float(points[:, 1].min()),
+                float(points[:, 0].max()),
+                float(points[:, 1].max()),
+            )
+            boxes.setdefault(source, []).append(box)
     images = []
-    for group in content.get_image_measurement_groups():
-        source = str(group.source_images[0].referenced_sop_instance_uid)
+    for source, group in assessments:
         (evaluation,) = group.get_qualitative_evaluations()
         (score,) = group.get_measurements(name=codes.DCM.Probability)
         sites = [str(site.value.meaning) for site in group.finding_sites]

@@ -37,6 +37,7 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     GrayscaleSoftcopyPresentationStateStorage,
     ImplicitVRLittleEndian,
+    KeyObjectSelectionDocumentStorage,
     SecondaryCaptureImageStorage,
 )
 from pynetdicom import AE, evt
@@ -52,6 +53,7 @@ RESULT_SOP_CLASSES = (
     Comprehensive3DSRStorage,
     SecondaryCaptureImageStorage,
     GrayscaleSoftcopyPresentationStateStorage,
+    KeyObjectSelectionDocumentStorage,
 )
 TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 

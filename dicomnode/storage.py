@@ -35,6 +35,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import generate_uid
 
 from dicomnode.records import InstanceHeader, StoredInstance
 from dicomnode.state import StateDB
@@ -170,6 +171,11 @@ class StateLayout:
     def spool_dir(self) -> Path:
         """Where the listener's pynetdicom spools incoming data sets while they arrive."""
         return self.root / "spool"
+
+    @property
+    def device_uid_path(self) -> Path:
+        """The installation's Device Observer UID, made once (see :func:`installation_uid`)."""
+        return self.root / "device-uid"
 
     def create(self) -> StateLayout:
         """Create the folders (idempotent; safe to call from any role), private to their owner.
@@ -403,3 +409,26 @@ class InstanceStore:
             fsync_dir(final.parent.parent)
         os.replace(partial, final)
         fsync_dir(final.parent)
+
+
+def installation_uid(layout: StateLayout, uid_root: str) -> str:
+    """This installation's Device Observer UID: read from the state directory, or made once
+    (random, under ``uid_root``) and kept there, so that it is the same for every role and
+    restart of one installation and different between installations. Two roles starting at
+    once agree: the file is created exclusively and the loser reads the winner's."""
+    path = layout.device_uid_path
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        pass
+    uid = str(generate_uid(prefix=uid_root))
+    tmp = path.with_name(f".device-uid-{os.getpid()}")
+    tmp.write_text(uid + "\n", encoding="ascii")
+    try:
+        os.link(tmp, path)  # atomic, fails if another process made it first
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(layout.root)
+    return path.read_text(encoding="ascii").strip()

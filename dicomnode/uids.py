@@ -12,8 +12,9 @@ therefore gets new results for it, never different results under the old UIDs.
 
 - result series (one per kind and study): study UID, kind, algorithm version;
 - Secondary Capture / presentation state (one per source image): the source's identity, kind,
-  algorithm version. An image whose bytes did not change keeps its result UIDs across re-runs
-  of its study;
+  algorithm version, whether it was analysed, and the study's summary line it shows. An image
+  whose bytes and study conclusion did not change keeps its result UIDs across re-runs of its
+  study; the others get new ones, and the superseded objects are withdrawn;
 - tracking identifiers of the SR and GSPS findings: the source's identity, algorithm version and
   the finding's index;
 - the study's SR: study UID, the identities of all analysed images, algorithm version and the
@@ -44,6 +45,7 @@ class ResultKind(StrEnum):
     SR = "sr"
     SECONDARY_CAPTURE = "sc"
     PRESENTATION_STATE = "gsps"
+    REJECTION_NOTE = "kos"
 
 
 @dataclass(frozen=True, order=True)
@@ -80,14 +82,27 @@ def series_uid(
 
 
 def image_result_uid(
-    kind: ResultKind, source: SourceIdentity, version: str, prefix: str = DEFAULT_UID_PREFIX
+    kind: ResultKind,
+    source: SourceIdentity,
+    version: str,
+    prefix: str = DEFAULT_UID_PREFIX,
+    *,
+    analysed: bool = True,
+    study_summary: str = "",
 ) -> UID:
-    """SOP Instance UID of a per-image result (Secondary Capture or presentation state)."""
-    if kind is ResultKind.SR:
-        raise ValueError("the SR covers a whole study: use report_uid")
-    return derive_uid(
-        "instance", kind.value, source.sop_instance_uid, source.sha256, version, prefix=prefix
-    )
+    """SOP Instance UID of a per-image result (Secondary Capture or presentation state); a
+    capture saying the image was not analysed has a UID of its own (``analysed=False``). The
+    study's summary line, which every capture and presentation state shows, is part of the
+    content: when it changes (a study re-run with another conclusion), the object gets a new UID
+    and the old one is withdrawn (see :mod:`dicomnode.writers.kos`)."""
+    if kind in (ResultKind.SR, ResultKind.REJECTION_NOTE):
+        raise ValueError(f"a {kind.value} covers a whole study: not a per-image result")
+    parts = [kind.value, source.sop_instance_uid, source.sha256, version]
+    if not analysed:
+        parts.append("not analysed")
+    if study_summary:
+        parts.append(study_summary)
+    return derive_uid("instance", *parts, prefix=prefix)
 
 
 def report_uid(
@@ -97,17 +112,19 @@ def report_uid(
     prefix: str = DEFAULT_UID_PREFIX,
     *,
     predecessor: str | None = None,
+    not_analysed: Iterable[SourceIdentity] = (),
 ) -> UID:
     """SOP Instance UID of the study's SR.
 
-    It changes when the analysed images (their UIDs or bytes), the model version or the replaced
-    SR (``predecessor``, the SOP Instance UID named in the Predecessor Documents Sequence)
-    change. The order of ``sources`` does not matter; one SOP Instance UID with two different
-    contents in one report is refused (ValueError).
+    It changes when the analysed images (their UIDs or bytes), the images reported as not
+    analysed, the model version or the replaced SR (``predecessor``, the SOP Instance UID named
+    in the Predecessor Documents Sequence) change. The order of ``sources`` does not matter;
+    one SOP Instance UID with two different contents in one report is refused (ValueError).
     """
-    unique = sorted(set(sources))
+    skipped = sorted(set(not_analysed))
+    unique = sorted(set(sources) | set(skipped))
     if not unique:
-        raise ValueError("an SR needs at least one analysed source image")
+        raise ValueError("an SR needs at least one source image")
     uids = [source.sop_instance_uid for source in unique]
     if len(set(uids)) != len(uids):
         raise ValueError("one SOP Instance UID with two different contents in one report")
@@ -115,6 +132,7 @@ def report_uid(
         raise ValueError("predecessor must be a SOP Instance UID or None")
     replaces = "first" if predecessor is None else f"replaces {predecessor}"
     parts = [part for source in unique for part in (source.sop_instance_uid, source.sha256)]
+    parts += [f"not analysed {source.sop_instance_uid}" for source in skipped]
     return derive_uid("report", study_uid, version, replaces, *parts, prefix=prefix)
 
 

@@ -34,8 +34,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
+import pydicom
 
-from dicomnode.config import Config
+from dicomnode.config import Config, OutOfScope
 from dicomnode.logging import get_logger
 from dicomnode.pixels import PixelDataError, View, load_view, region_hints
 from dicomnode.records import (
@@ -46,19 +47,22 @@ from dicomnode.records import (
     StoredInstance,
     StudyJob,
 )
+from dicomnode.scope import Scope
 from dicomnode.state import JobQueue, LeaseLostError, open_queue
-from dicomnode.storage import StateLayout
-from dicomnode.uids import ResultKind
+from dicomnode.storage import StateLayout, installation_uid
+from dicomnode.uids import ResultKind, SourceIdentity
 from dicomnode.writers import (
     ImageFinding,
     NodeIdentity,
+    NotAnalysedImage,
     PreviousReport,
     ResultObjects,
+    Withdrawn,
     write_results,
 )
 from inference.ensemble import Ensemble
 from inference.records import AlgorithmInfo, Box, Decision, ImageResult, Thresholds
-from inference.regions import RegionMatch, resolve_region
+from inference.regions import RegionMatch, match_other_anatomy, resolve_region
 
 log = get_logger(__name__)
 
@@ -116,12 +120,31 @@ class StepSeconds:
 
 
 def node_identity(config: Config) -> NodeIdentity:
-    """This node as equipment in its result objects: its AE title as station, package version."""
+    """This node as equipment in its result objects (``[identity]``): the installation's Device
+    Observer UID (made once in the state directory), station name (default: the AE title),
+    serial number (default: derived from the device UID), model and package version."""
     try:
         software = version(PACKAGE)
     except PackageNotFoundError:
         software = "unknown"
-    return NodeIdentity(software_version=software, station_name=config.node.ae_title)
+    identity = config.identity
+    layout = StateLayout(config.node.state_dir).create()
+    device_uid = installation_uid(layout, identity.uid_root)
+    return NodeIdentity(
+        software_version=software,
+        model_name=identity.manufacturer_model_name,
+        station_name=identity.station_name or config.node.ae_title,
+        device_serial_number=identity.device_serial_number or serial_from_uid(device_uid),
+        device_uid=device_uid,
+        institution_name=identity.institution_name or None,
+        uid_prefix=identity.uid_root,
+    )
+
+
+def serial_from_uid(uid: str) -> str:
+    """A short serial number that follows an installation's device UID (its last 12 digits)."""
+    digits = uid.replace(".", "")
+    return digits[-12:]
 
 
 def decode_reason(exc: Exception) -> str:
@@ -174,6 +197,71 @@ def resolve_view_region(view: View) -> RegionMatch:
     return resolve_region(body_part=hints.body_part or None, descriptions=[series, protocol, study])
 
 
+def view_anatomy(view: View) -> tuple[RegionMatch, str | None]:
+    """The view's region and, where none is found, the non-musculoskeletal anatomy its header
+    names (chest, abdomen, head, breast), if any."""
+    match = resolve_view_region(view)
+    if match.region is not None:
+        return match, None
+    hints = region_hints(view.header)
+    study, series, protocol = hints.descriptions
+    other = match_other_anatomy(
+        body_part=hints.body_part or None, descriptions=[series, protocol, study]
+    )
+    return match, other
+
+
+def split_scope(scope: Scope, views: Sequence[View]) -> tuple[list[View], list[NotAnalysedImage]]:
+    """The views inside the intended use, and the others with the reason they get no
+    decision (their pixels kept for the capture that says so)."""
+    inside: list[View] = []
+    outside: list[NotAnalysedImage] = []
+    for view in views:
+        reason = scope.reason(view.header, *view_anatomy(view))
+        if reason is None:
+            inside.append(view)
+        else:
+            outside.append(NotAnalysedImage(view.header, view.source, reason, view.pixels))
+    return inside, outside
+
+
+UNSUITABLE = "unsuitable for automated analysis (too small or blank)"
+UNDECODABLE = "the image data could not be decoded"
+
+
+def unsuitable(view: View) -> NotAnalysedImage:
+    """A view inference refused, as the radiologist is told of it."""
+    return NotAnalysedImage(view.header, view.source, UNSUITABLE, view.pixels)
+
+
+def unreadable(
+    instances: Sequence[StoredInstance], skipped: Sequence[SkippedView]
+) -> list[NotAnalysedImage]:
+    """The instances whose pixels did not decode, described by their headers (an instance
+    whose header cannot be read either is left to the status note and the log)."""
+    by_uid = {instance.sop_instance_uid: instance for instance in instances}
+    images = []
+    for skip in skipped:
+        instance = by_uid[skip.sop_instance_uid]
+        try:
+            header = pydicom.dcmread(instance.path, stop_before_pixels=True)
+        except Exception:  # the reason is already logged and in the note
+            continue
+        source = SourceIdentity(instance.sop_instance_uid, instance.sha256)
+        images.append(NotAnalysedImage(header, source, UNDECODABLE))
+    return images
+
+
+def withdrawn(job: StudyJob) -> list[Withdrawn]:
+    """The previous version's result objects (rejection notes aside): the candidates for
+    withdrawal once this version's results are known."""
+    return [
+        Withdrawn(r.sop_class_uid, r.sop_instance_uid, r.series_instance_uid, r.path)
+        for r in job.predecessors
+        if r.kind != ResultKind.REJECTION_NOTE
+    ]
+
+
 def analyse_views(
     analyser: Ensemble, views: Sequence[View]
 ) -> tuple[list[ImageFinding], list[SkippedView]]:
@@ -197,7 +285,11 @@ def analyse_views(
 
 
 def _finding(view: View, result: ImageResult, match: RegionMatch) -> ImageFinding:
-    return ImageFinding(view, result, None if match.region is None else match.region.finding_site)
+    if match.region is None:
+        return ImageFinding(view, result)
+    return ImageFinding(
+        view, result, match.region.finding_site, region_name=match.region.display.lower()
+    )
 
 
 def _analyse_one_by_one(
@@ -316,6 +408,7 @@ class Worker:
         self.node = node or node_identity(config)
         self.renew_interval = config.queue.lease_seconds / 3
         self.heartbeat = heartbeat
+        self.scope = Scope.resolve(config.scope, analyser.manifest.thresholds)
 
     def _beat(self) -> None:
         """Tell the service this worker is alive (between jobs and between a job's steps)."""
@@ -329,18 +422,29 @@ class Worker:
     def process(self, job: StudyJob) -> StudyOutcome:
         """Decode, analyse and write the results of one job (nothing is recorded here).
 
-        Raises :class:`NoDecodableViewsError` when no instance of the study decodes.
+        Every image gets an answer: analysed images a decision; the others (out of scope, not
+        decodable, refused by inference) a "not analysed" entry with the reason. Raises
+        :class:`NoDecodableViewsError` only when not even the header of any instance can be read.
         """
         t0 = time.perf_counter()
         decoded = decode_study(job.instances)
         self._beat()
         t1 = time.perf_counter()
-        findings, refused = (
-            analyse_views(self.analyser, decoded.views) if decoded.views else ([], [])
-        )
+        analysable, outside = split_scope(self.scope, decoded.views)
+        findings, refused = analyse_views(self.analyser, analysable) if analysable else ([], [])
         self._beat()
         t2 = time.perf_counter()
-        skipped = (*decoded.skipped, *refused)
+        by_uid = {view.sop_instance_uid: view for view in analysable}
+        not_analysed = [
+            *outside,
+            *(unsuitable(by_uid[skip.sop_instance_uid]) for skip in refused),
+            *unreadable(job.instances, decoded.skipped),
+        ]
+        skipped = (
+            *decoded.skipped,
+            *refused,
+            *(SkippedView(n.sop_instance_uid, n.reason) for n in outside),
+        )
         for skip in skipped:
             log.warning(
                 "view_skipped",
@@ -349,32 +453,44 @@ class Worker:
                 sop_instance_uid=skip.sop_instance_uid,
                 reason=skip.reason,
             )
-        if not findings:
+        if not findings and not not_analysed:
             raise NoDecodableViewsError(
                 f"no instance of the study could be analysed: {skipped_summary(skipped)}"
             )
         previous = previous_report(job) if self.config.outputs.sr else None
-        objects = write_results(
-            findings,
-            self.analyser.algorithm,
-            self.node,
-            self.results_dir(job),
-            previous=previous,
-            report=self.config.outputs.sr,
-            secondary_captures=self.config.outputs.sc,
-            presentation_states=self.config.outputs.gsps,
-        )
+        if not findings and len(outside) == len(not_analysed) and self.ignores_out_of_scope:
+            objects = None  # out of scope, and the site wants nothing sent for such studies
+        else:
+            objects = write_results(
+                findings,
+                self.analyser.algorithm,
+                self.node,
+                self.results_dir(job),
+                previous=previous,
+                report=self.config.outputs.sr,
+                secondary_captures=self.config.outputs.sc,
+                presentation_states=self.config.outputs.gsps,
+                not_analysed=not_analysed,
+                version=job.version,
+                withdraw=withdrawn(job) if self.config.outputs.withdraw_superseded else (),
+            )
         seconds = StepSeconds(t1 - t0, t2 - t1, time.perf_counter() - t2)
         return StudyOutcome(
             job_id=job.job_id,
             study_instance_uid=job.study_instance_uid,
             version=job.version,
-            results=result_files(objects),
+            results=() if objects is None else result_files(objects),
             skipped=skipped,
             analysed=len(findings),
-            predecessor_sr=None if previous is None else previous.sop_instance_uid,
+            predecessor_sr=None
+            if previous is None or objects is None
+            else previous.sop_instance_uid,
             seconds=seconds,
         )
+
+    @property
+    def ignores_out_of_scope(self) -> bool:
+        return self.scope.out_of_scope is OutOfScope.IGNORE
 
     def handle(self, job: StudyJob) -> JobState | None:
         """Process a leased job and record its outcome; returns the job's new state, or None
@@ -388,13 +504,15 @@ class Worker:
                 outcome = self.process(job)
             except Exception as exc:
                 return self._fail(job, exc, lost.is_set())
+        # nothing written (a study outside the intended use, out_of_scope = "ignore"): done
+        destinations = self.config.destinations if outcome.results else ()
         try:
             note = skipped_note(outcome.skipped, outcome.analysed)
-            self.queue.complete(job, outcome.results, self.config.destinations, note=note)
+            self.queue.complete(job, outcome.results, destinations, note=note)
         except LeaseLostError:
             bound.warning("job_lease_lost", stage="complete")
             return None
-        state = JobState.RESULTS_WRITTEN if self.config.destinations else JobState.DELIVERED
+        state = JobState.RESULTS_WRITTEN if destinations else JobState.DELIVERED
         bound.info(
             "job_results_written",
             state=str(state),
@@ -402,7 +520,7 @@ class Worker:
             skipped=len(outcome.skipped),
             results=[f"{r.kind}:{r.sop_instance_uid}" for r in outcome.results],
             predecessor_sr=outcome.predecessor_sr,
-            destinations=[d.key for d in self.config.destinations],
+            destinations=[d.key for d in destinations],
             seconds=outcome.seconds.fields(),
         )
         return state

@@ -470,3 +470,110 @@ def group_for(region_key: str | None, calibrated_groups: Collection[str]) -> tup
     if group in calibrated_groups:
         return group, group == GLOBAL_GROUP
     return GLOBAL_GROUP, True
+
+
+@dataclass(frozen=True)
+class OtherAnatomy:
+    """Anatomy outside musculoskeletal fracture imaging that a header may name (chest, abdomen,
+    head, breast): recognised so that such an image is reported as outside the intended use
+    instead of being analysed as an unknown region."""
+
+    name: str
+    body_parts: tuple[str, ...]
+    keywords: tuple[str, ...]
+
+
+OTHER_ANATOMY: tuple[OtherAnatomy, ...] = (
+    OtherAnatomy(
+        "chest",
+        ("CHEST", "THORAX", "LUNG", "HEART", "MEDIASTINUM"),
+        ("chest", "thorax", "lung", "cxr", "torax", "poumon", "brustkorb", "lunge", "borstkas"),
+    ),
+    OtherAnatomy(
+        "abdomen",
+        ("ABDOMEN", "KIDNEY", "BLADDER", "COLON", "STOMACH", "ABDOMENPELVIS"),
+        ("abdomen", "abdominal", "kub", "bauch", "abdomen leer", "buik"),
+    ),
+    OtherAnatomy(
+        "head",
+        ("HEAD", "SKULL", "BRAIN", "FACE", "SINUS", "JAW", "TMJ", "MANDIBLE", "ORBIT"),
+        ("head", "skull", "sinus", "mandible", "orbit", "schadel", "crane", "schedel", "craneo"),
+    ),
+    OtherAnatomy("breast", ("BREAST",), ("breast", "mammo", "mammography", "mamma")),
+)
+"""Non-musculoskeletal anatomy by BodyPartExamined terms (Annex L) and description keywords."""
+
+_OTHER_BY_BODY_PART = {term: a.name for a in OTHER_ANATOMY for term in a.body_parts}
+_OTHER_PATTERNS = tuple(
+    (_keyword_pattern(word), a.name) for a in OTHER_ANATOMY for word in a.keywords
+)
+
+
+def match_other_anatomy(*, body_part: str | None, descriptions: Sequence[str | None]) -> str | None:
+    """The name of non-musculoskeletal anatomy the header names ("chest"), or None.
+
+    Asked only when :func:`resolve_region` found no region: BodyPartExamined first, then the
+    descriptions in the order given, whole words as for regions ("thoracic spine" is the spine
+    region, found before this is asked)."""
+    if body_part and (name := _OTHER_BY_BODY_PART.get(normalize_body_part(body_part))):
+        return name
+    for text in descriptions:
+        if not text:
+            continue
+        normalized = normalize_description(text)
+        for pattern, name in _OTHER_PATTERNS:
+            if pattern.search(normalized):
+                return name
+    return None
+
+
+PAIRED_REGIONS = frozenset(
+    (
+        "ankle",
+        "clavicle",
+        "elbow",
+        "femur",
+        "foot",
+        "forearm",
+        "hand",
+        "hip",
+        "humerus",
+        "knee",
+        "ribs",
+        "shoulder",
+        "tibia_fibula",
+        "wrist",
+    )
+)
+"""Regions on both sides of the body (DICOM wants a Laterality for images of them)."""
+
+
+GENERIC_LIMB_TERMS = ("EXTREMITY", "UPPEREXTREMITY", "LOWEREXTREMITY", "ARM")
+"""Annex L terms for a limb that name no single region (the descriptions decide the region);
+kept as they are in results' Body Part Examined, and paired."""
+
+
+def is_paired_body_part(value: str) -> bool:
+    """Whether a BodyPartExamined value names a paired structure (a hand or a limb, not the
+    pelvis); False for values the tables do not know."""
+    if normalize_body_part(value) in GENERIC_LIMB_TERMS:
+        return True
+    region = match_body_part(value)
+    return region is not None and region.key in PAIRED_REGIONS
+
+
+def canonical_body_part(value: str | None) -> str | None:
+    """The first Annex L term of the region or other anatomy a BodyPartExamined value names
+    (``"Hand "`` -> ``HAND``, ``THORAX`` -> ``CHEST``), or None for values the tables do not
+    know: what a result object may write as its series' Body Part Examined."""
+    if not value:
+        return None
+    if normalize_body_part(value) in GENERIC_LIMB_TERMS:
+        return normalize_body_part(value)
+    region = match_body_part(value)
+    if region is not None:
+        return region.body_parts[0]
+    name = _OTHER_BY_BODY_PART.get(normalize_body_part(value))
+    if name is None:
+        return None
+    return next(a.body_parts[0] for a in OTHER_ANATOMY if a.name == name)

@@ -16,9 +16,13 @@ from dicomnode.config import (
     ConfigError,
     DeliveryConfig,
     Device,
+    IdentityConfig,
     OtherSopClasses,
+    OutOfScope,
     QueueConfig,
     RetryPolicy,
+    ScopeConfig,
+    UnknownRegion,
     load_config,
     parse_config,
     validate_ae_title,
@@ -42,6 +46,9 @@ def test_example_file_parses_to_the_documented_values() -> None:
     assert config.inference.weights == REPO / "systemd" / "ensemble_weights"
     assert config.inference.device is Device.AUTO
     assert (config.outputs.sr, config.outputs.sc, config.outputs.gsps) == (True, True, False)
+    assert config.outputs.withdraw_superseded is True
+    assert config.scope == ScopeConfig()  # the example shows the defaults
+    assert config.identity == IdentityConfig()
     assert config.destinations == (Destination("PACS", "127.0.0.1", 4242),)
     assert config.allowed_callers == (AllowedCaller("MODALITY", "127.0.0.1"),)
     assert config.source == EXAMPLE
@@ -136,6 +143,18 @@ BASE = {"node": {"state_dir": "/srv/state"}}
         ("delivery", "timeout_seconds", "60", r"delivery\.timeout_seconds"),
         ("queue", "retry_max_seconds", 1, r"queue\.retry_max_seconds: must be >= queue\.retry_i"),
         ("queue", "retry_initial_seconds", -1, r"queue\.retry_initial_seconds"),
+        ("identity", "uid_root", "1.2.abc", r"identity\.uid_root: must be a UID root"),
+        ("identity", "uid_root", "1.02.3", r"identity\.uid_root"),
+        ("identity", "uid_root", "1." * 30, r"identity\.uid_root: .*at most 40"),
+        ("identity", "station_name", "S" * 17, r"identity\.station_name: at most 16"),
+        ("identity", "manufacturer_model_name", "", r"identity\.manufacturer_model_name"),
+        ("identity", "serial", "1", r"identity: unknown key\(s\) serial"),
+        ("scope", "regions", ["wrist", "elbo"], r"scope\.regions: unknown region 'elbo'"),
+        ("scope", "regions", ["calibrated", "hand"], r"scope\.regions: \"calibrated\" stands"),
+        ("scope", "regions", [], r"scope\.regions"),
+        ("scope", "modalities", "DX", r"scope\.modalities: must be a non-empty list"),
+        ("scope", "unknown_region", "guess", r"scope\.unknown_region: must be one of"),
+        ("scope", "out_of_scope", "drop", r"scope\.out_of_scope: must be one of"),
     ],
 )
 def test_bad_values_name_the_key(section: str, key: str, value: object, message: str) -> None:
@@ -289,3 +308,28 @@ def test_inference_speed_keys() -> None:
     assert (chosen.precision, chosen.channels_last) == ("fp32", True)
     with pytest.raises(ConfigError, match=r"inference\.precision: must be one of"):
         parse_config({**BASE, "inference": {"precision": "fp16"}}, Path("/etc"))
+
+
+def test_scope_and_identity_keys() -> None:
+    config = parse_config(
+        {
+            **BASE,
+            "scope": {"modalities": ["dx", " cr"], "regions": ["wrist", "hand"],
+                      "unknown_region": "skip", "out_of_scope": "ignore"},
+            "identity": {"uid_root": "1.2.840.99999", "institution_name": "St. Elsewhere",
+                         "station_name": "FRX1", "device_serial_number": "SN-7"},
+        },
+        Path("/etc"),
+    )
+    assert config.scope == ScopeConfig(
+        modalities=("DX", "CR"),
+        regions=("wrist", "hand"),
+        unknown_region=UnknownRegion.SKIP,
+        out_of_scope=OutOfScope.IGNORE,
+    )
+    assert config.identity == IdentityConfig(
+        uid_root="1.2.840.99999.",  # normalised to end in a dot (a prefix)
+        institution_name="St. Elsewhere",
+        station_name="FRX1",
+        device_serial_number="SN-7",
+    )

@@ -11,7 +11,9 @@ from pathlib import Path
 import highdicom as hd
 import pydicom
 import pytest
+from highdicom.sr.utils import find_content_items
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from dicomnode.config import Config, OutputsConfig, parse_config
@@ -21,9 +23,8 @@ from dicomnode.records import JobState, StudyJob
 from dicomnode.scp import read_header
 from dicomnode.state import LeaseLostError, SqliteJobQueue
 from dicomnode.storage import InstanceStore, StateLayout
-from dicomnode.uids import ResultKind, SourceIdentity, image_result_uid
+from dicomnode.uids import ResultKind, SourceIdentity, report_uid
 from dicomnode.worker import (
-    NoDecodableViewsError,
     Worker,
     lease_kept,
     resolve_view_region,
@@ -123,11 +124,19 @@ def test_a_broken_instance_is_skipped_and_the_rest_of_the_study_analysed(
     assert skipped.sop_instance_uid == pydicom.dcmread(broken).SOPInstanceUID
     assert "cannot decode pixel data" in skipped.reason
     assert outcome.analysed == 1
-    assert sorted(r.kind for r in outcome.results) == ["sc", "sr"]
+    # an SC each: the result of the good image, "not analysed" for the broken one
+    assert sorted(r.kind for r in outcome.results) == ["sc", "sc", "sr"]
     sr = hd.sr.srread(next(r.path for r in outcome.results if r.kind == "sr"))
-    (group,) = sr.content.get_image_measurement_groups()
+    assessments = whole_image_groups(sr)
+    analysed, skipped_group = assessments
     good_uid = pydicom.dcmread(good).SOPInstanceUID
-    assert group.source_images[0].referenced_sop_instance_uid == good_uid
+    assert referenced(analysed) == good_uid
+    # the broken image is listed in the SR: presence undetermined, and why
+    assert referenced(skipped_group) == skipped.sop_instance_uid
+    (evaluation,) = skipped_group.get_qualitative_evaluations()
+    assert evaluation.value == codes.SCT.Undetermined
+    assert skipped_group.tracking_identifier == "image 2 not analysed"
+    assert comments(skipped_group) == ["Not analysed: the image data could not be decoded"]
     # recorded with the job, and shown by status as the study's note
     node.queue.complete(job, outcome.results, [], note=skipped_note(outcome.skipped, 1))
     (status,) = [s for s in node.db.recent_studies() if s.study_instance_uid == study]
@@ -135,30 +144,52 @@ def test_a_broken_instance_is_skipped_and_the_rest_of_the_study_analysed(
     assert status.note.startswith(f"1 of 2 views skipped: {skipped.sop_instance_uid}: cannot")
 
 
-def test_a_study_without_a_decodable_view_fails_at_once_with_the_reasons(
+def whole_image_groups(sr: hd.sr.Comprehensive3DSR) -> list[object]:
+    """The SR's image-level groups (one per image: its region is the whole image)."""
+    return [
+        g for g in sr.content.get_planar_roi_measurement_groups()
+        if g.tracking_identifier.endswith(("(whole image)", "not analysed"))
+    ]
+
+
+def referenced(group: object) -> str:
+    """The SOP Instance UID a group's image region lies on."""
+    return str(group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)  # type: ignore[attr-defined]
+
+
+def comments(group: object) -> list[str]:
+    """The Comment texts of an SR measurement group."""
+    items = find_content_items(group[0], name=codes.DCM.Comment)  # type: ignore[index]
+    return [item.TextValue for item in items]
+
+
+def test_a_study_without_an_analysable_view_gets_a_not_analysed_answer(
     node: Node, tmp_path: Path
 ) -> None:
+    """No silence: a study whose every view fails still gets an SR and an SC per image saying
+    it was not analysed and why, and status shows the reasons."""
     study = generate_uid()
     broken = into_study(DICOM_SAMPLES / "RG2_JPLY_BROKEN.dcm", study, tmp_path / "broken.dcm")
     tiny = into_study(DICOM_SAMPLES / "CR_cspine_16x16_dicomdir6154.dcm", study, tmp_path / "t")
     node.receive(broken, tiny)
     assert node.worker.run_once()
     ((version, state, error, attempt),) = node.jobs(study)
-    assert (version, state, attempt) == (1, JobState.FAILED, 1)  # not retried: it cannot help
-    assert error is not None and error.startswith("no instance of the study could be analysed")
-    assert "cannot decode pixel data" in error
-    assert "inference refused the image" in error  # 16x16 decodes but is too small
-    assert pydicom.dcmread(tiny).SOPInstanceUID in error
+    assert (version, state, error, attempt) == (1, JobState.RESULTS_WRITTEN, None, 1)
+    kinds = sorted(kind for kind, _, _ in node.results(study, 1))
+    assert kinds == ["sc", "sc", "sr"]
+    (sr_path,) = [path for kind, _, path in node.results(study, 1) if kind == "sr"]
+    sr = hd.sr.srread(sr_path)
+    reasons = [c for g in whole_image_groups(sr) for c in comments(g)]
+    assert sorted(reasons) == [
+        "Not analysed: the image data could not be decoded",
+        "Not analysed: unsuitable for automated analysis (too small or blank)",  # 16x16 px
+    ]
+    (summary,) = find_content_items(sr, name=codes.DCM.Impression, recursive=True)
+    assert summary.TextValue.startswith("Not analysed")
+    (status,) = [s for s in node.db.recent_studies() if s.study_instance_uid == study]
+    assert status.note is not None and "2 of 2 views skipped" in status.note
+    assert "cannot decode pixel data" in status.note and "inference refused" in status.note
     assert not node.worker.run_once()  # nothing else to do; the worker keeps going
-
-
-def test_process_raises_when_nothing_decodes(node: Node, tmp_path: Path) -> None:
-    study = generate_uid()
-    node.receive(into_study(DICOM_SAMPLES / "RG2_JPLY_BROKEN.dcm", study, tmp_path / "b.dcm"))
-    job = node.queue.lease("test-worker")
-    assert job is not None
-    with pytest.raises(NoDecodableViewsError, match="cannot decode"):
-        node.worker.process(job)
 
 
 def test_outputs_choose_the_result_kinds(
@@ -251,7 +282,6 @@ def test_a_corrected_resend_gets_new_results_and_a_new_sr_naming_the_previous(
     other = dx(tmp_path, LEG, study, "b", "LEG")
     node.receive(first, other)
     assert node.worker.run_once()
-    original = first.read_bytes()
     corrected = pydicom.dcmread(first)
     corrected.SeriesDescription = "XR Hand (corrected)"  # same SOP Instance UID, new bytes
     corrected.save_as(first, enforce_file_format=True)
@@ -267,13 +297,33 @@ def test_a_corrected_resend_gets_new_results_and_a_new_sr_naming_the_previous(
     sc = {
         version: {u for k, u, _ in node.results(study, version) if k == "sc"} for version in (1, 2)
     }
-    version, prefix = node.worker.analyser.algorithm.version, node.worker.node.uid_prefix
-    hand_before, hand_after, leg = (
-        image_result_uid(ResultKind.SECONDARY_CAPTURE, identity(data), version, prefix)
-        for data in (original, first.read_bytes(), other.read_bytes())
+    assert len(sc[1]) == len(sc[2]) == 2
+    hand = str(pydicom.dcmread(first).SOPInstanceUID)
+    hand_before, hand_after = (
+        {u for k, u, p in node.results(study, v) if k == "sc" and source_of(p) == hand}
+        for v in (1, 2)
     )
-    assert sc[1] == {hand_before, leg}
-    assert sc[2] == {hand_after, leg}  # a new SC for the corrected image only
+    assert len(hand_before) == len(hand_after) == 1 and hand_before != hand_after
+    # whatever the first version sent and the second does not send again is withdrawn
+    ((_, kos_path),) = [(u, p) for k, u, p in node.results(study, 2) if k == "kos"]
+    assert withdrawn_by(kos_path) == {old} | (sc[1] - sc[2])
+
+
+def source_of(capture: Path) -> str:
+    """The source image a Secondary Capture names (Source Image Sequence)."""
+    return str(pydicom.dcmread(capture).SourceImageSequence[0].ReferencedSOPInstanceUID)
+
+
+def withdrawn_by(path: Path) -> set[str]:
+    """The SOP Instance UIDs a rejection note withdraws."""
+    kos = pydicom.dcmread(path)
+    assert kos.ConceptNameCodeSequence[0].CodeValue == "113001"  # Rejected for Quality Reasons
+    return {
+        ref.ReferencedSOPInstanceUID
+        for study_ref in kos.CurrentRequestedProcedureEvidenceSequence
+        for series in study_ref.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
 
 
 def test_a_rerun_that_analyses_the_same_images_still_writes_a_new_sr(
@@ -294,9 +344,20 @@ def test_a_rerun_that_analyses_the_same_images_still_writes_a_new_sr(
     ref = ds.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence
     assert ref[0].ReferencedSOPInstanceUID == old
     sc = {
-        version: [u for k, u, _ in node.results(study, version) if k == "sc"] for version in (1, 2)
+        version: {u for k, u, _ in node.results(study, version) if k == "sc"} for version in (1, 2)
     }
-    assert sc[1] == sc[2]
+    assert sc[1] < sc[2] and len(sc[2]) == 2  # same SC for the analysed image, + "not analysed"
+    # the superseded SR is withdrawn by a rejection note (IHE IOCM) sent with the new results
+    ((_, kos_path),) = [(u, p) for k, u, p in node.results(study, 2) if k == "kos"]
+    kos = pydicom.dcmread(kos_path)
+    assert kos.ConceptNameCodeSequence[0].CodeValue == "113001"  # Rejected for Quality Reasons
+    withdrawn = {
+        ref.ReferencedSOPInstanceUID
+        for study_ref in kos.CurrentRequestedProcedureEvidenceSequence
+        for series in study_ref.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert withdrawn == {old}
 
 
 def test_results_follow_the_bytes_decoded_when_a_replacement_arrives_during_the_job(
@@ -315,12 +376,15 @@ def test_results_follow_the_bytes_decoded_when_a_replacement_arrives_during_the_
     (sc,) = [r for r in outcome.results if r.kind == "sc"]
     decoded = identity(path.read_bytes())
     assert decoded.sha256 != job.instances[0].sha256
-    assert sc.sop_instance_uid == image_result_uid(
-        ResultKind.SECONDARY_CAPTURE,
-        decoded,
+    # the SR (whose UID follows the analysed images' identities) names the decoded bytes
+    (sr,) = [r for r in outcome.results if r.kind == "sr"]
+    assert sr.sop_instance_uid == report_uid(
+        study,
+        [decoded],
         node.worker.analyser.algorithm.version,
         node.worker.node.uid_prefix,
     )
+    assert sc.sop_instance_uid != sr.sop_instance_uid
 
 
 def leased(tmp_path: Path, random_weights: Path, ensemble: Ensemble) -> tuple[Node, StudyJob]:
@@ -377,11 +441,96 @@ def test_writers_warm_up_writes_a_whole_result_set_and_leaves_nothing(
         return objects
 
     monkeypatch.setattr(worker, "write_results", spy)
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
     algorithm = Ensemble.load(REPO / "ensemble_weights", device="cpu").algorithm
     config = parse_config({"node": {"state_dir": "state"}}, tmp_path)
     assert worker.warm_up_writers(worker.node_identity(config), algorithm) > 0
     assert len(written) == 3  # SR, SC, GSPS
     assert isinstance(written[0], hd.sr.Comprehensive3DSR)
     assert sorted(map(str, written[1:])) == ["OT", "PR"]
-    assert list(tmp_path.iterdir()) == []
+    assert list(temporary.iterdir()) == []
+
+
+def test_out_of_scope_images_get_no_decision_but_an_answer(
+    tmp_path: Path, random_weights: Path, ensemble: Ensemble
+) -> None:
+    """Scope: a chest film and an elbow (outside scope.regions) are not analysed; the wrist in
+    the same study is. With out_of_scope = "ignore", a study with nothing in scope gets nothing."""
+    config = make_config(tmp_path, random_weights, scope={"regions": ["wrist", "hand"]})
+    node = Node(config, ensemble)
+    study = generate_uid()
+    node.receive(
+        dx(tmp_path, HAND, study, "wrist", "WRIST"),
+        dx(tmp_path, LEG, study, "chest", "CHEST"),
+        dx(tmp_path, LEG, study, "elbow", "ELBOW"),
+    )
+    job = node.queue.lease("test-worker")
+    assert job is not None
+    outcome = node.worker.process(job)
+    assert outcome.analysed == 1
+    assert sorted(s.reason for s in outcome.skipped) == [
+        "outside the intended use (chest)",
+        "outside the intended use (elbow)",
+    ]
+    (sr_path,) = [r.path for r in outcome.results if r.kind == "sr"]
+    sr = hd.sr.srread(sr_path)
+    reasons = sorted(c for g in whole_image_groups(sr) for c in comments(g))
+    assert reasons == [
+        "Not analysed: outside the intended use (chest)",
+        "Not analysed: outside the intended use (elbow)",
+    ]
+    assert len([r for r in outcome.results if r.kind == "sc"]) == 3  # one per image
+
+    ignoring = Node(
+        make_config(tmp_path / "ignore", random_weights,
+                    scope={"regions": ["wrist"], "out_of_scope": "ignore"}),
+        ensemble,
+    )
+    chest_only = generate_uid()
+    ignoring.receive(dx(tmp_path, LEG, chest_only, "chest2", "CHEST"))
+    assert ignoring.worker.run_once()
+    ((_, state, error, _),) = ignoring.jobs(chest_only)
+    assert (state, error) == (JobState.DELIVERED, None)  # done, nothing to send
+    assert ignoring.results(chest_only, 1) == []
+    (status,) = [s for s in ignoring.db.recent_studies() if s.study_instance_uid == chest_only]
+    assert status.note is not None and "outside the intended use (chest)" in status.note
+
+
+def test_scope_by_modality_and_unknown_region(
+    tmp_path: Path, random_weights: Path, ensemble: Ensemble
+) -> None:
+    config = make_config(tmp_path, random_weights,
+                         scope={"modalities": ["CR"], "unknown_region": "skip"})
+    node = Node(config, ensemble)
+    study = generate_uid()
+    node.receive(dx(tmp_path, HAND, study, "a", "HAND"), dx(tmp_path, HAND, study, "b", ""))
+    job = node.queue.lease("test-worker")
+    assert job is not None
+    outcome = node.worker.process(job)
+    assert outcome.analysed == 0
+    assert sorted(s.reason for s in outcome.skipped) == [
+        "outside the intended use (DX images)",
+        "outside the intended use (DX images)",
+    ]
+    scope = node.worker.scope
+    header = Dataset()
+    header.Modality = "CR"
+    no_region = resolve_view_region(view())
+    assert scope.reason(header, no_region, None) == "the body part could not be determined"
+    assert scope.reason(header, no_region, "chest") == "outside the intended use (chest)"
+
+
+def test_calibrated_scope_follows_the_manifest() -> None:
+    from dicomnode.config import ScopeConfig
+    from dicomnode.scope import Scope
+    from inference.records import Thresholds
+
+    calibrated = Thresholds(0.2, 0.4, 0.5)
+    pooled_only = Scope.resolve(ScopeConfig(), {"global": calibrated})
+    assert "elbow" in pooled_only.regions and "spine" in pooled_only.regions
+    shipped_like = Scope.resolve(
+        ScopeConfig(), {"global": calibrated, "hand": calibrated, "hip": calibrated}
+    )
+    assert shipped_like.regions == {"hand", "wrist", "forearm", "hip", "pelvis"}

@@ -30,16 +30,22 @@ from dicomnode.uids import (
 from dicomnode.writers import (
     ImageFinding,
     NodeIdentity,
+    NotAnalysedImage,
     PreviousReport,
     ResultObjects,
+    StudySummary,
     render_annotated,
     render_png,
     write_results,
 )
 from dicomnode.writers.common import (
+    BOX_CERTAINTY,
     DECISION_CODES,
     FRACTURE,
+    MAXIMUM,
     PROBABILITY,
+    PROBABILITY_UNIT,
+    banner_lines,
     invalid_header_attributes,
 )
 from dicomnode.writers.sc import banner_height, dashed_segments
@@ -55,6 +61,7 @@ NODE = NodeIdentity(station_name="TESTNODE")
 THRESHOLDS = Thresholds(sensitivity=0.3, high_specificity=0.6, binarize=0.5)
 #: the one dciodvfy warning accepted: result series hold images of both sides, laterality unknown
 ACCEPTED_WARNING = "attribute <Laterality>"
+
 
 pytestmark = pytest.mark.dicom_peers
 
@@ -106,6 +113,10 @@ def _dciodvfy(path: Path, accepted: tuple[str, ...] = (ACCEPTED_WARNING,)) -> li
     return lines
 
 
+def _summary(view: View, result: ImageResult) -> StudySummary:
+    return StudySummary.of([ImageFinding(view, result)], [])
+
+
 def _write(tmp_path: Path, findings: list[ImageFinding], **kwargs: object) -> ResultObjects:
     return write_results(
         findings, ALGORITHM, NODE, tmp_path / "out", presentation_states=True, **kwargs
@@ -144,17 +155,24 @@ def test_sr_reads_back_with_finding_evaluation_score_site_and_regions(
         "PARTIAL",
         "UNVERIFIED",
     )
-    image_groups = sr.content.get_image_measurement_groups()
-    assert len(image_groups) == 1
-    group = image_groups[0]
+    assert sr.content.get_image_measurement_groups() == []  # OHIF cannot open those
+    group, *regions = sr.content.get_planar_roi_measurement_groups()
+    # the image-level assessment: its region is the whole image
+    assert group.tracking_identifier == "image 1 fracture assessment (whole image)"
+    np.testing.assert_allclose(
+        group.roi.value,
+        [[0, 0], [dx.columns, 0], [dx.columns, dx.rows], [0, dx.rows], [0, 0]],
+    )
+    assert group.get_measurements(name=BOX_CERTAINTY) == []
     assert group.finding_type == FRACTURE
     assert [site.value for site in group.finding_sites] == [THORAX]
     (evaluation,) = group.get_qualitative_evaluations()
     assert evaluation.value == DECISION_CODES[result.decision]
     (score,) = group.get_measurements(name=PROBABILITY)
     assert score.value == pytest.approx(result.score)
-    assert group.source_images[0].referenced_sop_instance_uid == dx.sop_instance_uid
-    regions = sr.content.get_planar_roi_measurement_groups()
+    assert (score.unit.value, score.unit.scheme_designator) == ("1", "UCUM")
+    image_ref = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
+    assert image_ref.ReferencedSOPInstanceUID == dx.sop_instance_uid
     assert len(regions) == len(result.boxes)
     for region, box in zip(regions, result.boxes, strict=True):
         corners = np.array(
@@ -174,8 +192,10 @@ def test_sr_reads_back_with_finding_evaluation_score_site_and_regions(
         source = region.roi.ContentSequence[0].ReferencedSOPSequence[0]
         assert source.ReferencedSOPInstanceUID == dx.sop_instance_uid
         assert source.ReferencedSOPClassUID == dx.sop_class_uid
-        (box_score,) = region.get_measurements(name=PROBABILITY)
+        assert region.get_measurements(name=PROBABILITY) == []
+        (box_score,) = region.get_measurements(name=BOX_CERTAINTY)  # the map's peak
         assert box_score.value == pytest.approx(box.score)
+        assert box_score.unit == PROBABILITY_UNIT and box_score.derivation == MAXIMUM
 
     def texts(concept: Code) -> set[str]:
         items = find_content_items(sr, name=concept, recursive=True)
@@ -196,19 +216,19 @@ def test_sc_has_burned_in_boxes_and_banner(dx: View, tmp_path: Path) -> None:
     banner = banner_height(dx.rows, dx.columns)
     pixels = ds.pixel_array
     assert pixels.shape == (dx.rows + banner, dx.columns)
-    np.testing.assert_array_equal(pixels, render_annotated(dx, ONE_BOX))
+    np.testing.assert_array_equal(pixels, render_annotated(dx, ONE_BOX, _summary(dx, ONE_BOX)))
     assert pixels[:banner].max() == 255  # banner text
     box = ONE_BOX.boxes[0]
     top = pixels[banner + int(box.y0), int(box.x0) : int(np.ceil(box.x1))]
     assert np.all(top == 255)  # solid outline along the top edge
     inside = pixels[banner + 40 : banner + 60, 20:50]
-    expected = render_annotated(dx, NO_BOX)[banner + 40 : banner + 60, 20:50]
+    expected = render_annotated(dx, NO_BOX, _summary(dx, NO_BOX))[banner + 40 : banner + 60, 20:50]
     np.testing.assert_array_equal(inside, expected)  # the image inside the box is untouched
 
 
 def test_possible_fracture_boxes_are_dashed(dx: View) -> None:
     banner = banner_height(dx.rows, dx.columns)
-    dashed = render_annotated(dx, TWO_BOXES)
+    dashed = render_annotated(dx, TWO_BOXES, _summary(dx, TWO_BOXES))
     box = TWO_BOXES.boxes[0]
     edge = dashed[banner + int(box.y0), int(box.x0) : int(box.x1)]
     assert (edge == 255).any() and (edge != 255).any()
@@ -217,7 +237,8 @@ def test_possible_fracture_boxes_are_dashed(dx: View) -> None:
 def test_render_png_writes_the_sc_pixels(dx: View, tmp_path: Path) -> None:
     path = render_png(dx, TWO_BOXES, tmp_path / "overlay.png")
     np.testing.assert_array_equal(
-        cv2.imread(str(path), cv2.IMREAD_GRAYSCALE), render_annotated(dx, TWO_BOXES)
+        cv2.imread(str(path), cv2.IMREAD_GRAYSCALE),
+        render_annotated(dx, TWO_BOXES, _summary(dx, TWO_BOXES)),
     )
     with pytest.raises(ValueError, match="png"):
         render_png(dx, TWO_BOXES, tmp_path / "overlay.jpg")
@@ -238,7 +259,9 @@ def test_gsps_has_polyline_boxes_in_pixel_units(dx: View, tmp_path: Path) -> Non
         np.testing.assert_allclose(points[[0, 2]], [[box.x0, box.y0], [box.x1, box.y1]])
         np.testing.assert_allclose(points[0], points[-1])
     texts = [t.UnformattedTextValue for t in annotation.TextObjectSequence]
-    assert any("POSSIBLE FRACTURE" in t and "physician" in t for t in texts)
+    assert texts[:3] == list(banner_lines(TWO_BOXES, _summary(dx, TWO_BOXES)))
+    assert "STUDY: FRACTURE SUSPECTED" in texts[0] and "POSSIBLE FRACTURE" in texts[1]
+    assert "physician" in texts[2]
     # the source is MONOCHROME1: the presentation keeps bone bright
     assert dx.header.PhotometricInterpretation == "MONOCHROME1"
     assert ds.PresentationLUTShape == "INVERSE"
@@ -263,7 +286,11 @@ def test_uids_are_deterministic_and_change_with_inputs(dx: View, tmp_path: Path)
         dx.study_instance_uid, [dx.source], ALGORITHM.version, NODE.uid_prefix
     )
     assert first.secondary_captures[0].sop_instance_uid == image_result_uid(
-        ResultKind.SECONDARY_CAPTURE, dx.source, ALGORITHM.version, NODE.uid_prefix
+        ResultKind.SECONDARY_CAPTURE,
+        dx.source,
+        ALGORITHM.version,
+        NODE.uid_prefix,
+        study_summary=_summary(dx, ONE_BOX).headline(),
     )
     newer = write_results(
         [ImageFinding(dx, ONE_BOX, THORAX)],
@@ -272,14 +299,21 @@ def test_uids_are_deterministic_and_change_with_inputs(dx: View, tmp_path: Path)
         tmp_path / "c",
     )
     assert {w.sop_instance_uid for w in newer.all}.isdisjoint(w.sop_instance_uid for w in first.all)
-    # a new generation of the study (one more image): new SR, same SC for the old image
+    # a new generation of the study (one more image): new SR; the old image's SC shows the
+    # study's new summary line ("... in 1 of 2 images"), so it is new content with a new UID
     other = _variant(tmp_path, "second", SOPInstanceUID=str(derive_uid("test", "second")))
     grown = _write(
         tmp_path / "d", [ImageFinding(dx, ONE_BOX, THORAX), ImageFinding(other, NO_BOX, THORAX)]
     )
     assert grown.report.sop_instance_uid != first.report.sop_instance_uid
     assert grown.report.series_instance_uid == first.report.series_instance_uid
-    assert grown.secondary_captures[0].sop_instance_uid == (
+    assert grown.secondary_captures[0].sop_instance_uid != (
+        first.secondary_captures[0].sop_instance_uid
+    )
+    # one more image that is not analysed leaves the summary line, and the old SC, as they were
+    skipped = NotAnalysedImage(other.header, other.source, "outside the intended use (chest)")
+    late = _write(tmp_path / "e", [ImageFinding(dx, ONE_BOX, THORAX)], not_analysed=[skipped])
+    assert late.secondary_captures[0].sop_instance_uid == (
         first.secondary_captures[0].sop_instance_uid
     )
     assert len({w.sop_instance_uid for w in grown.all}) == len(grown.all)
@@ -288,7 +322,7 @@ def test_uids_are_deterministic_and_change_with_inputs(dx: View, tmp_path: Path)
 def _tracking_uids(path: Path) -> set[str]:
     """Every Tracking Unique Identifier in an SR."""
     groups = hd.sr.srread(path).content.get_planar_roi_measurement_groups()
-    groups += hd.sr.srread(path).content.get_image_measurement_groups()
+
     return {group.tracking_uid for group in groups}
 
 
@@ -307,7 +341,11 @@ def test_a_corrected_image_under_the_same_uid_gets_new_result_uids(
     assert {w.sop_instance_uid for w in fixed.all}.isdisjoint(w.sop_instance_uid for w in first.all)
     assert [w.series_instance_uid for w in fixed.all] == [w.series_instance_uid for w in first.all]
     assert fixed.presentation_states[0].sop_instance_uid == image_result_uid(
-        ResultKind.PRESENTATION_STATE, corrected.source, ALGORITHM.version, NODE.uid_prefix
+        ResultKind.PRESENTATION_STATE,
+        corrected.source,
+        ALGORITHM.version,
+        NODE.uid_prefix,
+        study_summary=_summary(corrected, ONE_BOX).headline(),
     )
     assert first.report is not None and fixed.report is not None
     old, new = _tracking_uids(first.report.path), _tracking_uids(fixed.report.path)
@@ -428,7 +466,7 @@ def test_bad_input_is_refused(dx: View, tmp_path: Path) -> None:
     outside = _result(Decision.FRACTURE, 0.9, (Box(100.0, 100.0, 300.0, 150.0, 0.9),))
     with pytest.raises(ValueError, match="outside"):
         _write(tmp_path, [ImageFinding(dx, outside, THORAX)])
-    with pytest.raises(ValueError, match="no analysed images"):
+    with pytest.raises(ValueError, match="no source image"):
         _write(tmp_path, [])
     other_study = _variant(
         tmp_path,
@@ -469,7 +507,7 @@ def test_invalid_source_header_values_are_left_empty_not_copied(tmp_path: Path) 
     # a real (anonymised) DX whose Patient's Birth Date is a hash and whose Accession Number is
     # 56 characters long: highdicom refuses such values and dciodvfy calls them errors
     view = load_view(SAMPLES / "DX_chest_966_J2KR_fixed.dcm")
-    assert invalid_header_attributes(view.header) == ("PatientBirthDate", "AccessionNumber")
+    assert set(invalid_header_attributes(view.header)) == {"PatientBirthDate", "AccessionNumber"}
     original = (view.header.PatientBirthDate, view.header.AccessionNumber)
     written = _write(tmp_path, [ImageFinding(view, ONE_BOX, THORAX)])
     # source-side warnings: empty Study Date/Time, a hash as Patient's Name
@@ -489,7 +527,7 @@ def test_region_codes_from_inference_are_written_as_finding_site(tmp_path: Path)
     region = region_by_key("hip")
     written = _write(tmp_path, [ImageFinding(cr, NO_BOX, region.finding_site)])
     _dciodvfy(written.report.path)
-    (group,) = hd.sr.srread(written.report.path).content.get_image_measurement_groups()
+    group, *_ = hd.sr.srread(written.report.path).content.get_planar_roi_measurement_groups()
     (site,) = group.finding_sites
     assert (site.value.value, site.value.scheme_designator, site.value.meaning) == (
         region.finding_site.value,

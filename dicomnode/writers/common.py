@@ -11,22 +11,46 @@ from __future__ import annotations
 import copy
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import TypedDict
 
 import highdicom as hd
 import numpy as np
 from pydicom.config import RAISE
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
+from pydicom.tag import Tag
+from pydicom.uid import (
+    UID,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    JPEG2000Lossless,
+    JPEG2000MCLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
+from pydicom.uid import JPEGLossless as JPEGLossless
 from pydicom.valuerep import DA, TM, validate_value
 
 from dicomnode.pixels import View
-from dicomnode.uids import DEFAULT_UID_PREFIX, ResultKind, derive_uid, image_result_uid, series_uid
+from dicomnode.uids import (
+    DEFAULT_UID_PREFIX,
+    ResultKind,
+    SourceIdentity,
+    derive_uid,
+    image_result_uid,
+    series_uid,
+)
 from inference.records import AlgorithmInfo, Box, Decision, ImageResult
 from inference.regions import Code as RegionCode
+from inference.regions import canonical_body_part, is_paired_body_part
 
 #: SNOMED CT 72704001 |Fracture (morphologic abnormality)|: the finding type.
 FRACTURE = Code("72704001", "SCT", "Fracture")
@@ -38,12 +62,38 @@ DECISION_CODES: dict[Decision, Code] = {
     Decision.POSSIBLE_FRACTURE: codes.SCT.Suspected,  # 415684004
     Decision.NO_FRACTURE: codes.SCT.Absent,  # 272519000
 }
-#: Concept name of the score measurement (DCM 122157 "Probability").
+#: Concept name of the image's score (DCM 122157 "Probability"): the ensemble's probability that
+#: the image shows a fracture.
 PROBABILITY = codes.DCM.Probability
-#: UCUM unit of the score: a dimensionless probability in [0, 1].
-PROBABILITY_UNIT = Code("{probability}", "UCUM", "probability")
+#: Concept name of a box's score (DCM 111012 "Certainty of Finding", with the derivation
+#: "Maximum"): the peak of the averaged per-pixel fracture probability map inside the box, a
+#: different quantity from the image's probability.
+BOX_CERTAINTY = codes.DCM.CertaintyOfFinding
+MAXIMUM = codes.SCT.Maximum
+#: UCUM unit of both: dimensionless, in [0, 1] (UCUM "1", the unity).
+PROBABILITY_UNIT = Code("1", "UCUM", "no units")
+#: Qualitative evaluation of an image or study that got no fracture decision.
+UNDETERMINED = codes.SCT.Undetermined
 #: Procedure reported in the SR (SNOMED CT 363680008 |Radiographic imaging procedure|).
 RADIOGRAPHY = Code("363680008", "SCT", "Radiographic imaging procedure")
+
+
+class Conclusion(StrEnum):
+    """The study-level answer at the top of the results."""
+
+    PRESENT = "fracture present"
+    SUSPECTED = "fracture suspected"
+    ABSENT = "no fracture detected"
+    NOT_ANALYSED = "not analysed"
+
+
+#: Conclusion → coded value of the study's "Fracture" evaluation.
+CONCLUSION_CODES: dict[Conclusion, Code] = {
+    Conclusion.PRESENT: codes.SCT.Present,
+    Conclusion.SUSPECTED: codes.SCT.Suspected,
+    Conclusion.ABSENT: codes.SCT.Absent,
+    Conclusion.NOT_ANALYSED: UNDETERMINED,
+}
 
 #: Human-readable wording of each decision (banner text, GSPS text, content descriptions).
 DECISION_TEXT: dict[Decision, str] = {
@@ -57,11 +107,13 @@ SERIES_NUMBERS: dict[ResultKind, int] = {
     ResultKind.SR: 9901,
     ResultKind.SECONDARY_CAPTURE: 9902,
     ResultKind.PRESENTATION_STATE: 9903,
+    ResultKind.REJECTION_NOTE: 9904,
 }
 SERIES_DESCRIPTIONS: dict[ResultKind, str] = {
     ResultKind.SR: "AI fracture detection report (preliminary)",
     ResultKind.SECONDARY_CAPTURE: "AI fracture detection overlay (preliminary)",
     ResultKind.PRESENTATION_STATE: "AI fracture detection annotations (preliminary)",
+    ResultKind.REJECTION_NOTE: "AI fracture detection: superseded results withdrawn",
 }
 
 
@@ -95,6 +147,8 @@ class ImageFinding:
     view: View
     result: ImageResult
     finding_site: Code | hd.sr.CodedConcept | RegionCode | None = None
+    region_name: str | None = None
+    """The region's display name (summary text), None when unknown."""
 
     @property
     def finding_site_code(self) -> Code | hd.sr.CodedConcept | None:
@@ -103,6 +157,103 @@ class ImageFinding:
         if isinstance(site, RegionCode):
             return Code(site.value, site.scheme_designator, site.meaning)
         return site
+
+
+@dataclass(frozen=True, eq=False)
+class NotAnalysedImage:
+    """An instance of the study that got no fracture decision, and why.
+
+    ``reason`` is in words a radiologist understands ("outside the intended use (chest)",
+    "the image could not be decoded") and carries no patient data. ``header`` is the source
+    header without pixel data; ``pixels`` the display pixels where the image decoded (its
+    Secondary Capture then shows the image under the "not analysed" banner), else None."""
+
+    header: Dataset
+    source: SourceIdentity
+    reason: str
+    pixels: np.ndarray | None = None
+
+    @property
+    def sop_instance_uid(self) -> str:
+        return self.source.sop_instance_uid
+
+    @property
+    def study_instance_uid(self) -> str:
+        return str(self.header.StudyInstanceUID)
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """The report-level answer: the conclusion, what it rests on, and what was not analysed."""
+
+    conclusion: Conclusion
+    analysed: int
+    positive_images: int
+    findings: int
+    regions: tuple[str, ...]
+    not_analysed: int
+    reasons: tuple[str, ...]
+
+    @classmethod
+    def of(
+        cls, findings: Sequence[ImageFinding], not_analysed: Sequence[NotAnalysedImage]
+    ) -> StudySummary:
+        decisions = [f.result.decision for f in findings]
+        positive = [f for f in findings if f.result.decision is not Decision.NO_FRACTURE]
+        if Decision.FRACTURE in decisions:
+            conclusion = Conclusion.PRESENT
+        elif Decision.POSSIBLE_FRACTURE in decisions:
+            conclusion = Conclusion.SUSPECTED
+        elif findings:
+            conclusion = Conclusion.ABSENT
+        else:
+            conclusion = Conclusion.NOT_ANALYSED
+        regions = tuple(
+            dict.fromkeys(
+                f.region_name for f in (positive or findings) if f.region_name is not None
+            )
+        )
+        return cls(
+            conclusion=conclusion,
+            analysed=len(findings),
+            positive_images=len(positive),
+            findings=sum(len(f.result.boxes) for f in positive),
+            regions=regions,
+            not_analysed=len(not_analysed),
+            reasons=tuple(dict.fromkeys(n.reason for n in not_analysed)),
+        )
+
+    def headline(self) -> str:
+        """One ASCII line for the top of every Secondary Capture banner."""
+        return f"STUDY: {self._conclusion(upper=True)}"
+
+    def text(self) -> str:
+        """The study's impression in a sentence or two (the SR's summary)."""
+        parts = [f"{self._conclusion(upper=False)}."]
+        if self.not_analysed and self.analysed:
+            parts.append(f"{_images(self.not_analysed)} not analysed: {'; '.join(self.reasons)}.")
+        parts.append(f"{DISCLAIMER}.")
+        return " ".join(part[0].upper() + part[1:] for part in parts)
+
+    def _conclusion(self, *, upper: bool) -> str:
+        name = self.conclusion.value.upper() if upper else self.conclusion.value
+        if self.conclusion is Conclusion.NOT_ANALYSED:
+            return f"{name} - {'; '.join(self.reasons)}"
+        where = f", {', '.join(self.regions)}" if self.regions else ""
+        if self.conclusion is Conclusion.ABSENT:
+            return f"{name} ({_images(self.analysed)}{where})"
+        return (
+            f"{name} ({_count(self.findings, 'finding')} in {self.positive_images} of "
+            f"{_images(self.analysed)}{where})"
+        )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _images(n: int) -> str:
+    return _count(n, "image")
 
 
 @dataclass(frozen=True)
@@ -138,68 +289,160 @@ class WrittenObject:
 
 @dataclass(frozen=True)
 class ResultObjects:
-    """Everything written for one study: the SR, one SC per image, one GSPS per image; each kind
-    only when asked for (``report`` is None and the tuples are empty otherwise)."""
+    """Everything written for one study: the SR, one SC per image, one GSPS per analysed image;
+    each kind only when asked for (``report`` is None and the tuples are empty otherwise); and
+    the rejection note withdrawing superseded results, if any (sent last: after the results
+    that replace what it withdraws)."""
 
     report: WrittenObject | None
     secondary_captures: tuple[WrittenObject, ...]
     presentation_states: tuple[WrittenObject, ...] = ()
+    rejection_note: WrittenObject | None = None
 
     @property
     def all(self) -> tuple[WrittenObject, ...]:
         report = () if self.report is None else (self.report,)
-        return (*report, *self.secondary_captures, *self.presentation_states)
+        note = () if self.rejection_note is None else (self.rejection_note,)
+        return (*report, *self.secondary_captures, *self.presentation_states, *note)
 
 
-#: Patient/study attributes highdicom copies into every result, with their value representation.
-_COPIED_ATTRIBUTES = {
-    "PatientName": "PN",
-    "PatientID": "LO",
-    "PatientBirthDate": "DA",
-    "PatientSex": "CS",
-    "AccessionNumber": "SH",
-    "StudyID": "SH",
-    "StudyDate": "DA",
-    "StudyTime": "TM",
-    "ReferringPhysicianName": "PN",
-}
-_PARSED = {"DA": DA, "TM": TM}
+#: Patient, study and patient-study attributes every result object copies from its sources (all
+#: in modules every result IOD has), so that an archive that matches patients by ID + issuer
+#: files the results with their images.
+CONTEXT_ATTRIBUTES = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "TypeOfPatientID",
+    "OtherPatientIDsSequence",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+    "IssuerOfAccessionNumberSequence",
+    "StudyDescription",
+)
+#: Context attributes of Type 2 in the result IODs: left empty (unknown) when invalid.
+_TYPE_2 = frozenset(
+    (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyDate",
+        "StudyTime",
+        "ReferringPhysicianName",
+        "StudyID",
+        "AccessionNumber",
+    )
+)
+_PARSED = {"DA": DA, "TM": TM, "DS": float, "IS": int}
+_SKIPPED_GROUPS = (0x0002,)
+
+
+def _invalid(element: DataElement) -> bool:
+    """Whether an element's value breaks its VR (or cannot even be read)."""
+    try:
+        if element.VR == "SQ":
+            return any(invalid_keywords(item) for item in element.value)
+        value = element.value
+        if value is None or value == "":
+            return False
+        for item in value if isinstance(value, MultiValue | list | tuple) else [value]:
+            if item is None or item == "":
+                continue
+            validate_value(element.VR, item, RAISE)
+            if element.VR in _PARSED:
+                _PARSED[element.VR](item)
+        if element.VR == "CS" and element.keyword == "PatientSex":
+            return str(value) not in ("", "M", "F", "O")
+        return False
+    except Exception:  # any failure to read or check the value makes it invalid
+        return True
+
+
+def invalid_keywords(header: Dataset) -> tuple[str, ...]:
+    """Names (keywords, else tags) of the elements of ``header`` whose values break their VR,
+    including elements inside sequences (reported by the sequence's name). Names only, so they
+    can be logged without patient data."""
+    names = []
+    for element in header:
+        if element.tag.group in _SKIPPED_GROUPS or element.tag.is_private:
+            continue
+        if _invalid(element):
+            names.append(element.keyword or str(element.tag))
+    return tuple(dict.fromkeys(names))
 
 
 def invalid_header_attributes(header: Dataset) -> tuple[str, ...]:
-    """Keywords of copied patient/study attributes whose values break their VR (names only, so
-    they can be logged without patient data)."""
-    invalid = []
-    for keyword, vr in _COPIED_ATTRIBUTES.items():
-        value = header.get(keyword)
-        if value is None or value == "":
-            continue
-        try:
-            validate_value(vr, value, RAISE)
-            if vr in _PARSED:
-                _PARSED[vr](value)
-        except ValueError:
-            invalid.append(keyword)
-    if str(header.get("PatientSex", "") or "") not in ("", "M", "F", "O"):
-        invalid.append("PatientSex")
-    return tuple(dict.fromkeys(invalid))
+    """The context attributes (copied into results) among :func:`invalid_keywords`."""
+    return tuple(k for k in invalid_keywords(header) if k in CONTEXT_ATTRIBUTES)
 
 
 def result_header(header: Dataset) -> Dataset:
-    """The source header as copied into results: attributes with invalid values left empty.
+    """The source header as the writers read it: every element whose value breaks its VR left
+    out, or left empty where the result IODs need it (Type 2).
 
-    Real archives hold headers such as a hash in Patient's Birth Date or a 56-character
-    Accession Number; highdicom refuses them and dciodvfy flags them. They are all Type 2 in the
-    result IODs, so they are written empty ("unknown") instead; patient and study stay matched by
-    Patient ID and Study Instance UID. The source header itself is not changed.
+    Real archives hold headers such as a hash in Patient's Birth Date, a 56-character Accession
+    Number or "abc" in Patient's Weight; highdicom refuses such values, dciodvfy flags them, and
+    a malformed number in a descriptor (Imager Pixel Spacing) can fail a writer. None of it is a
+    reason to give the radiologist no result: the value is dropped (its name is logged by the
+    worker), patient and study stay matched by Patient ID and Study Instance UID. The source
+    header itself is not changed.
     """
-    invalid = invalid_header_attributes(header)
+    invalid = invalid_keywords(header)
     if not invalid:
         return header
     cleaned = copy.deepcopy(header)
-    for keyword in invalid:
-        setattr(cleaned, keyword, None)
+    for name in invalid:
+        if name in _TYPE_2:
+            setattr(cleaned, name, None)
+        elif name in cleaned:
+            del cleaned[name]
+        else:
+            del cleaned[Tag(name)]  # an element without a keyword, named by its tag
     return cleaned
+
+
+def copy_context(source: Dataset, target: Dataset) -> None:
+    """Copy the :data:`CONTEXT_ATTRIBUTES` ``source`` (a :func:`result_header`) holds into
+    ``target`` (a result object highdicom built), beyond those highdicom copies itself."""
+    for keyword in CONTEXT_ATTRIBUTES:
+        if keyword in source:
+            setattr(target, keyword, copy.deepcopy(source[keyword].value))
+
+
+#: Compressed transfer syntaxes that keep every pixel value (RLE, JPEG lossless, JPEG-LS
+#: lossless, JPEG 2000 lossless and HTJ2K lossless); JPEG-LS near-lossless is lossy.
+LOSSLESS = frozenset(
+    (
+        RLELossless,
+        JPEGLossless,
+        JPEGLosslessSV1,
+        JPEGLSLossless,
+        JPEG2000Lossless,
+        JPEG2000MCLossless,
+        HTJ2KLossless,
+        HTJ2KLosslessRPCL,
+    )
+)
+
+
+def lossy_compression(header: Dataset) -> str | None:
+    """``"01"`` when the source was ever lossy compressed (its Lossy Image Compression says so,
+    or its transfer syntax is lossy): every object derived from its pixels must say so too."""
+    syntax = getattr(getattr(header, "file_meta", None), "TransferSyntaxUID", None)
+    lossy_syntax = syntax is not None and UID(syntax).is_compressed and syntax not in LOSSLESS
+    if str(header.get("LossyImageCompression", "")) == "01" or lossy_syntax:
+        return "01"
+    return None
 
 
 def study_uid_of(findings: tuple[ImageFinding, ...] | list[ImageFinding]) -> str:
@@ -243,20 +486,67 @@ def algorithm_identification(
 
 
 def contributing_equipment(
-    node: NodeIdentity, algorithm: AlgorithmInfo
+    node: NodeIdentity, algorithm: AlgorithmInfo, sources: Sequence[Dataset] = ()
 ) -> list[hd.ContributingEquipment]:
-    """This node as Processing Equipment (DCM 109102, CID 7005) of the result object."""
+    """This node as Processing Equipment (DCM 109102, CID 7005) of the result object, after the
+    equipment that acquired its sources as Acquisition Equipment (DCM 109101), so the result
+    keeps the General Equipment context of the images it describes."""
+    acquisition = []
+    seen: set[tuple[str, ...]] = set()
+    for header in sources:
+        manufacturer = str(header.get("Manufacturer", "") or "")
+        key = tuple(
+            str(header.get(k, "") or "")
+            for k in (
+                "Manufacturer",
+                "ManufacturerModelName",
+                "StationName",
+                "DeviceSerialNumber",
+                "InstitutionName",
+            )
+        )
+        if not manufacturer or key in seen:
+            continue
+        seen.add(key)
+        acquisition.append(
+            hd.ContributingEquipment(
+                manufacturer=manufacturer,
+                purpose_of_reference=codes.DCM.AcquisitionEquipment,
+                manufacturer_model_name=key[1] or None,
+                station_name=key[2] or None,
+                device_serial_number=key[3] or None,
+                institution_name=key[4] or None,
+                software_versions=[str(v) for v in _values(header.get("SoftwareVersions"))] or None,
+            )
+        )
     return [
+        *acquisition,
         hd.ContributingEquipment(
             manufacturer=node.manufacturer,
             purpose_of_reference=codes.DCM.ProcessingEquipment,
             manufacturer_model_name=node.model_name,
             software_versions=[node.software_version, f"{algorithm.name} {algorithm.version}"],
+            device_serial_number=node.device_serial_number,
             station_name=node.station_name,
             institution_name=node.institution_name,
             contribution_description=f"{DISCLAIMER}: fracture detection by {algorithm.name}",
-        )
+        ),
     ]
+
+
+def _values(value: object) -> list[object]:
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, MultiValue | list | tuple) else [value]
+
+
+class ResultContext(TypedDict):
+    """What every per-image object of a study's result set shares: the study summary (its
+    banner), the result version (Instance Numbers) and the series context."""
+
+    summary: StudySummary
+    version: int
+    context: Mapping[str, str]
 
 
 class ResultIdentity(TypedDict):
@@ -284,9 +574,11 @@ def result_identity(
     instance_number: int,
     algorithm: AlgorithmInfo,
     node: NodeIdentity,
+    sources: Sequence[Dataset] = (),
 ) -> ResultIdentity:
     """Identity of one result object of ``kind`` in ``study_uid``: the kind's series (UID derived
-    from study, kind and model version), the given instance, and this node as equipment."""
+    from study, kind and model version), the given instance, and this node as equipment (after
+    the equipment that acquired ``sources``)."""
     return ResultIdentity(
         series_instance_uid=series_uid(kind, study_uid, algorithm.version, node.uid_prefix),
         series_number=SERIES_NUMBERS[kind],
@@ -298,37 +590,95 @@ def result_identity(
         software_versions=node.software_version,
         device_serial_number=node.device_serial_number,
         institution_name=node.institution_name,
-        contributing_equipment=contributing_equipment(node, algorithm),
+        contributing_equipment=contributing_equipment(node, algorithm, sources),
     )
 
 
 def image_result_identity(
     kind: ResultKind,
-    finding: ImageFinding,
+    source: SourceIdentity,
+    header: Dataset,
     instance_number: int,
     algorithm: AlgorithmInfo,
     node: NodeIdentity,
+    *,
+    analysed: bool = True,
+    summary: StudySummary | None = None,
 ) -> ResultIdentity:
-    """Identity of the per-image result (SC or GSPS) of ``finding``: its UID follows the source
-    image's identity (SOP Instance UID and bytes) and the model version."""
-    view = finding.view
-    uid = image_result_uid(kind, view.source, algorithm.version, node.uid_prefix)
-    return result_identity(kind, view.study_instance_uid, uid, instance_number, algorithm, node)
+    """Identity of the per-image result (SC or GSPS) of one source image: its UID follows the
+    source's identity (SOP Instance UID and bytes), the model version, whether the image was
+    analysed (a "not analysed" capture never shares a UID with a result) and the study summary
+    it shows."""
+    uid = image_result_uid(
+        kind,
+        source,
+        algorithm.version,
+        node.uid_prefix,
+        analysed=analysed,
+        study_summary="" if summary is None else summary.headline(),
+    )
+    study = str(header.StudyInstanceUID)
+    return result_identity(kind, study, uid, instance_number, algorithm, node, [header])
 
 
-def mark_series_laterality_unknown(dataset: Dataset) -> None:
-    """Give the result series an empty (unknown) Laterality, Type 2C in General Series.
+def instance_number(version: int, index: int) -> int:
+    """Instance Number of the ``index``-th (1-based) object of a kind in the study's
+    ``version``-th result set: later versions always number higher, so a viewer that shows
+    "the latest" by Instance Number shows the current result."""
+    if version < 1 or not 1 <= index < VERSION_STRIDE:
+        raise ValueError(f"version must be >= 1 and index in 1..{VERSION_STRIDE - 1}")
+    return version * VERSION_STRIDE + index
 
-    One result series holds the results of every image of the study, which may show both
-    sides, so no single series laterality is true; the image-level laterality stays with the
-    source images. (dciodvfy warns that empty means unknown, which is the case.)
-    """
-    dataset.Laterality = None
+
+VERSION_STRIDE = 10_000
+"""Instance Numbers of one result version: version * 10,000 + index (IS holds 2**31 - 1)."""
 
 
-def banner_lines(result: ImageResult) -> tuple[str, str]:
-    """Two ASCII lines: decision with score, and the disclaimer."""
-    return (f"{DECISION_TEXT[result.decision]}  (score {result.score:.2f})", DISCLAIMER)
+def series_context(headers: Sequence[Dataset]) -> dict[str, str]:
+    """Series-level attributes of the sources' own series that hold for a whole result series:
+    Body Part Examined (as the Annex L term of the anatomy it names, see
+    :func:`inference.regions.canonical_body_part`) and Laterality (R or L) where every source
+    agrees: a study of both wrists gets no Laterality, one of a hand and a knee no Body Part
+    Examined."""
+    parts = {canonical_body_part(str(h.get("BodyPartExamined", "") or "")) for h in headers}
+    sides = {str(h.get("Laterality", "") or "").strip().upper() for h in headers}
+    context = {}
+    if len(parts) == 1 and (part := parts.pop()):
+        context["BodyPartExamined"] = part
+    if len(sides) == 1 and (side := sides.pop()) in ("R", "L"):
+        context["Laterality"] = side
+    return context
+
+
+def set_series_context(dataset: Dataset, context: Mapping[str, str]) -> None:
+    """Body Part Examined and Laterality of the result series (:func:`series_context`).
+
+    Laterality is Type 2C in General Series (required for a paired body part): written where
+    the sources agree on it, left empty (unknown) where they do not and the part is paired or
+    not known, and left out for an unpaired part (chest, pelvis). (dciodvfy warns that empty
+    means unknown, which is the case.)"""
+    part = context.get("BodyPartExamined")
+    if part is not None:
+        dataset.BodyPartExamined = part
+    if part is None or is_paired_body_part(part):
+        dataset.Laterality = context.get("Laterality")
+    elif "Laterality" in dataset:
+        del dataset.Laterality
+
+
+def banner_lines(result: ImageResult, summary: StudySummary) -> tuple[str, str, str]:
+    """Three ASCII lines: the study's conclusion, this image's decision with its score, and the
+    disclaimer."""
+    return (
+        summary.headline(),
+        f"THIS IMAGE: {DECISION_TEXT[result.decision]}  (score {result.score:.2f})",
+        DISCLAIMER,
+    )
+
+
+def not_analysed_lines(image: NotAnalysedImage, summary: StudySummary) -> tuple[str, str, str]:
+    """The banner of a Secondary Capture of an image that got no decision."""
+    return (summary.headline(), f"THIS IMAGE: NOT ANALYSED - {image.reason}", DISCLAIMER)
 
 
 def save(dataset: Dataset, out_dir: Path) -> Path:

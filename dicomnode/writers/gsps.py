@@ -1,12 +1,16 @@
 """Grayscale Softcopy Presentation State per image: boxes as graphic annotations, not burned in.
 
 Each box is a closed POLYLINE in PIXEL units on the source image, labelled with its kind and
-score; a text annotation in DISPLAY units states the decision, the score and the disclaimer.
+score; text annotations in DISPLAY units state the study's conclusion, this image's decision and
+score, and the disclaimer. The presentation state carries its source's patient and study
+context like every result object.
 The source's Modality LUT and VOI are carried over by highdicom; MONOCHROME1 sources get an
 INVERSE presentation LUT so that the presentation looks like the image itself (bone bright).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import highdicom as hd
 from highdicom import PresentationLUTShapeValues, PresentationLUTTransformation
@@ -24,11 +28,14 @@ from dicomnode.writers.common import (
     DECISION_TEXT,
     ImageFinding,
     NodeIdentity,
+    StudySummary,
     banner_lines,
     box_polyline,
+    copy_context,
     image_result_identity,
-    mark_series_laterality_unknown,
+    instance_number,
     result_header,
+    set_series_context,
 )
 from inference.records import AlgorithmInfo
 
@@ -37,9 +44,17 @@ CONTENT_LABEL = "AI_FRACTURE"
 
 
 def build_presentation_state(
-    finding: ImageFinding, instance_number: int, algorithm: AlgorithmInfo, node: NodeIdentity
+    finding: ImageFinding,
+    index: int,
+    algorithm: AlgorithmInfo,
+    node: NodeIdentity,
+    *,
+    summary: StudySummary,
+    version: int = 1,
+    context: Mapping[str, str] | None = None,
 ) -> hd.pr.GrayscaleSoftcopyPresentationState:
-    """The GSPS of one image with its boxes and a text annotation."""
+    """The GSPS of the ``index``-th image of the study's result ``version``: its boxes and
+    text annotations."""
     view, result = finding.view, finding.result
     header = result_header(view.header)
     layer = GraphicLayer(layer_name=LAYER, order=1, description="AI fracture detection")
@@ -55,10 +70,13 @@ def build_presentation_state(
         for index, box in enumerate(result.boxes, start=1)
     ]
     texts = [
-        TextObject(
-            text_value=" - ".join(banner_lines(result)),
-            units=AnnotationUnitsValues.DISPLAY,
-            bounding_box=(0.01, 0.01, 0.99, 0.06),
+        *(
+            TextObject(
+                text_value=line,
+                units=AnnotationUnitsValues.DISPLAY,
+                bounding_box=(0.01, 0.01 + 0.05 * row, 0.99, 0.055 + 0.05 * row),
+            )
+            for row, line in enumerate(banner_lines(result, summary))
         ),
         *(
             TextObject(
@@ -86,8 +104,15 @@ def build_presentation_state(
         graphic_layers=[layer],
         presentation_lut_transformation=PresentationLUTTransformation(presentation_lut_shape=shape),
         **image_result_identity(
-            ResultKind.PRESENTATION_STATE, finding, instance_number, algorithm, node
+            ResultKind.PRESENTATION_STATE,
+            view.source,
+            header,
+            instance_number(version, index),
+            algorithm,
+            node,
+            summary=summary,
         ),
     )
-    mark_series_laterality_unknown(gsps)
+    copy_context(header, gsps)
+    set_series_context(gsps, context or {})
     return gsps

@@ -1,30 +1,48 @@
 """Secondary Capture per image: the source image (after VOI, 8-bit) with the boxes burned in.
 
 Solid outlines mark ``fracture`` boxes, dashed outlines ``possible_fracture`` boxes; a banner
-above the image states the decision, the score and that this is an AI result for review by a
-physician. The banner is added above the image (the canvas grows), so no anatomy is hidden and
-the image's row/column orientation is unchanged. Burned In Annotation is YES, Image Type DERIVED.
+above the image states the study's conclusion (the same for every capture of the study), this
+image's decision and score, and that this is an AI result for review by a physician. The banner
+is added above the image (the canvas grows), so no anatomy is hidden and the image's row/column
+orientation is unchanged. Burned In Annotation is YES, Image Type DERIVED.
+
+An image that got no decision gets a capture too, saying so and why ("NOT ANALYSED - outside
+the intended use (chest)"): the image under that banner where it decoded, else the banner alone
+on a text card, so the radiologist always sees that the AI did not run on it.
+
+Every capture carries its source's patient and study context (including Issuer of Patient ID,
+Other Patient IDs, the accession number's issuer and the study description), a Source Image
+Sequence naming the source, Lossy Image Compression carried over from a lossy source, and the
+series' Body Part Examined and Laterality where all sources of the study agree.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import cv2
 import highdicom as hd
 import numpy as np
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomnode.pixels import View, to_uint8
-from dicomnode.uids import ResultKind
+from dicomnode.uids import ResultKind, SourceIdentity
 from dicomnode.writers.common import (
     ImageFinding,
     NodeIdentity,
+    NotAnalysedImage,
+    StudySummary,
     banner_lines,
     box_polyline,
+    copy_context,
     image_result_identity,
-    mark_series_laterality_unknown,
+    instance_number,
+    lossy_compression,
+    not_analysed_lines,
     result_header,
+    set_series_context,
 )
 from inference.records import AlgorithmInfo, Box, Decision, ImageResult
 
@@ -39,8 +57,9 @@ def line_width(rows: int, columns: int) -> int:
 
 
 def banner_height(rows: int, columns: int) -> int:
-    """Height of the text banner above the image: 8 % of the short side, at least 32 pixels."""
-    return max(32, round(0.08 * min(rows, columns)))
+    """Height of the three-line text banner above the image: 12 % of the short side, at least
+    48 pixels."""
+    return max(48, round(0.12 * min(rows, columns)))
 
 
 def dashed_segments(
@@ -61,7 +80,7 @@ def dashed_segments(
     return segments
 
 
-def render_annotated(view: View, result: ImageResult) -> np.ndarray:
+def render_annotated(view: View, result: ImageResult, summary: StudySummary) -> np.ndarray:
     """The 8-bit MONOCHROME2 Secondary Capture pixels: banner above, boxes burned in."""
     image = to_uint8(view.pixels)
     rows, columns = image.shape
@@ -70,15 +89,40 @@ def render_annotated(view: View, result: ImageResult) -> np.ndarray:
     for box in result.boxes:
         box_polyline(box, view)  # validates that the box lies inside the image
         _draw_box(image, box, width, dashed)
-    return np.vstack([_banner(result, banner_height(rows, columns), columns), image])
+    lines = banner_lines(result, summary)
+    return np.vstack([_banner(lines, banner_height(rows, columns), columns), image])
 
 
-def render_png(view: View, result: ImageResult, path: str | Path) -> Path:
-    """Write the annotated image (as in the Secondary Capture) to ``path`` as PNG."""
+TEXT_CARD = (480, 1024)
+"""Rows and columns of the capture of an image that is not shown (text only)."""
+MIN_SHOWN = 256
+"""Images narrower or shorter than this get the text card: a banner would be unreadable."""
+
+
+def render_not_analysed(image: NotAnalysedImage, summary: StudySummary) -> np.ndarray:
+    """The capture of an image that got no decision: its pixels (when it decoded and is large
+    enough to carry a readable banner) under the "not analysed" banner, else that banner on a
+    black text card."""
+    lines = not_analysed_lines(image, summary)
+    if image.pixels is None or min(image.pixels.shape) < MIN_SHOWN:
+        rows, columns = TEXT_CARD
+        return _banner(lines, rows, columns)
+    pixels = to_uint8(image.pixels)
+    rows, columns = pixels.shape
+    return np.vstack([_banner(lines, banner_height(rows, columns), columns), pixels])
+
+
+def render_png(
+    view: View, result: ImageResult, path: str | Path, summary: StudySummary | None = None
+) -> Path:
+    """Write the annotated image (as in the Secondary Capture) to ``path`` as PNG (the study
+    summary of this image alone unless given)."""
     target = Path(path)
     if target.suffix.lower() != ".png":
         raise ValueError(f"{target} does not end in .png")
-    if not cv2.imwrite(str(target), render_annotated(view, result)):
+    finding = ImageFinding(view, result)
+    summary = summary or StudySummary.of([finding], [])
+    if not cv2.imwrite(str(target), render_annotated(view, result, summary)):
         raise OSError(f"could not write {target}")
     return target
 
@@ -111,11 +155,10 @@ def _draw_box(image: np.ndarray, box: Box, width: int, dashed: bool) -> None:
                 )
 
 
-def _banner(result: ImageResult, height: int, columns: int) -> np.ndarray:
-    """Black strip with two white text lines (decision and score; disclaimer), sized to fit."""
+def _banner(lines: Sequence[str], height: int, columns: int) -> np.ndarray:
+    """Black strip with white text lines, each sized to fit."""
     banner = np.zeros((height, columns), dtype=np.uint8)
-    lines = banner_lines(result)
-    line_height = height / len(lines)
+    line_height = min(height / len(lines), max(32.0, height / 4))
     margin = max(2, round(0.02 * columns))
     for index, text in enumerate(lines):
         (base_w, base_h), _ = cv2.getTextSize(text, _FONT, 1.0, 1)
@@ -135,23 +178,85 @@ def _banner(result: ImageResult, height: int, columns: int) -> np.ndarray:
     return banner
 
 
-def _orientation(view: View) -> tuple[str, str] | None:
+def _orientation(header: Dataset) -> tuple[str, str] | None:
     """The source's Patient Orientation when it is two single-letter biped values."""
-    values = [str(v) for v in view.header.get("PatientOrientation", None) or []]
+    values = [str(v) for v in header.get("PatientOrientation", None) or []]
     if len(values) == 2 and all(v in _BIPED for v in values):
         return values[0], values[1]
     return None
 
 
 def build_secondary_capture(
-    finding: ImageFinding, instance_number: int, algorithm: AlgorithmInfo, node: NodeIdentity
+    finding: ImageFinding,
+    index: int,
+    algorithm: AlgorithmInfo,
+    node: NodeIdentity,
+    *,
+    summary: StudySummary,
+    version: int = 1,
+    context: Mapping[str, str] | None = None,
 ) -> hd.sc.SCImage:
-    """The burned-in Secondary Capture of one image, in the source's study, its own series."""
+    """The burned-in Secondary Capture of the ``index``-th image of the study's result
+    ``version``, in the source's study, its own series."""
     view = finding.view
-    orientation = _orientation(view)
+    return _capture(
+        view.source,
+        view.header,
+        render_annotated(view, finding.result, summary),
+        instance_number(version, index),
+        algorithm,
+        node,
+        context or {},
+        orientation=_orientation(view.header),
+        analysed=True,
+        summary=summary,
+    )
+
+
+def build_not_analysed_capture(
+    image: NotAnalysedImage,
+    index: int,
+    algorithm: AlgorithmInfo,
+    node: NodeIdentity,
+    *,
+    summary: StudySummary,
+    version: int = 1,
+    context: Mapping[str, str] | None = None,
+) -> hd.sc.SCImage:
+    """The Secondary Capture saying that an image got no decision, and why."""
+    return _capture(
+        image.source,
+        image.header,
+        render_not_analysed(image, summary),
+        instance_number(version, index),
+        algorithm,
+        node,
+        context or {},
+        orientation=None
+        if image.pixels is None or min(image.pixels.shape) < MIN_SHOWN
+        else _orientation(image.header),
+        analysed=False,
+        summary=summary,
+    )
+
+
+def _capture(
+    source: SourceIdentity,
+    source_header: Dataset,
+    pixels: np.ndarray,
+    number: int,
+    algorithm: AlgorithmInfo,
+    node: NodeIdentity,
+    context: Mapping[str, str],
+    *,
+    orientation: tuple[str, str] | None,
+    analysed: bool,
+    summary: StudySummary,
+) -> hd.sc.SCImage:
+    header = result_header(source_header)
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=result_header(view.header),
-        pixel_array=render_annotated(view, finding.result),
+        ref_dataset=header,
+        pixel_array=pixels,
         photometric_interpretation=hd.PhotometricInterpretationValues.MONOCHROME2,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
@@ -160,12 +265,34 @@ def build_secondary_capture(
         patient_orientation=orientation or ("L", "F"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         **image_result_identity(
-            ResultKind.SECONDARY_CAPTURE, finding, instance_number, algorithm, node
+            ResultKind.SECONDARY_CAPTURE,
+            source,
+            header,
+            number,
+            algorithm,
+            node,
+            analysed=analysed,
+            summary=summary,
         ),
     )
     if orientation is None:
         sc.PatientOrientation = []
-    mark_series_laterality_unknown(sc)
+    copy_context(header, sc)
+    set_series_context(sc, context)
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = header.SOPClassUID
+    reference.ReferencedSOPInstanceUID = header.SOPInstanceUID
+    sc.SourceImageSequence = [reference]
+    lossy = lossy_compression(header)
+    if lossy:
+        sc.LossyImageCompression = lossy
+        for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+            if keyword in header:
+                setattr(sc, keyword, header[keyword].value)
     sc.BurnedInAnnotation = "YES"
-    sc.DerivationDescription = "AI fracture detection result burned into the source image"
+    sc.DerivationDescription = (
+        "AI fracture detection result burned into the source image"
+        if analysed
+        else "AI fracture detection: this image was not analysed (reason in the banner)"
+    )
     return sc

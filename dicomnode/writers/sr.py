@@ -1,11 +1,28 @@
 """Comprehensive 3D SR, TID 1500 Measurement Report: the study's machine-readable AI result.
 
-Per analysed image one TID 1501 group (image level): finding Fracture, qualitative evaluation
-present / suspected / absent from the decision, the score as a measurement (Probability,
-``{probability}``), the finding site and the algorithm (TID 4019 with the operating point); and
-per box one TID 1410 group whose image region is a closed POLYLINE SCOORD of the box corners on
-the source image. The document is PRELIMINARY, PARTIAL and UNVERIFIED: an AI result, not a
-physician's report.
+Content, in TID 1500 order:
+
+* observation context (this installation as the device observer), procedure reported;
+* the **Image Library** (TID 1600) with every source image: modality, rows and columns, and the
+  TID 1603 projection radiography descriptors (patient orientation, imager pixel spacing) where
+  the source holds valid ones;
+* **Imaging Measurements**: per analysed image one TID 1410 group whose region is the whole
+  image (a closed POLYLINE along its border: the image-level assessment, finding Fracture,
+  presence present / suspected / absent from the decision, the image's probability (DCM 122157
+  "Probability", unit UCUM ``1``), the finding site and the algorithm with its operating point
+  (TID 4019)), and per box one TID 1410 group whose region is the box, a closed POLYLINE on the
+  source image, measured by the peak of the probability map inside it (DCM 111012 "Certainty of
+  Finding", derivation "Maximum", unit ``1``: another quantity than the image's probability).
+  Per image that got no decision, a whole-image group whose presence is "Undetermined", with a
+  "Comment" saying why ("Not analysed: outside the intended use (chest)").
+  The image-level groups carry an image region (rather than being TID 1501 groups without one)
+  so that viewers that draw SR measurements, OHIF among them, can open the report: OHIF 3.13
+  fails on a group without an image region (``tests/viewer/README.md``);
+* **Qualitative Evaluations** (TID 1500 row 12): the study's summary, "Fracture" present /
+  suspected / absent / undetermined, and an "Impression" in words (findings, images, regions,
+  what was not analysed and why, the disclaimer).
+
+The document is PRELIMINARY, PARTIAL and UNVERIFIED: an AI result, not a physician's report.
 """
 
 from __future__ import annotations
@@ -13,41 +30,62 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import highdicom as hd
+import numpy as np
 from highdicom.sr import (
+    CodeContentItem,
+    ContainerContentItem,
+    ContentSequence,
     FindingSite,
+    ImageContentItem,
     ImageRegion,
     Measurement,
     MeasurementsAndQualitativeEvaluations,
+    NumContentItem,
     PlanarROIMeasurementsAndQualitativeEvaluations,
     QualitativeEvaluation,
+    RelationshipTypeValues,
     SourceImageForMeasurement,
     SourceImageForMeasurementGroup,
     SourceImageForRegion,
+    TextContentItem,
     TrackingIdentifier,
 )
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from dicomnode.uids import ResultKind, report_uid, tracking_uid
 from dicomnode.writers.common import (
+    BOX_CERTAINTY,
+    CONCLUSION_CODES,
     DECISION_CODES,
     FRACTURE,
+    MAXIMUM,
     PRESENCE,
     PROBABILITY,
     PROBABILITY_UNIT,
     RADIOGRAPHY,
+    UNDETERMINED,
     ImageFinding,
     NodeIdentity,
+    NotAnalysedImage,
     PreviousReport,
+    StudySummary,
     algorithm_identification,
     box_polyline,
+    copy_context,
+    instance_number,
     result_header,
     result_identity,
-    study_uid_of,
 )
 from inference.records import AlgorithmInfo
 
 Group = MeasurementsAndQualitativeEvaluations | PlanarROIMeasurementsAndQualitativeEvaluations
+
+#: UMLS C0034375 "Qualitative Evaluations": the report-level container of TID 1500 row 12.
+QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+_PIXELS = Code("{pixels}", "UCUM", "Pixels")
+_PROJECTION = ("CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA")
 
 
 def build_report(
@@ -55,13 +93,26 @@ def build_report(
     algorithm: AlgorithmInfo,
     node: NodeIdentity,
     previous: PreviousReport | None = None,
+    *,
+    not_analysed: Sequence[NotAnalysedImage] = (),
+    version: int = 1,
 ) -> hd.sr.Comprehensive3DSR:
-    """The study's TID 1500 measurement report (not yet written to disk)."""
-    findings = tuple(findings)
-    study_uid = study_uid_of(findings)
+    """The study's TID 1500 measurement report (not yet written to disk); ``version`` is the
+    study's result generation (Instance Number ``version * 10000 + 1``)."""
+    findings, not_analysed = tuple(findings), tuple(not_analysed)
+    headers = [result_header(f.view.header) for f in findings]
+    headers += [result_header(n.header) for n in not_analysed]
+    if not headers:
+        raise ValueError("a report needs at least one source image")
+    studies = {str(h.StudyInstanceUID) for h in headers}
+    if len(studies) != 1:
+        raise ValueError(f"results must cover exactly one study, got {len(studies)}")
+    study_uid = studies.pop()
     groups: list[Group] = []
     for number, finding in enumerate(findings, start=1):
         groups.extend(_image_groups(number, finding, algorithm, node))
+    for number, image in enumerate(not_analysed, start=len(findings) + 1):
+        groups.append(_not_analysed_group(number, image, algorithm, node))
     observer = hd.sr.ObserverContext(
         observer_type=codes.cid270.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -69,6 +120,7 @@ def build_report(
             name=node.station_name,
             manufacturer_name=node.manufacturer,
             model_name=f"{node.model_name} / {algorithm.name} {algorithm.version}",
+            serial_number=node.device_serial_number,
         ),
     )
     report = hd.sr.MeasurementReport(
@@ -76,39 +128,137 @@ def build_report(
         procedure_reported=RADIOGRAPHY,
         imaging_measurements=groups,
         title=codes.cid7021.ImagingMeasurementReport,
-        referenced_images=_library_images(findings),
     )
+    _insert_library(report, headers)
+    report[0].ContentSequence.append(_summary(StudySummary.of(findings, not_analysed)))
     uid = report_uid(
         study_uid,
         [finding.view.source for finding in findings],
         algorithm.version,
         node.uid_prefix,
         predecessor=None if previous is None else previous.sop_instance_uid,
+        not_analysed=[image.source for image in not_analysed],
     )
-    return hd.sr.Comprehensive3DSR(
-        evidence=[result_header(finding.view.header) for finding in findings],
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=headers,
         content=report,
         is_complete=False,
         is_final=False,
         is_verified=False,
         previous_versions=None if previous is None else [previous.as_reference()],
-        **result_identity(ResultKind.SR, study_uid, uid, 1, algorithm, node),
+        **result_identity(
+            ResultKind.SR, study_uid, uid, instance_number(version, 1), algorithm, node, headers
+        ),
     )
+    copy_context(headers[0], sr)
+    return sr
 
 
-def _library_images(findings: tuple[ImageFinding, ...]) -> list[Dataset] | None:
-    """Headers for the optional Image Library (TID 1600), or None to leave it out.
+def _summary(summary: StudySummary) -> ContainerContentItem:
+    """TID 1500 row 12: the study's conclusion, coded and in words."""
+    container = ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=RelationshipTypeValues.CONTAINS
+    )
+    container.ContentSequence = ContentSequence(
+        [
+            CodeContentItem(
+                name=FRACTURE,
+                value=CONCLUSION_CODES[summary.conclusion],
+                relationship_type=RelationshipTypeValues.CONTAINS,
+            ),
+            TextContentItem(
+                name=codes.DCM.Impression,
+                value=summary.text(),
+                relationship_type=RelationshipTypeValues.CONTAINS,
+            ),
+        ]
+    )
+    return container
 
-    highdicom describes a radiograph in the library by its Patient Orientation (two values) and
-    Imager Pixel Spacing; many CR headers lack them, and then the library is omitted rather
-    than filled with guesses (images stay referenced from every measurement group).
-    """
-    headers = [finding.view.header for finding in findings]
-    if all(
-        len(h.get("PatientOrientation") or []) == 2 and h.get("ImagerPixelSpacing") for h in headers
+
+def _insert_library(report: hd.sr.MeasurementReport, headers: Sequence[Dataset]) -> None:
+    """Put the Image Library (TID 1600) before the Imaging Measurements container (TID 1500
+    row 5), with one entry per source image."""
+    content = report[0].ContentSequence
+    position = next(
+        i
+        for i, item in enumerate(content)
+        if item.ConceptNameCodeSequence[0].CodeValue == codes.DCM.ImagingMeasurements.value
+    )
+    content.insert(position, image_library(headers))
+
+
+def image_library(headers: Sequence[Dataset]) -> ContainerContentItem:
+    """TID 1600 with one group of every source image, each described by what its header holds
+    validly: modality, rows and columns always; patient orientation and imager pixel spacing
+    (TID 1603) only where present and well formed (many CR headers lack them; nothing is
+    guessed)."""
+    group = ContainerContentItem(
+        name=codes.DCM.ImageLibraryGroup, relationship_type=RelationshipTypeValues.CONTAINS
+    )
+    group.ContentSequence = ContentSequence([_library_entry(h) for h in headers])
+    library = ContainerContentItem(
+        name=codes.DCM.ImageLibrary, relationship_type=RelationshipTypeValues.CONTAINS
+    )
+    library.ContentSequence = ContentSequence([group])
+    return library
+
+
+def _library_entry(header: Dataset) -> ImageContentItem:
+    entry = ImageContentItem(
+        name=codes.SCT.Source,
+        referenced_sop_class_uid=header.SOPClassUID,
+        referenced_sop_instance_uid=header.SOPInstanceUID,
+        relationship_type=RelationshipTypeValues.CONTAINS,
+    )
+    context = RelationshipTypeValues.HAS_ACQ_CONTEXT
+    modality = str(header.get("Modality", "") or "")
+    descriptors: list[hd.sr.ContentItem] = []
+    if modality:
+        descriptors.append(
+            CodeContentItem(
+                name=codes.DCM.Modality,
+                value=Code(modality, "DCM", modality),
+                relationship_type=context,
+            )
+        )
+    for name, keyword in (
+        (codes.DCM.PixelDataRows, "Rows"),
+        (codes.DCM.PixelDataColumns, "Columns"),
     ):
-        return headers
-    return None
+        if keyword in header:
+            descriptors.append(
+                NumContentItem(
+                    name=name,
+                    value=int(header[keyword].value),
+                    unit=_PIXELS,
+                    relationship_type=context,
+                )
+            )
+    orientation = [str(v) for v in header.get("PatientOrientation", None) or []]
+    if modality in _PROJECTION and len(orientation) == 2 and all(orientation):
+        for name, value in zip(
+            (codes.DCM.PatientOrientationRow, codes.DCM.PatientOrientationColumn),
+            orientation,
+            strict=True,
+        ):
+            descriptors.append(TextContentItem(name=name, value=value, relationship_type=context))
+    spacing = header.get("ImagerPixelSpacing", None)
+    if modality in _PROJECTION and spacing is not None and len(spacing) == 2:
+        for name, value in (
+            (codes.DCM.HorizontalPixelSpacing, spacing[1]),
+            (codes.DCM.VerticalPixelSpacing, spacing[0]),
+        ):
+            descriptors.append(
+                NumContentItem(
+                    name=name,
+                    value=float(value),
+                    unit=codes.UCUM.Millimeter,
+                    relationship_type=context,
+                )
+            )
+    entry.ContentSequence = ContentSequence(descriptors)
+    return entry
 
 
 def _image_groups(
@@ -116,21 +266,22 @@ def _image_groups(
 ) -> list[Group]:
     """The image-level group of one image followed by one planar ROI group per box."""
     view, result = finding.view, finding.result
+    header = result_header(view.header)
     algorithm_id = algorithm_identification(algorithm, result)
     site = finding.finding_site_code
     sites = [] if site is None else [FindingSite(site)]
     evaluation = [QualitativeEvaluation(PRESENCE, DECISION_CODES[result.decision])]
-    image_group: Group = MeasurementsAndQualitativeEvaluations(
+    image_group: Group = PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
             uid=tracking_uid(view.source, algorithm.version, 0, node.uid_prefix),
-            identifier=f"image {number} fracture assessment",
+            identifier=f"image {number} fracture assessment (whole image)",
         ),
+        referenced_region=_whole_image(header),
         finding_type=FRACTURE,
         algorithm_id=algorithm_id,
         finding_sites=sites,
-        measurements=[_probability(result.score, finding)],
+        measurements=[_measurement(PROBABILITY, result.score, header)],
         qualitative_evaluations=evaluation,
-        source_images=[SourceImageForMeasurementGroup.from_source_image(view.header)],
     )
     box_groups: list[Group] = [
         PlanarROIMeasurementsAndQualitativeEvaluations(
@@ -141,12 +292,12 @@ def _image_groups(
             referenced_region=ImageRegion(
                 graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
                 graphic_data=box_polyline(box, view),
-                source_image=SourceImageForRegion.from_source_image(view.header),
+                source_image=SourceImageForRegion.from_source_image(header),
             ),
             finding_type=FRACTURE,
             algorithm_id=algorithm_id,
             finding_sites=sites,
-            measurements=[_probability(box.score, finding)],
+            measurements=[_measurement(BOX_CERTAINTY, box.score, header, MAXIMUM)],
             qualitative_evaluations=evaluation,
         )
         for index, box in enumerate(result.boxes, start=1)
@@ -154,13 +305,64 @@ def _image_groups(
     return [image_group, *box_groups]
 
 
-def _probability(value: float, finding: ImageFinding) -> Measurement:
-    """A score in [0, 1] as a TID 300 measurement inferred from the source image."""
+def _not_analysed_group(
+    number: int, image: NotAnalysedImage, algorithm: AlgorithmInfo, node: NodeIdentity
+) -> Group:
+    """The group of an image that got no decision: presence undetermined, and why."""
+    header = result_header(image.header)
+    tracking = TrackingIdentifier(
+        uid=tracking_uid(image.source, algorithm.version, 0, node.uid_prefix),
+        identifier=f"image {number} not analysed",
+    )
+    evaluation = [QualitativeEvaluation(PRESENCE, UNDETERMINED)]
+    group: Group
+    if "Rows" in header and "Columns" in header:
+        group = PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            referenced_region=_whole_image(header),
+            finding_type=FRACTURE,
+            qualitative_evaluations=evaluation,
+        )
+    else:  # no size known: the image is named without a region
+        group = MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            finding_type=FRACTURE,
+            qualitative_evaluations=evaluation,
+            source_images=[SourceImageForMeasurementGroup.from_source_image(header)],
+        )
+    group[0].ContentSequence.append(
+        TextContentItem(
+            name=codes.DCM.Comment,
+            value=f"Not analysed: {image.reason}",
+            relationship_type=RelationshipTypeValues.CONTAINS,
+        )
+    )
+    return group
+
+
+def _whole_image(header: Dataset) -> ImageRegion:
+    """The region of an image-level assessment: a closed POLYLINE along the image's border."""
+    columns, rows = float(header.Columns), float(header.Rows)
+    border = np.array(
+        [(0.0, 0.0), (columns, 0.0), (columns, rows), (0.0, rows), (0.0, 0.0)], dtype=np.float32
+    )
+    return ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=border,
+        source_image=SourceImageForRegion.from_source_image(header),
+    )
+
+
+def _measurement(
+    name: Code, value: float, header: Dataset, derivation: Code | None = None
+) -> Measurement:
+    """A value in [0, 1] as a TID 300 measurement inferred from the source image."""
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"score {value} is outside [0, 1]")
     return Measurement(
-        name=PROBABILITY,
+        name=name,
         value=float(value),
         unit=PROBABILITY_UNIT,
-        referenced_images=[SourceImageForMeasurement.from_source_image(finding.view.header)],
+        derivation=derivation,
+        referenced_images=[SourceImageForMeasurement.from_source_image(header)],
     )

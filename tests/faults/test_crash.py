@@ -28,7 +28,7 @@ import pytest
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, generate_uid
 
 from dicomnode.config import load_config
-from dicomnode.demo import OrthancPacs, ReceivedObject, read_report
+from dicomnode.demo import OrthancPacs, ReceivedObject, current_objects, read_report
 from dicomnode.records import JobState
 from dicomnode.state import StateDB
 from tests.faults.conftest import (
@@ -258,7 +258,7 @@ def check_outcome(
         by_study.setdefault(sent.study_uid, set()).add(uid)
     wrong_results = []
     for study_uid, images in by_study.items():
-        objects = orthanc.received(study_uid)
+        objects = current_objects(orthanc.received(study_uid))  # as an IOCM archive shows them
         current = current_reports(objects)
         captures = by_class(objects, SecondaryCaptureImageStorage)
         covered = (
