@@ -260,3 +260,33 @@ def test_a_text_card_answers_for_an_image_that_could_not_be_decoded(tmp_path: Pa
     assert capture.pixel_array.shape == (480, 1024) and capture.pixel_array.max() == 255
     assert "not analysed" in capture.DerivationDescription
     assert np.asarray(capture.pixel_array).mean() < 40  # white words on black
+
+
+@pytest.mark.parametrize("sample", ["RG2_JPLL_derived_EVRLE.dcm", "DX_highdicom_small.dcm"])
+def test_dcmtk_renders_the_image_through_the_gsps_as_the_capture_shows_it(
+    sample: str, tmp_path: Path
+) -> None:
+    """DCMTK's presentation state renderer (dcmp2pgm) reads the GSPS and applies its grayscale
+    pipeline (VOI, and INVERSE for a MONOCHROME1 source): the image looks as in the Secondary
+    Capture (bone bright). dcmp2pgm draws no graphic annotations, so the boxes are not checked
+    here (the SR's are, in OHIF: tests/viewer)."""
+    view = load_view(SAMPLES / sample)
+    box = Box(view.columns * 0.3, view.rows * 0.3, view.columns * 0.6, view.rows * 0.6, 0.9)
+    written = write_results([ImageFinding(view, result(Decision.FRACTURE, 0.9, box))],
+                            ALGORITHM, NODE, tmp_path / "out", presentation_states=True)
+    rendered = tmp_path / "rendered.pgm"
+    run = subprocess.run(
+        ["/usr/bin/dcmp2pgm", "-p", str(written.presentation_states[0].path),
+         str(SAMPLES / sample), str(rendered)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    import cv2
+
+    shown = cv2.imread(str(rendered), cv2.IMREAD_UNCHANGED).astype(np.float64)
+    capture = pydicom.dcmread(written.secondary_captures[0].path).pixel_array
+    image = capture[capture.shape[0] - view.rows:].astype(np.float64)  # below the banner
+    outside = np.ones(image.shape, dtype=bool)  # compare away from the burned-in box
+    outside[int(box.y0) - 8: int(box.y1) + 8, int(box.x0) - 8: int(box.x1) + 8] = False
+    correlation = np.corrcoef(shown[outside], image[outside])[0, 1]
+    assert correlation > 0.95, correlation
