@@ -34,3 +34,15 @@ def test_inference_never_imports_dicom_libraries() -> None:
 def test_the_check_sees_imports() -> None:
     source = "import pydicom\nfrom pynetdicom import AE\nfrom .x import y\nimport numpy as np\n"
     assert imported_modules(source) == {"pydicom", "pynetdicom", "numpy"}
+
+
+def test_production_code_never_imports_the_demo() -> None:
+    """The demo's PACS launchers and ``dx_from_image`` are test and demo helpers: no role of the
+    service (listener, worker, sender, CLI) may need them to start."""
+    files = [p for p in sorted((REPO / "dicomnode").rglob("*.py")) if p.name != "demo.py"]
+    offenders = [
+        str(path.relative_to(REPO))
+        for path in files
+        if "dicomnode.demo" in imported_modules(path.read_text())
+    ]
+    assert offenders == []
