@@ -19,6 +19,7 @@ returns to the queue. Logs carry UIDs, states and reasons only, never patient da
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import sqlite3
@@ -35,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import DigitalXRayImageStorageForPresentation
 
 from dicomnode.config import Config, OutOfScope
 from dicomnode.logging import get_logger
@@ -50,7 +53,7 @@ from dicomnode.records import (
 from dicomnode.scope import Scope
 from dicomnode.state import JobQueue, LeaseLostError, open_queue
 from dicomnode.storage import StateLayout, installation_uid
-from dicomnode.uids import ResultKind, SourceIdentity
+from dicomnode.uids import ResultKind, SourceIdentity, derive_uid
 from dicomnode.writers import (
     ImageFinding,
     NodeIdentity,
@@ -569,6 +572,37 @@ class Worker:
                 stop.wait(poll)
 
 
+def warm_up_view(side: int = WARM_UP_SIDE) -> View:
+    """A synthetic DX view (a grey ramp, no patient) for :func:`warm_up_writers`: the header
+    holds what the writers read of a source."""
+    header = Dataset()
+    header.SpecificCharacterSet = "ISO_IR 192"
+    header.SOPClassUID = DigitalXRayImageStorageForPresentation
+    header.SOPInstanceUID, header.StudyInstanceUID, header.SeriesInstanceUID = (
+        str(derive_uid("warm-up", part)) for part in ("instance", "study", "series")
+    )
+    header.Modality, header.BodyPartExamined = "DX", "HAND"
+    header.PatientName, header.PatientID = "Warm-up^Synthetic", "WARM-UP"
+    for keyword in (
+        "PatientBirthDate",
+        "PatientSex",
+        "AccessionNumber",
+        "StudyID",
+        "StudyDate",
+        "StudyTime",
+        "ReferringPhysicianName",
+        "PatientOrientation",
+    ):
+        setattr(header, keyword, None)
+    header.SamplesPerPixel, header.PhotometricInterpretation = 1, "MONOCHROME2"
+    header.Rows = header.Columns = side
+    header.BitsAllocated = header.BitsStored = 8
+    header.HighBit, header.PixelRepresentation = 7, 0
+    ramp = np.linspace(0.0, 1.0, side, dtype=np.float32)
+    pixels = np.add.outer(ramp, ramp) / 2
+    return View(pixels=pixels, header=header, sha256=hashlib.sha256(pixels.tobytes()).hexdigest())
+
+
 def warm_up_writers(node: NodeIdentity, algorithm: AlgorithmInfo) -> float:
     """Write one synthetic result set (SR, SC, GSPS) into a temporary folder, delete it, and
     return the seconds it took.
@@ -576,11 +610,7 @@ def warm_up_writers(node: NodeIdentity, algorithm: AlgorithmInfo) -> float:
     highdicom reads its tables of the standard on first use (about half a second), which the
     first study after a start would otherwise pay; the pass also shows at start, before any
     job is taken, that the writers work here (an error stops the worker like bad weights)."""
-    from dicomnode.demo import dx_from_image  # a DX wrapper for an array, as in the demo
-
     t0 = time.perf_counter()
-    ramp = np.linspace(0, 255, WARM_UP_SIDE, dtype=np.float32)
-    pixels = (np.add.outer(ramp, ramp) / 2).astype(np.uint8)
     side = float(WARM_UP_SIDE)
     result = ImageResult(
         score=0.9,
@@ -592,9 +622,7 @@ def warm_up_writers(node: NodeIdentity, algorithm: AlgorithmInfo) -> float:
         thresholds=Thresholds(sensitivity=0.3, high_specificity=0.6, binarize=0.5),
     )
     with tempfile.TemporaryDirectory(prefix="dicomnode-warm-up-") as folder:
-        path = Path(folder) / "view.dcm"
-        dx_from_image(pixels, body_part="HAND").save_as(path, enforce_file_format=True)
-        findings = [ImageFinding(load_view(path), result)]
+        findings = [ImageFinding(warm_up_view(), result)]
         write_results(findings, algorithm, node, Path(folder) / "results", presentation_states=True)
     return time.perf_counter() - t0
 
