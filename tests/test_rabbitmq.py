@@ -1,0 +1,140 @@
+"""The broker layer against a real RabbitMQ (Debian rabbitmq-server on loopback): quorum queues,
+confirmed persistent messages, strict priority levels, redelivery, the delivery limit with its
+dead-letter reason, and messages that survive a broker restart."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dicomnode.queue.messages import (
+    InstanceRef,
+    JobMessage,
+    MessageError,
+    OutcomeMessage,
+    ResultFileMessage,
+    decode_job,
+    decode_outcome,
+    decode_result_file,
+    encode,
+)
+from dicomnode.queue.rabbitmq import Broker, BrokerSettings, death_reason
+
+from .brokers import SERVER, RabbitMQ
+
+pytestmark = [
+    pytest.mark.skipif(not SERVER.is_file(), reason="rabbitmq-server is not installed"),
+    pytest.mark.timeout(300),
+]
+
+
+@pytest.fixture(scope="module")
+def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitMQ]:
+    with RabbitMQ(tmp_path_factory.mktemp("rabbitmq")) as broker:
+        yield broker
+
+
+def settings(rabbit: RabbitMQ, prefix: str, **changes: object) -> BrokerSettings:
+    return BrokerSettings(url=rabbit.url, prefix=prefix, **changes)  # type: ignore[arg-type]
+
+
+def job(job_id: int, priority: int = 1, site: str = "site-a") -> JobMessage:
+    instance = InstanceRef("1.2.3.4", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3", "1.2.840.10008.1.2.1",
+                           1234, "ab" * 32, "https://site-a:8443/instances/1.2.3.4")
+    return JobMessage(site, job_id, 1, "1.2.3", 1, priority, (instance,), ())
+
+
+def test_messages_round_trip_and_refuse_what_they_do_not_know() -> None:
+    message = job(7)
+    assert decode_job(encode(message)) == message
+    header = ResultFileMessage("site-a", 7, "sr", "1.2.840.10008.5.1.4.1.1.88.34", "1.2", "1.2.9",
+                               "cd" * 32)
+    outcome = OutcomeMessage("site-a", 7, 1, "1.2.3", 1, "results", (header,),
+                             note="1 of 2 skipped")
+    assert decode_result_file(encode(header)) == header
+    assert decode_outcome(encode(outcome)) == outcome
+    with pytest.raises(MessageError, match="unknown keys"):
+        decode_job(encode(message).replace(b'"site"', b'"sites"'))
+    with pytest.raises(MessageError, match="format"):
+        decode_job(encode(message).replace(b'"format": 1', b'"format": 9'))
+    with pytest.raises(MessageError, match="not JSON"):
+        decode_outcome(b"\xff")
+
+
+def test_jobs_come_most_urgent_first_and_are_redelivered_until_acknowledged(
+    rabbit: RabbitMQ,
+) -> None:
+    s = settings(rabbit, "prio")
+    with Broker(s) as site, Broker(s) as worker:
+        site.declare_site("site-a")
+        for job_id, priority in ((1, 1), (2, 1), (3, 0)):
+            site.publish_job(job(job_id, priority))
+        first = worker.get_job()
+        assert first is not None and (first.message.job_id, first.level) == (3, 0)
+        worker.ack(first.delivery_tag)
+        second = worker.get_job()
+        assert second is not None and second.message.job_id == 1 and second.deliveries == 1
+        worker.give_back(second.delivery_tag)  # a retryable failure: comes back, counted
+        again = worker.get_job()
+        assert again is not None and again.message.job_id == 1 and again.deliveries == 2
+        worker.ack(again.delivery_tag)
+        third = worker.get_job()
+        assert third is not None and third.message.job_id == 2
+    # the worker's connection closed with job 2 unacknowledged: the broker gives it out again
+    with Broker(s) as other:
+        redelivered = other.get_job()
+        assert redelivered is not None and redelivered.message.job_id == 2
+        assert redelivered.deliveries == 2
+        other.ack(redelivered.delivery_tag)
+        assert other.get_job() is None
+
+
+def test_a_job_over_its_delivery_limit_is_dead_lettered_to_its_site_with_the_reason(
+    rabbit: RabbitMQ,
+) -> None:
+    s = settings(rabbit, "limit", delivery_limit=2)
+    with Broker(s) as site, Broker(s) as worker:
+        site.declare_site("site-a")
+        site.declare_site("site-b")
+        site.publish_job(job(5, site="site-a"))
+        site.publish_job(job(6, site="site-b"))
+        for _ in range(6):
+            taken = worker.get_job()
+            if taken is None:
+                break
+            worker.give_back(taken.delivery_tag)
+        assert worker.get_job() is None  # both gave up after their deliveries
+        dead: dict[str, list[tuple[int, str]]] = {"site-a": [], "site-b": []}
+        for name in dead:
+            site.drain(s.dead_queue(name), lambda p, body, name=name: dead[name].append(
+                (decode_job(body).job_id, death_reason(p))))
+        assert [j for j, _ in dead["site-a"]] == [5] and [j for j, _ in dead["site-b"]] == [6]
+        assert "delivered the maximum number of times" in dead["site-a"][0][1]
+
+
+def test_confirmed_messages_survive_a_broker_restart(tmp_path: Path) -> None:
+    rabbit = RabbitMQ(tmp_path / "rabbitmq").start()
+    try:
+        s = BrokerSettings(url=rabbit.url, prefix="restart")
+        with Broker(s) as site:
+            site.declare_site("site-a")
+            site.publish_job(job(11))
+            header = ResultFileMessage("site-a", 11, "sc", "1.2.840.10008.5.1.4.1.1.7", "1.2",
+                                       "1.2.10", "ef" * 32)
+            site.publish_result_file(header, b"DICM-bytes")
+        rabbit.stop()
+        rabbit.start()  # the same data folder: quorum queues and persistent messages are back
+        with Broker(s) as worker:
+            taken = worker.get_job()
+            assert taken is not None and taken.message.job_id == 11
+            worker.ack(taken.delivery_tag)
+            files: list[tuple[str, bytes]] = []
+            worker.drain(s.results_queue("site-a"), lambda p, body: files.append(
+                (decode_result_file(p.headers["header"].encode()).sop_instance_uid, body)))
+            assert files == [("1.2.10", b"DICM-bytes")]
+            (jobs, *_) = worker.stats([s.jobs_queue(0), s.jobs_queue(1)])
+            assert jobs.messages == 0
+    finally:
+        rabbit.stop()
