@@ -81,7 +81,7 @@ def p95(values: Sequence[float]) -> float:
 
 
 def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    """A markdown table (pasteable into the README)."""
+    """A markdown table (pasteable into docs/ and benchmarks/results/)."""
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
     for row in rows:

@@ -1,6 +1,6 @@
 """Training throughput of ensemble members on this machine: images per second for a few training
 steps (forward, joint loss, backward, Adam) in fp32 and bf16 autocast, on random data of the
-member's input shape. Used to size the ``cpu-reference`` config (see README, "Performance").
+member's input shape. Used to size the ``cpu-reference`` config (see docs/performance.md).
 
     python benchmarks/train_speed.py configs/cpu-reference.toml [--steps 6] [--threads 2]
 """

@@ -36,7 +36,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 #: Largest absolute difference between a bf16 and the fp32 ensemble score of one image that the
-#: tests accept (scores are probabilities in [0, 1]). Measured: see the README, "Performance".
+#: tests accept (scores are probabilities in [0, 1]). Measured: see docs/performance.md.
 BF16_SCORE_TOLERANCE = 0.02
 
 

@@ -56,7 +56,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """How one member is trained (defaults follow the paper where it says, see README)."""
+    """How one member is trained (defaults follow the paper where it says, see docs/training.md)."""
 
     epochs: int = 30  # at most 30 epochs
     patience: int = 10  # early stopping on tuning AUC
