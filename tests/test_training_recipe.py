@@ -17,7 +17,14 @@ from inference.imageio import read_grayscale
 from inference.manifest import ManifestError, read_manifest, write_manifest
 from inference.training.config import ConfigError, TrainSettings, load_config
 from inference.training.dataset import Record, load_dataset
-from inference.training.distributed import SINGLE, World, gather_scores, per_rank_batch, shard
+from inference.training.distributed import (
+    SINGLE,
+    World,
+    gather_scores,
+    per_rank_batch,
+    shard,
+    world_from_env,
+)
 from inference.training.loss import joint_loss
 from inference.training.split import (
     Split,
@@ -235,6 +242,22 @@ def test_ranks_together_take_the_one_process_batches() -> None:
     padded = shard(np.arange(7), World(rank=2, size=4))
     assert padded.tolist() == [2, 6]
     assert shard(order, SINGLE) is order
+
+
+def test_torchrun_with_one_process_takes_the_distributed_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert world_from_env() == SINGLE and not SINGLE.distributed
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    one = world_from_env()
+    assert one.size == 1 and one.launched and one.distributed and one.main
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(ValueError, match="outside"):
+        world_from_env()
 
 
 def test_gathered_scores_come_back_in_order_single_process() -> None:

@@ -37,10 +37,13 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    launched: bool = False  # started by torchrun (even as its only process)
 
     @property
     def distributed(self) -> bool:
-        return self.size > 1
+        """Whether this process is one of a process group: several processes, or one started by
+        ``torchrun`` (so a single-GPU run takes the same DDP and collective path as eight)."""
+        return self.size > 1 or self.launched
 
     @property
     def main(self) -> bool:
@@ -60,18 +63,19 @@ def world_from_env() -> World:
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
     if not 0 <= rank < size:
         raise ValueError(f"RANK {rank} is outside WORLD_SIZE {size}")
-    return World(rank=rank, size=size, local_rank=local)
+    return World(rank=rank, size=size, local_rank=local, launched="WORLD_SIZE" in os.environ)
 
 
 def start(world: World, device: torch.device) -> torch.device:
-    """Join the process group (NCCL on CUDA, gloo on the CPU) and return this rank's device."""
+    """Join the process group and return this rank's device: NCCL for the CUDA tensors (the
+    gradients), gloo for the CPU ones (gathered scores, logged losses), gloo alone on the CPU."""
     if not world.distributed:
         return device
     if device.type == "cuda":
         torch.cuda.set_device(world.local_rank)
         device = torch.device("cuda", world.local_rank)
     if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, rank=world.rank, world_size=world.size)
     return device
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -196,15 +197,23 @@ def _workers(settings: TrainSettings, device: torch.device) -> int:
     )
 
 
-def _loader(dataset: Samples, batch: int, workers: int) -> DataLoader[Any]:
+def _quiet_worker(_worker_id: int) -> None:
+    """One thread per data loader worker: the workers are the parallelism, and OpenCV's or
+    torch's own pools in each of them would oversubscribe the cores (members train side by side)."""
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def _loader(dataset: Samples, batch: int, workers: int, *, pin: bool = False) -> DataLoader[Any]:
     return DataLoader(
         dataset,
         batch_size=batch,
         shuffle=False,
         num_workers=workers,
         persistent_workers=False,
-        pin_memory=False,
+        pin_memory=pin,
         drop_last=False,
+        worker_init_fn=_quiet_worker if workers else None,
     )
 
 
@@ -372,7 +381,7 @@ class MemberTraining:
             group["lr"] = lr
         side = input_size(settings, self.member.draft.size, epoch)
         self.net.train()
-        totals, seen = np.zeros(3), 0
+        totals, seen = torch.zeros(3, dtype=torch.float64, device=self.device), 0
         bar = tqdm(
             loader,
             desc=f"{self.member.draft.name} epoch {epoch + 1}/{settings.epochs}",
@@ -380,10 +389,10 @@ class MemberTraining:
             leave=False,
             file=sys.stderr,
         )
-        for x, mask, label in bar:
-            x, mask = resized(x.to(self.device), mask.to(self.device), side)
+        for step, (x, mask, label) in enumerate(bar):
+            x, mask = resized(x.to(self.device, non_blocking=True), mask.to(self.device), side)
             x = x.contiguous(memory_format=self.speed.memory_format)
-            label = label.to(self.device)
+            label = label.to(self.device, non_blocking=True)
             with self.autocast():
                 out = self.net(x)
             parts = joint_loss(
@@ -401,9 +410,12 @@ class MemberTraining:
                 self.ema.update_parameters(self.model)
             n = len(label)
             seen += n
-            totals += n * np.array([float(p.detach()) for p in parts])
-            bar.set_postfix(loss=f"{totals[0] / seen:.4f}")
-        return all_mean(totals / max(seen, 1), self.world), side
+            # summed on the device: reading a loss back every step would make the CPU wait
+            # for the GPU before it queues the next step
+            totals += n * torch.stack([p.detach().double() for p in parts])
+            if not bar.disable and step % 10 == 0:
+                bar.set_postfix(loss=f"{float(totals[0]) / seen:.4f}")
+        return all_mean(totals.cpu().numpy() / max(seen, 1), self.world), side
 
     def tuning_auc(self, model: nn.Module) -> float:
         """AUC of ``model`` on the tuning images (each rank scores its share)."""
