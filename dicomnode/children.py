@@ -23,6 +23,7 @@ from multiprocessing.sharedctypes import Synchronized
 from types import FrameType
 from typing import Any
 
+from dicomnode import metrics
 from dicomnode.logging import get_logger
 
 log = get_logger(__name__)
@@ -151,6 +152,7 @@ class ChildSupervisor:
         self._delay = RESTART_DELAY_SECONDS[0]
         self._restart_at: float | None = None
         self._started_at = time.monotonic()
+        metrics.child_supervised(name)
 
     def start(self) -> None:
         """Start a fresh child."""
@@ -210,6 +212,8 @@ class ChildSupervisor:
                 return True
         if process is not None:
             process.join()
+            if process.pid is not None:
+                metrics.process_died(process.pid)
             log.error(
                 f"{self.name}_process_died",
                 pid=process.pid,
@@ -227,6 +231,7 @@ class ChildSupervisor:
         if self._restart_at is not None and now >= self._restart_at:
             self._restart_at = None
             self.restarts += 1
+            metrics.child_restarted(self.name)
             self.start()
         return True
 
@@ -243,6 +248,8 @@ class ChildSupervisor:
             )
             process.kill()
             process.join()
+        if process.pid is not None:
+            metrics.process_died(process.pid)
         self.process = None
 
 

@@ -25,7 +25,10 @@ from typing import Any
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicomnode import metrics
 from dicomnode.config import Config, ConfigError, load_config, validate_ae_title
+from dicomnode.health import Health, RoleFacts, observe, read_facts
+from dicomnode.httpd import https_context
 from dicomnode.logging import configure_logging, get_logger
 from dicomnode.records import Delivery, DeliveryState, QueueDepth, StudyStatus
 from dicomnode.state import StateDB, open_queue
@@ -90,6 +93,10 @@ def _start_role(args: argparse.Namespace, *, needs_weights: bool) -> Config:
     config = _config(args)
     if needs_weights:
         _check_weights(config)
+    try:
+        https_context(config.http)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
     configure_logging(config.node.log_level)
     os.umask(0o077)
     if config.source is not None and config.source.stat().st_mode & 0o004:
@@ -98,6 +105,12 @@ def _start_role(args: argparse.Namespace, *, needs_weights: bool) -> Config:
             path=str(config.source),
             hint="chmod 0640 (owner root, group of the service user)",
         )
+    if config.http.enabled:  # before any metric is counted, and before children start
+        folder = StateLayout(config.node.state_dir).metrics_dir / args.command
+        try:
+            metrics.prepare_multiprocess(folder)
+        except OSError as exc:
+            raise CommandFailed(f"cannot prepare the metrics folder {folder}: {exc}") from None
     return config
 
 
@@ -124,24 +137,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 @dataclass(frozen=True)
 class StatusReport:
-    """What ``dicomnode status`` shows: UIDs, states, counts and reasons, no patient data."""
+    """What ``dicomnode status`` shows: UIDs, states, counts and reasons, no patient data.
+
+    ``health``: the readiness checks ``/readyz`` answers with, over every part of the node
+    (listener, worker, sender), from the facts the running roles report."""
 
     state_dir: Path
     generated_at: float
     depth: QueueDepth
     studies: tuple[StudyStatus, ...]
     deliveries: tuple[Delivery, ...]
+    health: Health | None = None
+    roles: tuple[RoleFacts, ...] = ()
 
 
 def collect_status(config: Config, limit: int, now: float | None = None) -> StatusReport:
-    """Read the queue depth, recent studies and deliveries from the state database."""
+    """Read the queue depth, recent studies and deliveries from the state database, and judge
+    readiness as ``/readyz`` does (:func:`dicomnode.health.observe`)."""
+    now = time.time() if now is None else now
     with _open_state(config) as db:
+        seen = observe(config, db, read_facts(config.node.state_dir, now), now=now)
         return StatusReport(
             state_dir=config.node.state_dir,
-            generated_at=time.time() if now is None else now,
+            generated_at=now,
             depth=db.queue_depth(),
             studies=db.recent_studies(limit),
             deliveries=db.recent_deliveries(limit),
+            health=seen.health,
+            roles=seen.facts,
         )
 
 
@@ -193,7 +216,7 @@ def status_json(report: StatusReport) -> dict[str, Any]:
         item["next_attempt_at"] = None if at is None else iso_time(at)
         item["next_attempt_in_seconds"] = wait_seconds(at, now)
         studies.append(item)
-    return {
+    data: dict[str, Any] = {
         "state_dir": str(report.state_dir),
         "generated_at": iso_time(report.generated_at),
         "jobs": {k: v for k, v in asdict(report.depth).items() if not k.startswith("deliveries_")},
@@ -202,6 +225,23 @@ def status_json(report: StatusReport) -> dict[str, Any]:
         "studies": studies,
         "deliveries": deliveries,
     }
+    if report.health is not None:
+        data.update(report.health.as_json())
+        data["roles"] = [
+            {**asdict(f), "reported_at": iso_time(f.reported_at)} for f in report.roles
+        ]
+    return data
+
+
+def health_text(found: Health, roles: Sequence[RoleFacts]) -> list[str]:
+    """The readiness checks as text lines (what ``/readyz`` says, check by check)."""
+    running = ", ".join(f"{f.role} (pid {f.pid})" for f in roles) or "none"
+    lines = [f"readiness: {'ready' if found.ready else 'NOT READY'}    running: {running}"]
+    lines += _table(
+        ("CHECK", "STATE", "DETAIL"),
+        [(c.name, "ok" if c.ok else "failing", c.detail) for c in found.checks],
+    )
+    return lines
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -283,6 +323,8 @@ def status_text(report: StatusReport) -> str:
         )
     else:
         lines.append("  (none)")
+    if report.health is not None:
+        lines += ["", *health_text(report.health, report.roles)]
     return "\n".join(lines)
 
 
@@ -345,6 +387,20 @@ def cmd_echo(args: argparse.Namespace) -> int:
         shown = "no response" if code is None else f"status 0x{code:04X}"
         raise CommandFailed(f"C-ECHO to {where} as {calling}: {shown}")
     print(f"C-ECHO to {where} as {calling}: success")
+    return 0
+
+
+# -- check-config ----------------------------------------------------------------------------
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from dicomnode.checkconfig import check_config  # reads the manifest (imports torch)
+
+    try:
+        lines = check_config(args.file)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    print("\n".join(lines))
     return 0
 
 
@@ -415,6 +471,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     echo.add_argument("--timeout", type=float, default=10.0, help="seconds per step (10)")
     echo.set_defaults(func=cmd_echo)
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config and show what the node would do",
+        description="Validate a config file (every key, the weights' manifest, the TLS and "
+        "HTTPS files) and print what the node would do with it. Exit status 0 when valid, 2 "
+        "with the offending key otherwise.",
+    )
+    check.add_argument("file", type=Path, metavar="FILE", help="the node's TOML config")
+    check.set_defaults(func=cmd_check_config)
     export = sub.add_parser(
         "export-training",
         help="turn DICOM files + a labels CSV into a training folder",
@@ -440,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``dicomnode`` command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("status", "retry", "echo", "export-training"):
+    if args.command in ("status", "retry", "echo", "export-training", "check-config"):
         configure_logging("warning", stream=sys.stderr)
     try:
         return int(args.func(args))

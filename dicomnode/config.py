@@ -28,6 +28,8 @@ AUTO_RECEIVE_PROCESSES_CAP = 4
 PRECISIONS = ("auto", "fp32", "bf16")
 """``inference.precision`` values: those of ``inference.precision.PRECISIONS`` (not imported, so
 that reading a config does not load torch)."""
+MAX_BATCH_LIMIT = 1024
+"""Largest ``inference.max_batch``: that of ``inference.memory`` (not imported, as above)."""
 
 
 class ConfigError(ValueError):
@@ -110,6 +112,9 @@ class InferenceConfig:
     """``auto`` (bf16 on CUDA with bf16 and on CPUs with AMX, else fp32), ``fp32`` or ``bf16``."""
     channels_last: bool | None = None
     """The NHWC memory layout; None (key absent): on with bf16, off in fp32."""
+    max_batch: int | None = None
+    """Most views of a study run through the ensemble at once; None (``"auto"``): sized for each
+    study from the device's free memory (``inference/memory.py``, ``docs/memory.md``)."""
 
 
 @dataclass(frozen=True)
@@ -236,6 +241,32 @@ class TlsConfig:
     ca_certificates: Path | None
 
 
+DEFAULT_HTTP_PORT = 9811
+"""``http.port``: the metrics and health endpoint of ``serve`` and ``listen``."""
+DEFAULT_HTTP_WORK_PORT = 9812
+"""``http.work_port``: the endpoint of ``work`` (a split deployment runs both on one host)."""
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """``[http]``: the HTTP endpoint operators watch (``/metrics``, ``/healthz``, ``/readyz``).
+
+    ``serve`` and ``listen`` serve on ``port``, ``work`` on ``work_port`` (0: any free port,
+    logged as ``http_started``). With ``certificate`` and ``private_key`` (PEM, both or neither)
+    the endpoint speaks HTTPS only."""
+
+    enabled: bool = True
+    bind: str = "127.0.0.1"
+    port: int = DEFAULT_HTTP_PORT
+    work_port: int = DEFAULT_HTTP_WORK_PORT
+    certificate: Path | None = None
+    private_key: Path | None = None
+
+    def port_of(self, role: str) -> int:
+        """The port of ``role`` (``serve``, ``listen`` or ``work``)."""
+        return self.work_port if role == "work" else self.port
+
+
 @dataclass(frozen=True)
 class AllowedCaller:
     """``[[allowed_callers]]``: a calling AE title and the IP address it must come from."""
@@ -261,6 +292,7 @@ class Config:
     retention: RetentionConfig = RetentionConfig()
     identity: IdentityConfig = IdentityConfig()
     scope: ScopeConfig = ScopeConfig()
+    http: HttpConfig = HttpConfig()
 
 
 class _Table:
@@ -428,21 +460,50 @@ def _existing_file(t: _Table, key: str, default: object = None) -> Path:
     return path
 
 
-def _tls(t: _Table) -> TlsConfig:
-    has_ca = "ca_certificates" in t._raw
-    certificate = _existing_file(t, "certificate", _REQUIRED)
-    private_key = _existing_file(t, "private_key", _REQUIRED)
+def _private_key(t: _Table, key: str = "private_key") -> Path:
+    """An existing private key file that only its owner and group may access."""
+    private_key = _existing_file(t, key, _REQUIRED)
     mode = private_key.stat().st_mode & 0o777
     if mode & 0o007:
         raise ConfigError(
-            f"{t._key('private_key')}: {private_key} is accessible to everyone (mode {mode:04o}); "
+            f"{t._key(key)}: {private_key} is accessible to everyone (mode {mode:04o}); "
             "make it readable by the service only, e.g. chmod 0640 (owner root, group dicomnode)"
         )
+    return private_key
+
+
+def _tls(t: _Table) -> TlsConfig:
+    has_ca = "ca_certificates" in t._raw
+    certificate = _existing_file(t, "certificate", _REQUIRED)
+    private_key = _private_key(t)
     return TlsConfig(
         certificate=certificate,
         private_key=private_key,
         ca_certificates=_existing_file(t, "ca_certificates") if has_ca else None,
     )
+
+
+def _http(t: _Table, node: NodeConfig) -> HttpConfig:
+    has_cert, has_key = "certificate" in t._raw, "private_key" in t._raw
+    if has_cert != has_key:
+        pair = ("private_key", "certificate")
+        missing, given = pair if has_cert else pair[::-1]
+        raise ConfigError(f"{t._key(missing)}: is required with http.{given} (HTTPS needs both)")
+    http = HttpConfig(
+        enabled=t.flag("enabled", True),
+        bind=t.host("bind", "127.0.0.1", ip_only=True),
+        port=t.integer("port", DEFAULT_HTTP_PORT, 0, 65535),
+        work_port=t.integer("work_port", DEFAULT_HTTP_WORK_PORT, 0, 65535),
+        certificate=_existing_file(t, "certificate") if has_cert else None,
+        private_key=_private_key(t) if has_key else None,
+    )
+    if http.port and http.port == http.work_port:
+        raise ConfigError(f"http.work_port: must differ from http.port ({http.port})")
+    if http.enabled and node.port:
+        for key in ("port", "work_port"):
+            if getattr(http, key) == node.port:
+                raise ConfigError(f"http.{key}: {node.port} is node.port, the DICOM port")
+    return http
 
 
 def _destination(t: _Table) -> Destination:
@@ -482,6 +543,8 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
             if "channels_last" in inference_t._raw
             else None
         ),
+        # "auto" reads as 0 (outside 1..limit, so never a value a file can give): None
+        max_batch=inference_t.integer_or_auto("max_batch", 0, 1, MAX_BATCH_LIMIT) or None,
     )
     outputs = OutputsConfig(
         sr=outputs_t.flag("sr", True),
@@ -489,9 +552,10 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
         gsps=outputs_t.flag("gsps", False),
         withdraw_superseded=outputs_t.flag("withdraw_superseded", True),
     )
-    identity_t, scope_t = table("identity"), table("scope")
+    identity_t, scope_t, http_t = table("identity"), table("scope"), table("http")
     identity = _identity(identity_t)
     scope = _scope(scope_t)
+    http = _http(http_t, node)
     queue = QueueConfig(
         lease_seconds=queue_t.seconds("lease_seconds", 600.0),
         max_attempts=queue_t.integer("max_attempts", 3, 1, 100),
@@ -535,6 +599,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
         retention_t,
         identity_t,
         scope_t,
+        http_t,
     ):
         t.finish()
     needs_tls = ["node.tls"] if node.tls else []
@@ -560,6 +625,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
         retention=retention,
         identity=identity,
         scope=scope,
+        http=http,
     )
 
 

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
-from dicomnode import sender, tls
+from dicomnode import metrics, sender, tls
 from dicomnode.config import Config, DeliveryConfig, TlsConfig
 from dicomnode.logging import get_logger
 from dicomnode.records import (
@@ -164,6 +164,7 @@ class DeliveryLoop:
         """Send one claimed delivery, record the attempt and log it; returns the new state."""
         outcome, reason = self.attempt(delivery)
         recorded = self.queue.record_delivery_attempt(delivery.delivery_id, outcome, reason)
+        metrics.delivery_attempted(recorded.destination.key, str(outcome), str(recorded.state))
         fields = {
             "delivery_id": recorded.delivery_id,
             "job_id": recorded.job_id,

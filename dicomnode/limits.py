@@ -1,5 +1,8 @@
 """Limits on what a peer may make the listener hold: PDU length (memory), data set size and free
-space (disk), a stalled transfer (an association slot). Used by :mod:`dicomnode.scp`.
+space (disk), a stalled transfer (an association slot); and guards for the malformed requests
+on which pynetdicom (3.0) fails with an exception instead of an answer (an association request
+with a presentation context it cannot negotiate, a command set it cannot decode, a local event
+in the state that closes the association). Used by :mod:`dicomnode.scp`.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import Any
 from pynetdicom import evt
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.events import EventHandlerType
-from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
+from pynetdicom.fsm import TRANSITION_TABLE
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ, P_DATA_TF
 
 from dicomnode.config import NodeConfig
 from dicomnode.logging import get_logger
@@ -43,7 +47,7 @@ MAX_OTHER_PDU = 1024 * 1024
 """Longest PDU other than P-DATA-TF the listener reads (an A-ASSOCIATE-RQ with every storage
 SOP class and transfer syntax is some tens of kB)."""
 
-_PDU_HEADER, _P_DATA_TF = 6, 0x04
+_PDU_HEADER, _A_ASSOCIATE_RQ, _P_DATA_TF = 6, 0x01, 0x04
 _SOURCE_PROVIDER, _INVALID_PDU_PARAMETER_VALUE = 0x02, 0x06
 
 
@@ -124,28 +128,136 @@ class PduLengthGuard:
             pdu_type, length = declared
             limit = self.limit(pdu_type)
             if nr_bytes == length and 0 < limit < length:
-                self._refuse(pdu_type, length, limit)
+                self._refuse(
+                    pdu_type,
+                    "PDU longer than the maximum length (node.max_pdu for P-DATA-TF)",
+                    length=length,
+                    limit=limit,
+                )
                 return bytearray()
         data = self._recv(nr_bytes)
         if declared is None and nr_bytes == _PDU_HEADER and len(data) == _PDU_HEADER:
             pdu_type, _, length = struct.unpack(">BBI", bytes(data))
             self._declared = (pdu_type, length)
+        elif declared is not None and declared[0] == _A_ASSOCIATE_RQ and len(data) == nr_bytes:
+            problem = association_request_problem(bytes(data))
+            if problem is not None:
+                self._refuse(_A_ASSOCIATE_RQ, problem, length=nr_bytes)
+                return bytearray()
         return data
 
-    def _refuse(self, pdu_type: int, length: int, limit: int) -> None:
+    def _refuse(self, pdu_type: int, reason: str, **fields: int) -> None:
         log.warning(
             "pdu_refused",
             peer=self._peer,
             pdu_type=f"0x{pdu_type:02X}",
-            length=length,
-            limit=limit,
-            reason="PDU longer than the maximum length (node.max_pdu for P-DATA-TF)",
+            reason=reason,
+            **fields,
         )
         abort = A_ABORT_RQ()
         abort.source, abort.reason_diagnostic = _SOURCE_PROVIDER, _INVALID_PDU_PARAMETER_VALUE
         # straight to the socket: pynetdicom's send would queue a second close event on failure
         with contextlib.suppress(OSError, AttributeError):
             self._sock.socket.sendall(abort.encode())
+
+
+def association_request_problem(body: bytes) -> str | None:
+    """What makes the A-ASSOCIATE-RQ with variable field ``body`` one pynetdicom cannot
+    negotiate, or None (also when it does not decode: pynetdicom then answers A-ABORT itself).
+
+    PS3.8 9.3.2: every presentation context has an odd ID from 1 to 255, one abstract syntax
+    and at least one transfer syntax, and the request has a User Information item. pynetdicom
+    (3.0) fails on a context without a transfer syntax in its acceptor thread (IndexError), so
+    the connection stayed open with nobody serving it, for ever; on an even ID or a missing User
+    Information item it closed the connection without a word. Such a request gets an A-ABORT
+    (as any invalid PDU, PS3.8 9.2 action AA-1)."""
+    pdu = A_ASSOCIATE_RQ()
+    try:
+        pdu.decode(struct.pack(">BBI", _A_ASSOCIATE_RQ, 0, len(body)) + body)
+        contexts = pdu.presentation_context
+        user_information = pdu.user_information
+    except Exception:
+        return None
+    for context in contexts:
+        cid = context.context_id
+        if cid is None or not (1 <= cid <= 255 and cid % 2 == 1):
+            return f"presentation context ID {cid} is not an odd number from 1 to 255"
+        if not context.abstract_syntax:
+            return f"presentation context {cid} has no abstract syntax"
+        if not context.transfer_syntax or not all(context.transfer_syntax):
+            return f"presentation context {cid} has no transfer syntax"
+    if user_information is None or not user_information.implementation_class_uid:
+        return "no User Information item with an Implementation Class UID"
+    return None
+
+
+#: Local service primitives (PS3.8 9.2 Table 9-6): requests and responses of our own side.
+_LOCAL_EVENTS = frozenset(("Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"))
+
+
+def guard_association(assoc: Any) -> None:
+    """Two guards on one accepted association's pynetdicom objects (instance attributes, so
+    nothing global changes):
+
+    - a command set pynetdicom cannot decode (no Command Field, an unknown one, garbage) raised
+      inside its state machine, which then closed the connection without a word and ended the
+      DUL thread with a traceback; it now is an invalid PDU (event 19): A-ABORT, as PS3.8 and
+      PS3.7 ask, and the association ends as usual (its spool file removed at close);
+    - a local primitive (our response to a request that arrived before the peer's A-ABORT or
+      a PDU that made us abort) in state 13, awaiting the close of the connection, raised
+      pynetdicom's InvalidEventError in the DUL thread; it is ignored: the association is over;
+    - any other exception of the state machine (an A-ABORT with an undefined source value, an
+      event the state table lacks) ended the DUL thread with a traceback, the connection left
+      to the peer; the association is now aborted as pynetdicom does for an error in its own
+      loop (A-ABORT, service provider, then the connection is closed).
+    """
+    dimse, dul = assoc.dimse, assoc.dul
+    receive, do_action = dimse.receive_primitive, dul.state_machine.do_action
+
+    def receive_primitive(primitive: Any) -> None:
+        try:
+            receive(primitive)
+        except Exception as exc:
+            log.warning(
+                "dimse_message_invalid",
+                peer=assoc.requestor.address,
+                error=type(exc).__name__,
+                outcome="association_aborted",
+            )
+            dul.event_queue.put("Evt19")
+
+    def guarded_action(event: str) -> None:
+        state = dul.state_machine.current_state
+        if state == "Sta13" and event in _LOCAL_EVENTS and (event, state) not in TRANSITION_TABLE:
+            log.debug("late_local_event_ignored", event_name=event, peer=assoc.requestor.address)
+            return
+        try:
+            do_action(event)
+        except Exception as exc:
+            log.warning(
+                "association_state_error",
+                peer=assoc.requestor.address,
+                event_name=event,
+                state=state,
+                error=type(exc).__name__,
+                outcome="association_aborted",
+            )
+            abort_now(assoc)
+
+    setattr(dimse, "receive_primitive", receive_primitive)  # noqa: B010
+    setattr(dul.state_machine, "do_action", guarded_action)  # noqa: B010
+
+
+def abort_now(assoc: Any) -> None:
+    """Send an A-ABORT (service provider) straight to the socket and stop the association, as
+    pynetdicom's DUL does when its own loop fails."""
+    abort = A_ABORT_RQ()
+    abort.source, abort.reason_diagnostic = _SOURCE_PROVIDER, 0x00
+    with contextlib.suppress(Exception):
+        assoc.dul.socket.send(abort.encode())
+    assoc.is_aborted, assoc.is_established = True, False
+    setattr(assoc, "_kill", True)  # noqa: B010 (pynetdicom's own hard stop of both reactors)
+    assoc.dul.kill_dul()
 
 
 class InboundLimits:
@@ -181,7 +293,8 @@ class InboundLimits:
         return [(evt.EVT_CONN_OPEN, self.on_conn_open), (evt.EVT_PDU_RECV, self.on_pdu_recv)]
 
     def on_conn_open(self, event: evt.Event) -> None:
-        """Install the PDU length guard and the receive timeout (before the DUL thread runs)."""
+        """Install the PDU length guard, the receive timeout and :func:`guard_association`
+        (before the DUL thread runs)."""
         try:
             sock = event.assoc.dul.socket
             if sock is None or sock.socket is None:
@@ -189,6 +302,7 @@ class InboundLimits:
             sock.socket.settimeout(self.timeout)
             guard = PduLengthGuard(sock, self.max_pdu, event.assoc.requestor.address)
             setattr(sock, "recv", guard)  # noqa: B010 (an instance attribute over a method)
+            guard_association(event.assoc)
         except Exception:
             log.exception("connection_setup_failed")
 

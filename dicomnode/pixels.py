@@ -5,8 +5,11 @@ Modality LUT (rescale or LUT) → VOI LUT or window (the first one where several
 polarity (MONOCHROME1 is inverted so bone is bright) → a float32 array in ``[0, 1]``,
 0 the darkest display value. Pixels marked by Pixel Padding Value (and Range Limit) are set to 0
 so the black-border crop in ``inference`` removes them. Everything that cannot be turned into one
-grey-level plane (colour, multi-frame, an undecodable codestream) raises :class:`PixelDataError`,
-a ``ValueError`` whose message says why, without a traceback from the decoder plugins.
+grey-level plane (colour, multi-frame, an undecodable codestream, grayscale pipeline attributes
+that cannot be applied) raises :class:`PixelDataError`, a ``ValueError`` whose message says why,
+without a traceback from the decoder plugins. Header elements whose value cannot be parsed at
+all (a length that does not fit the VR, an unknown VR, a corrupt sequence) are left out of the
+view's header, so nothing downstream trips over them (:func:`drop_unreadable`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -95,13 +99,33 @@ def load_view(path: str | Path) -> View:
             ds = pydicom.dcmread(handle)
     except (InvalidDicomError, OSError, EOFError) as exc:
         raise PixelDataError(f"{Path(path).name}: not a readable DICOM file ({exc})") from None
+    except Exception as exc:  # a corrupt data set: struct, value or recursion errors of the reader
+        name = type(exc).__name__
+        raise PixelDataError(f"{Path(path).name}: not a readable DICOM file ({name})") from None
+    drop_unreadable(ds)
     check_single_grey_frame(ds)
     raw = decode_stored_values(ds)
-    pixels = to_display(raw, ds)
+    pixels = display_pixels(raw, ds)
     for keyword in _PIXEL_KEYWORDS:
         if keyword in ds:
             delattr(ds, keyword)
     return View(pixels=pixels, header=ds, sha256=sha256)
+
+
+def drop_unreadable(ds: Dataset) -> tuple[str, ...]:
+    """Remove the top-level elements of ``ds`` whose value cannot be parsed (a length that is
+    no multiple of the VR's size, an unknown VR, a corrupt sequence), and return their names.
+
+    pydicom parses values when they are first used, so such an element would raise wherever the
+    worker or a writer touches it; without it the image is judged on what is readable."""
+    dropped = []
+    for tag in list(ds.keys()):
+        try:
+            ds[tag]
+        except Exception:
+            dropped.append(keyword_for_tag(tag) or str(tag))
+            del ds[tag]
+    return tuple(dropped)
 
 
 def check_single_grey_frame(ds: Dataset) -> None:
@@ -109,13 +133,18 @@ def check_single_grey_frame(ds: Dataset) -> None:
     if "PixelData" not in ds:
         raise PixelDataError("the instance has no Pixel Data (not an image)")
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
-    samples = int(ds.get("SamplesPerPixel", 1))
+    try:
+        samples = int(ds.get("SamplesPerPixel", 1))
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise PixelDataError(
+            f"invalid Samples per Pixel or Number of Frames ({type(exc).__name__})"
+        ) from None
     if samples != 1 or photometric not in _GREYSCALE:
         raise PixelDataError(
             f"colour or unsupported image (Photometric Interpretation {photometric or 'missing'}, "
             f"{samples} samples per pixel); only MONOCHROME1/MONOCHROME2 radiographs are analysed"
         )
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames != 1:
         raise PixelDataError(
             f"multi-frame image ({frames} frames); only single-frame radiographs are analysed"
@@ -128,7 +157,12 @@ def decode_stored_values(ds: Dataset) -> np.ndarray:
     syntax_name = getattr(syntax, "name", str(syntax))
     try:
         raw = ds.pixel_array
-    except Exception as exc:  # decoder plugins raise RuntimeError, ValueError, NotImplementedError
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:
+        # Decoder plugins raise RuntimeError, ValueError, NotImplementedError, MemoryError; the
+        # Rust one (pylibjpeg-rle) panics on corrupt RLE segments with pyo3's PanicException,
+        # a BaseException: uncaught, it ended the worker process, and its restarts, on the study
         reason = " ".join(str(exc).split())
         raise PixelDataError(f"cannot decode pixel data ({syntax_name}): {reason}") from None
     if raw.ndim != 2:
@@ -144,6 +178,28 @@ def padding_mask(raw: np.ndarray, ds: Dataset) -> np.ndarray:
     limit = ds.get("PixelPaddingRangeLimit")
     low, high = (value, value) if limit is None else (min(value, limit), max(value, limit))
     return np.asarray((raw >= low) & (raw <= high))
+
+
+def display_pixels(raw: np.ndarray, ds: Dataset) -> np.ndarray:
+    """:func:`to_display`, with a :class:`PixelDataError` when the grayscale pipeline attributes
+    cannot be applied (a malformed Modality LUT, VOI LUT, window or padding value: pydicom
+    raises TypeError, KeyError, IndexError, NotImplementedError...) or give no finite values
+    (a rescale slope of NaN or 1e308)."""
+    try:
+        pixels = to_display(raw, ds)
+    except PixelDataError:
+        raise
+    except Exception as exc:
+        raise PixelDataError(
+            "the grayscale pipeline attributes (Modality LUT or rescale, VOI LUT or window, "
+            f"pixel padding) cannot be applied ({type(exc).__name__})"
+        ) from None
+    if not np.isfinite(pixels).all():
+        raise PixelDataError(
+            "the grayscale pipeline attributes (Modality LUT or rescale, VOI LUT or window) "
+            "give values that are not finite numbers"
+        )
+    return pixels
 
 
 def to_display(raw: np.ndarray, ds: Dataset) -> np.ndarray:

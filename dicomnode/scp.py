@@ -37,9 +37,10 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import EventHandlerType
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicomnode import tls
+from dicomnode import metrics, tls
 from dicomnode.children import ChildContext, ChildSupervisor
 from dicomnode.config import AllowedCaller, Config, OtherSopClasses
+from dicomnode.health import LISTENER
 from dicomnode.limits import InboundLimits, space_shortfall, spooled_dataset_size
 from dicomnode.logging import configure_logging, get_logger
 from dicomnode.receivers import AssociationSlots, SharedSocketServer
@@ -125,18 +126,27 @@ class HeaderError(ValueError):
 def read_header(path: Path) -> InstanceHeader:
     """Read the identifying UIDs of the DICOM file at ``path`` (no pixel data is read).
 
-    Raises :class:`HeaderError` if the file cannot be parsed and ValueError if a UID is missing
-    or unusable.
+    The whole header is parsed, not only the four UIDs: a header the worker could not read
+    (a corrupt element or sequence anywhere before the pixel data) is refused here rather than
+    stored and then left without an answer. Raises :class:`HeaderError` if the file cannot be
+    parsed and ValueError if a UID is missing, unusable or not encoded as a UID (VR UI).
     """
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
-        values = {tag: str(ds.get(tag, "") or "").strip() for tag in _HEADER_TAGS}
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        elements = {tag: ds.data_element(tag) if tag in ds else None for tag in _HEADER_TAGS}
+        values = {
+            tag: str(element.value or "").strip() if element is not None else ""
+            for tag, element in elements.items()
+        }
         transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
     except Exception as exc:
         raise HeaderError(f"dataset header cannot be parsed ({type(exc).__name__})") from exc
     for tag, value in values.items():
         if not value:
             raise ValueError(f"{tag} is missing or empty")
+        vr = elements[tag].VR  # type: ignore[union-attr]
+        if vr != "UI":
+            raise ValueError(f"{tag} is not encoded as a UID (VR {vr})")
         check_uid(value, tag)
     return InstanceHeader(
         sop_class_uid=values["SOPClassUID"],
@@ -231,6 +241,17 @@ def discard_unfinished_spool(assoc: object) -> Path | None:
     return Path(path)
 
 
+def spooled_size(event: evt.Event) -> int | None:
+    """Bytes of the data set a C-STORE spooled (None: the request carried none)."""
+    path = getattr(event, "dataset_path", None)
+    if path is None:
+        return None
+    try:
+        return Path(path).stat().st_size
+    except OSError:
+        return None
+
+
 @dataclass(frozen=True)
 class ReceiverSeat:
     """What a receiver child needs from the listener: its index (1 and up; the listener is 0),
@@ -306,6 +327,8 @@ class Listener:
         handlers: list[EventHandlerType] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open_spool),
             (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
@@ -363,7 +386,9 @@ class Listener:
         failed transfers left in its spool (:meth:`sweep_spool`), and (the listener) restart
         receiver children that died or hung. Raises RuntimeError when one died before it ever
         served (it cannot start)."""
-        self.slots.update(self.index, self._running())
+        running = self._running()
+        self.slots.update(self.index, running)
+        metrics.associations_open(running)
         self.sweep_spool()
         for index, supervisor in enumerate(self.receivers, start=1):
             if not supervisor.check():
@@ -486,10 +511,12 @@ class Listener:
                 peer=address,
                 reason="calling AE title and host not in allowed_callers",
             )
+            metrics.association_rejected("caller_not_allowed")
             reason = (_REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED)
         elif self.slots.admit(self.index, self._running()):
             with self._admitted_lock:
                 self._admitted.add(assoc)
+            metrics.associations_open(self._running())
             return
         else:
             log.warning(
@@ -498,11 +525,26 @@ class Listener:
                 peer=address,
                 reason=f"node.max_associations = {self.slots.limit} reached",
             )
+            metrics.association_rejected("max_associations")
             reason = (_REJECT_TRANSIENT, _SOURCE_PROVIDER_PRESENTATION, _LOCAL_LIMIT_EXCEEDED)
         assoc.acse.send_reject(*reason)
         # As pynetdicom's own rejection does: kill() waits until the DUL has sent the
         # A-ASSOCIATE-RJ, so the socket is not closed before the peer reads the reason.
         assoc.kill()
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        metrics.association_accepted()
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        """pynetdicom's own rejections (ours are counted where they are made): a called AE
+        title other than ours, or its per-process association limit."""
+        primitive = event.assoc.acceptor.primitive
+        found = (primitive.result_source, primitive.diagnostic) if primitive else (None, None)
+        reasons: dict[tuple[int | None, int | None], str] = {
+            (1, 7): "called_ae_title",
+            (3, 2): "max_associations",
+        }
+        metrics.association_rejected(reasons.get(found, "other"))
 
     def _on_conn_open(self, event: evt.Event) -> None:
         """TLS only: complete the handshake in this association's thread (a stalled peer
@@ -517,6 +559,7 @@ class Listener:
                 log.debug("tls_established", peer=address, **tls.session_summary(raw))
                 return
             log.warning("tls_handshake_failed", peer=address, reason=failure)
+            metrics.association_rejected("tls_handshake")
             if sock is not None:
                 sock.close()
         except Exception:  # a handler never raises; pynetdicom then drops the connection
@@ -544,7 +587,9 @@ class Listener:
             self.limits.forget(event.assoc)
             with self._admitted_lock:
                 self._admitted.discard(event.assoc)
-            self.slots.update(self.index, self._running())
+            running = self._running()
+            self.slots.update(self.index, running)
+            metrics.associations_open(running)
             removed = discard_unfinished_spool(event.assoc)
             others = [
                 a
@@ -580,13 +625,16 @@ class Listener:
             peer=event.assoc.requestor.address,
             receiver=self.index,
         )
+        size = spooled_size(event)
         try:
             status, fields = self._store(event)
         except Exception:
             bound.exception("instance_failed", status=f"0x{StoreStatus.INTERNAL_ERROR:04X}")
+            metrics.instance_answered(StoreStatus.INTERNAL_ERROR, "error", size)
             return int(StoreStatus.INTERNAL_ERROR)
         level = "info" if status is StoreStatus.SUCCESS else "warning"
         getattr(bound, level)("instance_received", status=f"0x{status:04X}", **fields)
+        metrics.instance_answered(status, str(fields.get("outcome", "")), size)
         return int(status)
 
     def _store(self, event: evt.Event) -> tuple[StoreStatus, dict[str, object]]:
@@ -641,6 +689,7 @@ def receiver_child(config: Config, seat: ReceiverSeat, context: ChildContext) ->
     """Entry point of a receiver child (a fresh interpreter): serve on the listener's socket
     until SIGTERM or until the listener is gone."""
     configure_logging(config.node.log_level)
+    metrics.process_started(f"receiver_{seat.index}", [LISTENER])
     with Listener(config, seat) as listener:
         context.mark_ready()
         while not context.stop.wait(1.0):

@@ -22,16 +22,21 @@ leased jobs and pending deliveries live in the state database.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 
-from dicomnode import sdnotify
+from dicomnode import health, metrics, sdnotify
 from dicomnode.children import ChildContext, ChildSupervisor, Heartbeat, signal_setter
-from dicomnode.config import Config
+from dicomnode.config import Config, ConfigError
 from dicomnode.delivery import run_delivery
+from dicomnode.httpd import HttpEndpoint, NodeEndpoints, url
 from dicomnode.logging import configure_logging, get_logger
 from dicomnode.records import EventLike
 from dicomnode.scp import Listener, run_listener
@@ -93,6 +98,7 @@ def worker_child(config: Config, context: ChildContext) -> None:
     the worker cannot run at all.
     """
     configure_logging(config.node.log_level)
+    metrics.process_started("worker", [health.WORKER])
     from dicomnode.worker import run_worker  # torch is imported in the child only
 
     try:
@@ -130,8 +136,10 @@ def supervise(
     supervisor: ChildSupervisor | None,
     is_ready: Callable[[], bool],
     describe: Callable[[], str],
+    on_tick: Callable[[], None] | None = None,
 ) -> ExitCode:
-    """The main loop: watch the roles, announce readiness, ping the watchdog; until ``stop``.
+    """The main loop: watch the roles, announce readiness, ping the watchdog, call ``on_tick``;
+    until ``stop``.
 
     Returns 1 when a role thread ended by itself (e.g. the port could not be bound) or the
     worker failed at start-up, 0 after a requested stop.
@@ -154,8 +162,80 @@ def supervise(
             announced = True
         if watchdog is None or all(role.heartbeat.age() < watchdog for role in roles):
             sdnotify.watchdog_ping()
+        if on_tick is not None:
+            on_tick()
         stop.wait(tick)
     return 0
+
+
+class Reporting:
+    """What a role tells operators: its facts file every tick (for ``dicomnode status``) and,
+    with ``http.enabled``, its HTTP endpoint (``/metrics``, ``/healthz``, ``/readyz``).
+
+    ``facts`` gives the role's :class:`~dicomnode.health.RoleFacts` now (its ``http_port`` is
+    filled in here). An HTTP port that cannot be bound is logged (``http_failed``) and the node
+    runs without the endpoint: receiving images matters more than being watched, and
+    Prometheus shows the target down."""
+
+    def __init__(self, config: Config, role: str, facts: Callable[[], health.RoleFacts]) -> None:
+        self.config = config
+        self.role = role
+        self._facts = facts
+        self.http: HttpEndpoint | None = None
+        self.endpoints: NodeEndpoints | None = None
+        self._write_failed = False
+
+    def facts(self) -> health.RoleFacts:
+        port = None if self.http is None else self.http.port
+        return dataclasses.replace(self._facts(), http_port=port)
+
+    def start(self) -> None:
+        components = health.ROLE_COMPONENTS[self.role]
+        metrics.process_started(self.role, components)
+        if health.SENDER in components:
+            metrics.destinations_known(d.key for d in self.config.destinations)
+        http = self.config.http
+        if http.enabled:
+            self.endpoints = NodeEndpoints(self.config, self.role, self.facts)
+            endpoint = HttpEndpoint(http, http.port_of(self.role), self.endpoints)
+            try:
+                self.http = endpoint.start()
+            except (OSError, ConfigError) as exc:  # a port in use; HTTPS files changed since start
+                log.error(
+                    "http_failed",
+                    bind=http.bind,
+                    port=http.port_of(self.role),
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+            else:
+                log.info(
+                    "http_started",
+                    bind=http.bind,
+                    port=endpoint.port,
+                    tls=endpoint.scheme == "https",
+                    url=url(endpoint),
+                    paths=["/metrics", "/healthz", "/readyz"],
+                )
+        self.tick()
+
+    def tick(self) -> None:
+        """Write the facts file (a failure is logged once, not every second)."""
+        try:
+            health.write_facts(self.config.node.state_dir, self.facts())
+            self._write_failed = False
+        except OSError as exc:
+            if not self._write_failed:
+                log.warning("health_facts_not_written", error=f"{type(exc).__name__}: {exc}")
+            self._write_failed = True
+
+    def stop(self) -> None:
+        if self.http is not None:
+            self.http.stop()
+            self.http = None
+        if self.endpoints is not None:
+            self.endpoints.close()
+        with contextlib.suppress(OSError):
+            health.remove_facts(self.config.node.state_dir, self.role)
 
 
 def run_roles(
@@ -165,17 +245,22 @@ def run_roles(
     is_ready: Callable[[], bool],
     describe: Callable[[], str],
     supervisor: ChildSupervisor | None = None,
+    reporting: Reporting | None = None,
 ) -> ExitCode:
-    """Start the roles, supervise them until SIGTERM/SIGINT or a failure, then stop them."""
+    """Start the roles, supervise them until SIGTERM/SIGINT or a failure, then stop them.
+    ``reporting`` starts first (``/healthz`` answers while the roles start) and stops last."""
     restore = install_signal_handlers(stop)
     log.info("service_starting", service=name, roles=[r.name for r in roles])
     code = 1
     try:
+        if reporting is not None:
+            reporting.start()
         for role in roles:
             role.start()
         if supervisor is not None:
             supervisor.start()
-        code = supervise(stop, roles, supervisor, is_ready, describe)
+        on_tick = None if reporting is None else reporting.tick
+        code = supervise(stop, roles, supervisor, is_ready, describe, on_tick)
     finally:
         sdnotify.stopping()
         log.info("service_stopping", service=name)
@@ -184,6 +269,8 @@ def run_roles(
             supervisor.shutdown(STOP_GRACE_SECONDS)
         for role in roles:
             role.join(STOP_GRACE_SECONDS)
+        if reporting is not None:
+            reporting.stop()
         restore()
         log.info("service_stopped", service=name, exit_code=code)
     return code
@@ -220,11 +307,43 @@ def _listening(config: Config, bound: _Bound) -> str:
     return f"listening as {config.node.ae_title} on {config.node.bind}:{bound.port}"
 
 
+def _facts(
+    role: str,
+    listener: tuple[_Bound, RoleThread] | None = None,
+    worker_ready: bool = False,
+    worker_age: float | None = None,
+) -> health.RoleFacts:
+    """A role's facts now: the listener's port once it serves and its last beat (when the role
+    has a ``listener``), and the worker's state (when it has one: ``worker_age`` is set)."""
+    port, age = None, None
+    if listener is not None:
+        bound, thread = listener
+        port = bound.port if bound.event.is_set() and thread.alive else None
+        age = thread.heartbeat.age()
+    return health.RoleFacts(
+        role=role,
+        pid=os.getpid(),
+        reported_at=time.time(),
+        dicom_port=port,
+        listener_age=age,
+        worker_ready=worker_ready,
+        worker_age=worker_age,
+    )
+
+
 def run_listen(config: Config) -> ExitCode:
     """``dicomnode listen``: the listener and study assembly."""
     stop, bound = threading.Event(), _Bound()
-    roles = [RoleThread("listener", _listener_role(config, bound), stop)]
-    return run_roles("listen", roles, stop, bound.event.is_set, lambda: _listening(config, bound))
+    listener = RoleThread("listener", _listener_role(config, bound), stop)
+    reporting = Reporting(config, "listen", lambda: _facts("listen", (bound, listener)))
+    return run_roles(
+        "listen",
+        [listener],
+        stop,
+        bound.event.is_set,
+        lambda: _listening(config, bound),
+        reporting=reporting,
+    )
 
 
 def run_work(config: Config) -> ExitCode:
@@ -237,7 +356,21 @@ def run_work(config: Config) -> ExitCode:
         run_worker(config, stop, ready=loaded.set, heartbeat=heartbeat)
 
     roles = [RoleThread("worker", worker, stop), RoleThread("sender", _sender_role(config), stop)]
-    return run_roles("work", roles, stop, loaded.is_set, lambda: "worker ready")
+
+    def facts() -> health.RoleFacts:
+        alive = roles[0].alive
+        return _facts(
+            "work", worker_ready=loaded.is_set() and alive, worker_age=roles[0].heartbeat.age()
+        )
+
+    return run_roles(
+        "work",
+        roles,
+        stop,
+        loaded.is_set,
+        lambda: "worker ready",
+        reporting=Reporting(config, "work", facts),
+    )
 
 
 def run_serve(config: Config) -> ExitCode:
@@ -248,6 +381,15 @@ def run_serve(config: Config) -> ExitCode:
         RoleThread("sender", _sender_role(config), stop),
     ]
     supervisor = worker_supervisor(config)
+
+    def facts() -> health.RoleFacts:
+        return _facts(
+            "serve",
+            (bound, roles[0]),
+            worker_ready=supervisor.child_ready,
+            worker_age=supervisor.heartbeat.age(),
+        )
+
     return run_roles(
         "serve",
         roles,
@@ -255,4 +397,5 @@ def run_serve(config: Config) -> ExitCode:
         lambda: bound.event.is_set() and supervisor.ready,
         lambda: _listening(config, bound) + ", worker ready",
         supervisor,
+        Reporting(config, "serve", facts),
     )

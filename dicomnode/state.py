@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -361,6 +362,72 @@ class StateDB:
                 )
             ]
             return tuple(_delivery(self._conn, i) for i in ids)
+
+    def destination_summaries(self) -> tuple[DestinationSummary, ...]:
+        """Deliveries per destination (every destination that has any), for the metrics and
+        the readiness checks: counts by state, the back-off step and the latest outcome."""
+        counts = self.query(
+            "SELECT dest_ae, dest_host, dest_port, SUM(state = :pending), "
+            "SUM(state = :delivered), SUM(state = :failed), "
+            "MAX(CASE WHEN state = :pending THEN attempts ELSE 0 END) "
+            "FROM deliveries GROUP BY dest_ae, dest_host, dest_port",
+            {
+                "pending": DeliveryState.PENDING.value,
+                "delivered": DeliveryState.DELIVERED.value,
+                "failed": DeliveryState.FAILED.value,
+            },
+        )
+        latest = {
+            Destination(r[0], r[1], r[2]).key: r
+            for r in self.query(
+                "SELECT dest_ae, dest_host, dest_port, state, updated_at, last_error FROM "
+                "(SELECT *, ROW_NUMBER() OVER (PARTITION BY dest_ae, dest_host, dest_port "
+                "ORDER BY updated_at DESC, delivery_id DESC) AS n FROM deliveries "
+                "WHERE attempts > 0) WHERE n = 1"
+            )
+        }
+        summaries = []
+        for r in counts:
+            key = Destination(r[0], r[1], r[2]).key
+            last = latest.get(key)
+            summaries.append(
+                DestinationSummary(
+                    destination=key,
+                    pending=int(r[3]),
+                    delivered=int(r[4]),
+                    failed=int(r[5]),
+                    retrying_attempts=int(r[6]),
+                    last_state=None if last is None else DeliveryState(last[3]),
+                    last_at=None if last is None else float(last[4]),
+                    last_error=None if last is None else last[5],
+                )
+            )
+        return tuple(sorted(summaries, key=lambda s: s.destination))
+
+
+@dataclass(frozen=True)
+class DestinationSummary:
+    """The deliveries to one destination (``Destination.key``), as the state database has them.
+
+    ``retrying_attempts``: the most attempts among its pending deliveries (0: none has failed
+    yet), the step of the back-off it waits out now. ``last_state``: the state of the delivery
+    attempted most recently (``delivered``; ``failed``, or ``pending`` after a failed attempt
+    that will be retried); None when no delivery to it was attempted yet. ``last_at`` and
+    ``last_error`` belong to that delivery."""
+
+    destination: str
+    pending: int
+    delivered: int
+    failed: int
+    retrying_attempts: int
+    last_state: DeliveryState | None
+    last_at: float | None
+    last_error: str | None
+
+    @property
+    def last_failed(self) -> bool:
+        """The latest attempt to this destination did not deliver."""
+        return self.last_state is not None and self.last_state is not DeliveryState.DELIVERED
 
 
 def _study_status(row: sqlite3.Row) -> StudyStatus:

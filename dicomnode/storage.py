@@ -177,6 +177,16 @@ class StateLayout:
         """The installation's Device Observer UID, made once (see :func:`installation_uid`)."""
         return self.root / "device-uid"
 
+    @property
+    def metrics_dir(self) -> Path:
+        """Prometheus multi-process files, one folder per role (``dicomnode.metrics``)."""
+        return self.root / "metrics"
+
+    @property
+    def health_dir(self) -> Path:
+        """What each running role reports about itself for readiness (``dicomnode.health``)."""
+        return self.root / "health"
+
     def create(self) -> StateLayout:
         """Create the folders (idempotent; safe to call from any role), private to their owner.
 

@@ -39,9 +39,10 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation
 
+from dicomnode import metrics
 from dicomnode.config import Config, OutOfScope
 from dicomnode.logging import get_logger
-from dicomnode.pixels import PixelDataError, View, load_view, region_hints
+from dicomnode.pixels import PixelDataError, View, drop_unreadable, load_view, region_hints
 from dicomnode.records import (
     IDLE_POLL_SECONDS,
     EventLike,
@@ -250,6 +251,7 @@ def unreadable(
             header = pydicom.dcmread(instance.path, stop_before_pixels=True)
         except Exception:  # the reason is already logged and in the note
             continue
+        drop_unreadable(header)  # as for a decoded view: the writers read this header
         source = SourceIdentity(instance.sop_instance_uid, instance.sha256)
         images.append(NotAnalysedImage(header, source, UNDECODABLE))
     return images
@@ -526,6 +528,9 @@ class Worker:
             destinations=[d.key for d in destinations],
             seconds=outcome.seconds.fields(),
         )
+        metrics.job_processed(
+            str(state), asdict(outcome.seconds), outcome.analysed, len(outcome.skipped)
+        )
         return state
 
     def _fail(self, job: StudyJob, exc: Exception, lost: bool) -> JobState | None:
@@ -548,6 +553,7 @@ class Worker:
             logger.warning("job_lease_lost", stage="fail")
             return None
         logger.warning("job_failed", state=str(state), reason=reason, attempt=job.attempt)
+        metrics.job_processed(str(state))
         return state
 
     def run_once(self) -> bool:
@@ -627,6 +633,18 @@ def warm_up_writers(node: NodeIdentity, algorithm: AlgorithmInfo) -> float:
     return time.perf_counter() - t0
 
 
+def load_ensemble(config: Config) -> Ensemble:
+    """The ensemble of ``[inference]``: weights, device, speed and ``max_batch`` (the most views
+    of a study analysed at once; None: sized from the free memory for each study)."""
+    return Ensemble.load(
+        config.inference.weights,
+        device=str(config.inference.device),
+        precision=config.inference.precision,
+        channels_last=config.inference.channels_last,
+        max_batch=config.inference.max_batch,
+    )
+
+
 def run_worker(
     config: Config,
     stop: EventLike,
@@ -638,12 +656,7 @@ def run_worker(
     ``ready`` is called once the weights are loaded, the writers warmed up
     (:func:`warm_up_writers`) and the queue is open.
     """
-    ensemble = Ensemble.load(
-        config.inference.weights,
-        device=str(config.inference.device),
-        precision=config.inference.precision,
-        channels_last=config.inference.channels_last,
-    )
+    ensemble = load_ensemble(config)
     warm_up_seconds = warm_up_writers(node_identity(config), ensemble.algorithm)
     with StateLayout(config.node.state_dir).open_db() as db:
         worker = Worker(config, ensemble, open_queue(db, config), heartbeat=heartbeat)
@@ -655,8 +668,12 @@ def run_worker(
             algorithm_version=algorithm.version,
             device=str(ensemble.device),
             speed=ensemble.speed.describe(),
+            max_batch=ensemble.max_batch or "auto",
             trained=ensemble.manifest.trained,
             writers_warm_up_seconds=round(warm_up_seconds, 3),
+        )
+        metrics.model_loaded(
+            algorithm.name, algorithm.version, str(ensemble.device), ensemble.speed.precision
         )
         if ready is not None:
             ready()

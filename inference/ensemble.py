@@ -9,6 +9,11 @@ transform of that size maps boxes back to the original pixels.
 Speed (``inference/precision.py``): members run under ``torch.inference_mode``, optionally in bf16
 autocast and the channels-last memory layout (``precision = auto | fp32 | bf16``,
 ``channels_last``); fp32 without channels-last (the default) gives the reference scores.
+
+Memory (``inference/memory.py``): ``analyse`` and ``predict`` take a study's views in chunks of at
+most ``max_batch`` images (``None``: sized for each call from the device's free memory), each
+chunk pre-processed, run and post-processed before the next, so memory is bounded by the setting,
+not by the number of views; the results per image do not depend on the chunking.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import cv2
@@ -26,6 +32,17 @@ from safetensors.torch import load_file
 
 from inference.manifest import Manifest, ManifestError, MemberSpec, read_manifest
 from inference.manifest import verified_weights_path as verified_weights_path
+from inference.memory import (
+    AUTO_CAP,
+    auto_max_batch,
+    available_bytes,
+    check_max_batch,
+    chunk_bounds,
+    image_bytes,
+    largest_activation,
+    member_image_bytes,
+    retained_image_bytes,
+)
 from inference.models import DRN, build_model
 from inference.postprocess import postprocess
 from inference.precision import FP32, SpeedSettings, resolve_speed
@@ -66,6 +83,13 @@ class Timings:
     preprocess: float
     inference: float
     postprocess: float
+
+    def __add__(self, other: Timings) -> Timings:
+        return Timings(
+            self.preprocess + other.preprocess,
+            self.inference + other.inference,
+            self.postprocess + other.postprocess,
+        )
 
 
 def build_member(spec: MemberSpec) -> DRN:
@@ -132,7 +156,11 @@ def _resize_map(prob_map: np.ndarray, size: int) -> np.ndarray:
 
 
 class Ensemble:
-    """A loaded ensemble. ``Ensemble.load(folder)`` checks every hash before building anything."""
+    """A loaded ensemble. ``Ensemble.load(folder)`` checks every hash before building anything.
+
+    ``max_batch``: the most views run through the members at once (an integer), or None for
+    ``auto`` (sized for each call from the device's free memory, see ``inference/memory.py``).
+    """
 
     def __init__(
         self,
@@ -140,6 +168,7 @@ class Ensemble:
         models: Sequence[DRN],
         device: torch.device,
         speed: SpeedSettings = FP32,
+        max_batch: int | None = None,
     ) -> None:
         if len(models) != len(manifest.members):
             raise ValueError("one model per manifest member is required")
@@ -147,6 +176,7 @@ class Ensemble:
         self.models = tuple(speed.apply_layout(m) for m in models)
         self.device = device
         self.speed = speed
+        self.max_batch = check_max_batch(max_batch)
         self._autocast = speed.autocast(device)
         self.map_size = max(m.size for m in manifest.members)
 
@@ -157,16 +187,22 @@ class Ensemble:
         device: str = "auto",
         precision: str = "fp32",
         channels_last: bool | None = None,
+        max_batch: int | None = None,
     ) -> Ensemble:
         """Load and verify the ensemble; ``precision`` (auto, fp32, bf16) and ``channels_last``
-        (None: on with bf16) are resolved for the device by :func:`resolve_speed`."""
+        (None: on with bf16) are resolved for the device by :func:`resolve_speed`;
+        ``max_batch``: views per chunk (None: auto)."""
+        check_max_batch(max_batch)
         manifest = read_manifest(Path(folder))
         target = select_device(device)
         speed = resolve_speed(precision, channels_last, target)
         for spec in manifest.members:  # every hash first: refuse before spending time building
             verified_weights_path(manifest, spec)
         models = [load_member(manifest, spec, target) for spec in manifest.members]
-        return cls(manifest, models, target, speed)
+        ensemble = cls(manifest, models, target, speed, max_batch)
+        if max_batch is None:  # auto: estimate now (a probe pass per member), not in a study
+            ensemble.image_bytes  # noqa: B018
+        return ensemble
 
     @property
     def algorithm(self) -> AlgorithmInfo:
@@ -176,6 +212,28 @@ class Ensemble:
             operating_point="92.5% sensitivity per calibration group (possible fracture); "
             "high-specificity threshold (fracture)",
         )
+
+    @cached_property
+    def image_bytes(self) -> int:
+        """Estimated peak bytes one more image of a chunk costs (``inference/memory.py``)."""
+        flip = "hflip" in self.manifest.tta
+        members = [
+            member_image_bytes(largest_activation(model, spec.in_chans, spec.size), flip)
+            for spec, model in zip(self.manifest.members, self.models, strict=True)
+        ]
+        maps = any(spec.options.map_head for spec in self.manifest.members)
+        return image_bytes(members, retained_image_bytes(self._sizes(), self.map_size, maps))
+
+    def batch_size(self, count: int, max_batch: int | None = None) -> int:
+        """Views per chunk for a call with ``count`` images: ``max_batch`` (default: the
+        ensemble's setting), or with ``auto`` what the device's free memory holds now."""
+        chosen = check_max_batch(max_batch) or self.max_batch
+        if count <= 1:
+            return 1
+        if chosen is None:
+            cap = AUTO_CAP.get(self.device.type, AUTO_CAP["cpu"])
+            chosen = auto_max_batch(available_bytes(self.device), self.image_bytes, cap)
+        return max(1, min(chosen, count))
 
     def _sizes(self) -> dict[int, bool]:
         """Each input size used, and whether any member at that size needs LCN."""
@@ -241,13 +299,18 @@ class Ensemble:
         if len(chosen) != len(set(names)):
             raise ValueError(f"not every member of {sorted(names)} is in the ensemble")
         manifest = replace(self.manifest, members=tuple(self.manifest.members[i] for i in chosen))
-        return Ensemble(manifest, [self.models[i] for i in chosen], self.device, self.speed)
+        models = [self.models[i] for i in chosen]
+        return Ensemble(manifest, models, self.device, self.speed, self.max_batch)
 
-    def predict(self, images: Sequence[np.ndarray]) -> list[EnsembleOutput]:
-        """Averaged score and map per image; the images (views of a study) form one batch."""
-        if not images:
-            return []
-        return self.run_members(self.preprocess_all(images))
+    def predict(
+        self, images: Sequence[np.ndarray], *, max_batch: int | None = None
+    ) -> list[EnsembleOutput]:
+        """Averaged score and map per image; the images (views of a study) go through in
+        chunks of :meth:`batch_size` (the outputs, maps included, are all kept)."""
+        outputs: list[EnsembleOutput] = []
+        for start, stop in chunk_bounds(len(images), self.batch_size(len(images), max_batch)):
+            outputs += self.run_members(self.preprocess_all(images[start:stop]))
+        return outputs
 
     def finish(self, output: EnsembleOutput, region: str | None) -> ImageResult:
         """Decision and boxes (original pixels) for one image of the given region key."""
@@ -273,13 +336,33 @@ class Ensemble:
         )
 
     def analyse(
-        self, images: Sequence[np.ndarray], regions: Sequence[str | None]
+        self,
+        images: Sequence[np.ndarray],
+        regions: Sequence[str | None],
+        *,
+        max_batch: int | None = None,
     ) -> tuple[list[ImageResult], Timings]:
-        """Full pipeline for the views of one study: results per image and stage timings."""
+        """Full pipeline for the views of one study: results per image and stage timings.
+
+        The views go through in chunks of :meth:`batch_size` (``max_batch`` overrides the
+        ensemble's setting for this call): each chunk is pre-processed, run and post-processed
+        before the next is pre-processed, so only one chunk's inputs and maps are alive at once.
+        A refused image (ValueError) ends the call, as with one batch.
+        """
         if len(images) != len(regions):
             raise ValueError(f"{len(images)} images but {len(regions)} regions")
-        if not images:
-            return [], Timings(0.0, 0.0, 0.0)
+        results: list[ImageResult] = []
+        timings = Timings(0.0, 0.0, 0.0)
+        for start, stop in chunk_bounds(len(images), self.batch_size(len(images), max_batch)):
+            part, spent = self._analyse_chunk(images[start:stop], regions[start:stop])
+            results += part
+            timings += spent
+        return results, timings
+
+    def _analyse_chunk(
+        self, images: Sequence[np.ndarray], regions: Sequence[str | None]
+    ) -> tuple[list[ImageResult], Timings]:
+        """Pre-process, run and post-process one chunk of views as one batch."""
         t0 = time.perf_counter()
         prepared = self.preprocess_all(images)
         t1 = time.perf_counter()

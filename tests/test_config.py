@@ -11,11 +11,13 @@ from hypothesis import strategies as st
 
 from dicomnode.config import (
     DEFAULT_MAX_PDU,
+    MAX_BATCH_LIMIT,
     PRECISIONS,
     AllowedCaller,
     ConfigError,
     DeliveryConfig,
     Device,
+    HttpConfig,
     IdentityConfig,
     OtherSopClasses,
     OutOfScope,
@@ -45,10 +47,12 @@ def test_example_file_parses_to_the_documented_values() -> None:
     assert config.study.stable_seconds == 10.0
     assert config.inference.weights == REPO / "systemd" / "ensemble_weights"
     assert config.inference.device is Device.AUTO
+    assert config.inference.max_batch is None  # "auto"
     assert (config.outputs.sr, config.outputs.sc, config.outputs.gsps) == (True, True, False)
     assert config.outputs.withdraw_superseded is True
     assert config.scope == ScopeConfig()  # the example shows the defaults
     assert config.identity == IdentityConfig()
+    assert config.http == HttpConfig()  # the example shows the defaults
     assert config.destinations == (Destination("PACS", "127.0.0.1", 4242),)
     assert config.allowed_callers == (AllowedCaller("MODALITY", "127.0.0.1"),)
     assert config.source == EXAMPLE
@@ -134,6 +138,10 @@ BASE = {"node": {"state_dir": "/srv/state"}}
         ("study", "stable_seconds", 0, r"study\.stable_seconds: must be a number of seconds > 0"),
         ("study", "stable_seconds", "10", r"study\.stable_seconds"),
         ("inference", "device", "tpu", r"inference\.device"),
+        ("inference", "max_batch", 0, r'inference\.max_batch: must be "auto" or an integer in 1'),
+        ("inference", "max_batch", 1025, r"inference\.max_batch"),
+        ("inference", "max_batch", "all", r"inference\.max_batch"),
+        ("inference", "max_batch", True, r"inference\.max_batch"),
         ("outputs", "sr", "yes", r"outputs\.sr: must be true or false"),
         ("outputs", "gsps", 1, r"outputs\.gsps"),
         ("queue", "max_attempts", 0, r"queue\.max_attempts"),
@@ -155,6 +163,13 @@ BASE = {"node": {"state_dir": "/srv/state"}}
         ("scope", "modalities", "DX", r"scope\.modalities: must be a non-empty list"),
         ("scope", "unknown_region", "guess", r"scope\.unknown_region: must be one of"),
         ("scope", "out_of_scope", "drop", r"scope\.out_of_scope: must be one of"),
+        ("http", "enabled", "yes", r"http\.enabled: must be true or false"),
+        ("http", "bind", "localhost", r"http\.bind: must be an IP address"),
+        ("http", "port", 70000, r"http\.port: must be an integer in 0\.\.65535"),
+        ("http", "work_port", -1, r"http\.work_port: must be an integer"),
+        ("http", "work_port", 9811, r"http\.work_port: must differ from http\.port \(9811\)"),
+        ("http", "port", 11112, r"http\.port: 11112 is node\.port, the DICOM port"),
+        ("http", "tls", True, r"http: unknown key\(s\) tls"),
     ],
 )
 def test_bad_values_name_the_key(section: str, key: str, value: object, message: str) -> None:
@@ -310,6 +325,16 @@ def test_inference_speed_keys() -> None:
         parse_config({**BASE, "inference": {"precision": "fp16"}}, Path("/etc"))
 
 
+def test_inference_max_batch_is_auto_or_a_number() -> None:
+    from inference.memory import MAX_BATCH_LIMIT as INFERENCE_LIMIT
+
+    assert MAX_BATCH_LIMIT == INFERENCE_LIMIT
+    assert parse_config(BASE, Path("/etc")).inference.max_batch is None
+    for value, expected in (("auto", None), (1, 1), (8, 8), (MAX_BATCH_LIMIT, MAX_BATCH_LIMIT)):
+        raw = {**BASE, "inference": {"max_batch": value}}
+        assert parse_config(raw, Path("/etc")).inference.max_batch == expected
+
+
 def test_scope_and_identity_keys() -> None:
     config = parse_config(
         {
@@ -333,3 +358,30 @@ def test_scope_and_identity_keys() -> None:
         station_name="FRX1",
         device_serial_number="SN-7",
     )
+
+
+def test_http_keys(tmp_path: Path) -> None:
+    assert parse_config(BASE, tmp_path).http == HttpConfig(
+        enabled=True, bind="127.0.0.1", port=9811, work_port=9812
+    )
+    raw = {**BASE, "http": {"enabled": False, "bind": "::", "port": 0, "work_port": 0}}
+    http = parse_config(raw, tmp_path).http
+    assert (http.enabled, http.bind, http.port, http.work_port) == (False, "::", 0, 0)
+    assert (http.port_of("serve"), http.port_of("listen"), http.port_of("work")) == (0, 0, 0)
+    # HTTPS needs both files; the key readable by the service only, as [tls]
+    cert, key = tmp_path / "http.crt", tmp_path / "http.key"
+    cert.write_text("certificate")
+    key.write_text("key")
+    with pytest.raises(ConfigError, match=r"http\.private_key: is required with http\.certif"):
+        parse_config({**BASE, "http": {"certificate": "http.crt"}}, tmp_path)
+    with pytest.raises(ConfigError, match=r"http\.certificate: is required with http\.private"):
+        parse_config({**BASE, "http": {"private_key": "http.key"}}, tmp_path)
+    both = {**BASE, "http": {"certificate": "http.crt", "private_key": "http.key"}}
+    key.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"http\.private_key: .* accessible to everyone"):
+        parse_config(both, tmp_path)
+    key.chmod(0o600)
+    http = parse_config(both, tmp_path).http
+    assert (http.certificate, http.private_key) == (cert, key)
+    with pytest.raises(ConfigError, match=r"http\.certificate: no such file"):
+        parse_config({**BASE, "http": {"certificate": "x", "private_key": "http.key"}}, tmp_path)

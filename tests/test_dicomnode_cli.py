@@ -166,8 +166,12 @@ def test_status_shows_states_backoff_and_reasons_without_patient_data(tmp_path: 
     row = {state: next(line for line in lines if uid in line) for state, uid in uids.items()}
     assert " receiving " in row["receiving"]
     assert " failed " in row["failed"] and "no instance of the study" in row["failed"]
-    pending = [line for line in lines if "PACS@127.0.0.1:4242" in line]
+    deliveries = lines[: lines.index("deliveries (pending first):") + 4]
+    pending = [line for line in deliveries if "PACS@127.0.0.1:4242" in line]
     assert len(pending) == 1 and " pending " in pending[0] and "cannot connect" in pending[0]
+    # the readiness checks at the end (docs/operations.md): no node runs, the PACS is failing
+    (check,) = [line for line in lines if line.startswith("destination:PACS@127.0.0.1:4242")]
+    assert " failing " in check and "cannot connect to PACS" in check
     assert "(in " in pending[0]  # the back-off: when the next attempt is due
     assert "Demo^Patient" not in text.stdout and "DEMO-0001" not in text.stdout
 

@@ -27,12 +27,14 @@ from dicomnode.uids import ResultKind, SourceIdentity, report_uid
 from dicomnode.worker import (
     Worker,
     lease_kept,
+    load_ensemble,
     resolve_view_region,
     skipped_note,
 )
 from dicomnode.writers import write_results
-from inference.ensemble import Ensemble
+from inference.ensemble import Ensemble, EnsembleOutput
 from inference.imageio import read_grayscale
+from inference.preprocess import Preprocessed
 from tests.conftest import DICOM_SAMPLES, REPO
 
 HAND = REPO / "samples" / "fracatlas" / "IMG0000019.jpg"
@@ -534,3 +536,30 @@ def test_calibrated_scope_follows_the_manifest() -> None:
         ScopeConfig(), {"global": calibrated, "hand": calibrated, "hip": calibrated}
     )
     assert shipped_like.regions == {"hand", "wrist", "forearm", "hip", "pelvis"}
+
+
+def test_the_worker_analyses_a_study_in_chunks_of_the_configured_max_batch(
+    tmp_path: Path, random_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``inference.max_batch`` reaches the ensemble the worker loads, and a study's views go
+    through it in chunks of that size; "auto" (the default) leaves the sizing to inference."""
+    auto = make_config(tmp_path, random_weights)
+    assert load_ensemble(auto).max_batch is None
+    inference = {"weights": str(random_weights), "device": "cpu", "max_batch": 2}
+    config = make_config(tmp_path, random_weights, inference=inference)
+    ensemble = load_ensemble(config)
+    assert ensemble.max_batch == 2
+    chunks: list[int] = []
+    run_members = ensemble.run_members
+
+    def counted(prepared: dict[int, list[Preprocessed]]) -> list[EnsembleOutput]:
+        chunks.append(len(prepared[64]))
+        return run_members(prepared)
+
+    monkeypatch.setattr(ensemble, "run_members", counted)
+    node = Node(config, ensemble)
+    study = generate_uid()
+    node.receive(*(dx(tmp_path, HAND if i % 2 else LEG, study, f"v{i}") for i in range(5)))
+    assert node.worker.run_once()
+    assert chunks == [2, 2, 1]
+    assert len([kind for kind, _, _ in node.results(study, 1) if kind == "sc"]) == 5

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,13 +20,16 @@ from typing import TypedDict
 
 import highdicom as hd
 import numpy as np
+from highdicom.valuerep import _check_specific_character_set
+from pydicom.charset import python_encoding
 from pydicom.config import RAISE
+from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag
 from pydicom.uid import (
     UID,
     HTJ2KLossless,
@@ -345,39 +349,87 @@ _TYPE_2 = frozenset(
 )
 _PARSED = {"DA": DA, "TM": TM, "DS": float, "IS": int}
 _SKIPPED_GROUPS = (0x0002,)
+#: The identifying UIDs: the listener stored the instance only if they are usable (VR UI, a UID
+#: it can file), so they are never left out (leading zeros in a component, which pydicom's
+#: check rejects, occur in real devices' UIDs).
+_IDENTIFYING = frozenset(("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"))
+MAX_SEQUENCE_DEPTH = 16
+"""Sequences nested deeper than this are left out of results (real headers nest a few levels;
+pydicom's writer needs minutes for a few hundred and fails beyond)."""
+#: Items of the copied context sequences must hold these (Type 1 in their macros), else dciodvfy
+#: rejects the result object.
+_REQUIRED_IN_ITEMS = {
+    "OtherPatientIDsSequence": ("PatientID", "TypeOfPatientID"),
+}
+UTF8 = "ISO_IR 192"
 
 
-def _invalid(element: DataElement) -> bool:
+def _name(tag: BaseTag) -> str:
+    return keyword_for_tag(tag) or str(tag)
+
+
+def _wrong_vr_or_vm(element: DataElement) -> bool:
+    """Whether a public element is encoded with a VR its tag does not have, or holds a number
+    of values its (fixed) multiplicity does not allow; both break the result objects."""
+    try:
+        allowed_vr, vm = dictionary_VR(element.tag), dictionary_VM(element.tag)
+    except KeyError:  # not in pydicom's dictionary: nothing to compare with
+        return False
+    if element.VR not in (allowed_vr, *allowed_vr.split(" or ")):
+        return True
+    return element.VR != "SQ" and vm.isdigit() and element.VM not in (0, int(vm))
+
+
+def _invalid(element: DataElement, depth: int = 0) -> bool:
     """Whether an element's value breaks its VR (or cannot even be read)."""
     try:
+        if _wrong_vr_or_vm(element):
+            return True
         if element.VR == "SQ":
-            return any(invalid_keywords(item) for item in element.value)
+            return depth >= MAX_SEQUENCE_DEPTH or any(
+                invalid_keywords(item, depth + 1) or _incomplete(element.keyword, item)
+                for item in element.value
+            )
         value = element.value
         if value is None or value == "":
             return False
         for item in value if isinstance(value, MultiValue | list | tuple) else [value]:
             if item is None or item == "":
                 continue
-            validate_value(element.VR, item, RAISE)
+            # pydicom's validation refuses its own DS and IS objects ("a value of type 'IS'
+            # cannot be assigned..."): their text is what was read and is checked
+            validate_value(element.VR, str(item) if element.VR in ("DS", "IS") else item, RAISE)
             if element.VR in _PARSED:
                 _PARSED[element.VR](item)
         if element.VR == "CS" and element.keyword == "PatientSex":
             return str(value) not in ("", "M", "F", "O")
-        return False
+        controls = _TEXT_CONTROLS if element.VR in ("ST", "LT", "UT") else _CONTROLS
+        return element.VR in _TEXT_VRS and controls.search(str(value)) is not None
+
     except Exception:  # any failure to read or check the value makes it invalid
         return True
 
 
-def invalid_keywords(header: Dataset) -> tuple[str, ...]:
+def _incomplete(keyword: str, item: Dataset) -> bool:
+    return any(not item.get(name) for name in _REQUIRED_IN_ITEMS.get(keyword, ()))
+
+
+def invalid_keywords(header: Dataset, depth: int = 0) -> tuple[str, ...]:
     """Names (keywords, else tags) of the elements of ``header`` whose values break their VR,
-    including elements inside sequences (reported by the sequence's name). Names only, so they
-    can be logged without patient data."""
+    their tag's VR or multiplicity, or cannot be read at all, including elements inside
+    sequences (reported by the sequence's name; a sequence nested deeper than
+    :data:`MAX_SEQUENCE_DEPTH` counts as invalid). Names only, so they can be logged without
+    patient data."""
     names = []
-    for element in header:
-        if element.tag.group in _SKIPPED_GROUPS or element.tag.is_private:
+    for tag in list(header.keys()):  # tags: iterating a Dataset parses every element
+        if tag.group in _SKIPPED_GROUPS or tag.is_private:
             continue
-        if _invalid(element):
-            names.append(element.keyword or str(element.tag))
+        try:
+            bad = _invalid(header[tag], depth)
+        except Exception:  # the value cannot be parsed (wrong length for its VR, unknown VR...)
+            bad = True
+        if bad:
+            names.append(_name(tag))
     return tuple(dict.fromkeys(names))
 
 
@@ -386,9 +438,64 @@ def invalid_header_attributes(header: Dataset) -> tuple[str, ...]:
     return tuple(k for k in invalid_keywords(header) if k in CONTEXT_ATTRIBUTES)
 
 
+def usable_character_set(header: Dataset) -> bool:
+    """Whether the Specific Character Set (absent: the default repertoire) is one the result
+    objects can declare (defined terms, code extensions only with several values, no empty
+    first value: highdicom refuses those) and can encode every text value of the header in."""
+    terms = [str(v) for v in _values(header.get("SpecificCharacterSet"))]
+    if "SpecificCharacterSet" in header and not terms:
+        return False  # present but empty: highdicom refuses it
+    if terms:
+        try:
+            _check_specific_character_set(terms if len(terms) > 1 else terms[0])
+        except (ValueError, TypeError):
+            return False
+        if not all(terms):
+            return False
+    codec = "ascii" if terms in ([], ["ISO_IR 6"]) else python_encoding.get(terms[0])
+    return _encodable(header, codec if len(terms) < 2 else None)
+
+
+_TEXT_VRS = frozenset(("SH", "LO", "ST", "LT", "UT", "UC", "PN"))
+#: Control characters text values must not hold (PS3.5 6.2: none but ESC, and LF, FF and CR in
+#: ST, LT and UT): pydicom's check lets them pass, dciodvfy does not. C1 controls (a source byte
+#: 0x80-0x9F read as Latin-1 becomes one) are in no DICOM character repertoire.
+_CONTROLS = re.compile("[\x00-\x1a\x1c-\x1f\x7f-\x9f]")
+_TEXT_CONTROLS = re.compile("[\x00-\x09\x0b\x0e-\x1a\x1c-\x1f\x7f-\x9f]")
+
+
+def _encodable(header: Dataset, codec: str | None, depth: int = 0) -> bool:
+    """Whether every text value (in sequences too) is ASCII or encodes in ``codec`` (None: a
+    character set with code extensions, for which only ASCII is taken as certain)."""
+    for tag in list(header.keys()):
+        try:
+            element = header[tag]
+        except Exception:  # unreadable: left out by result_header anyway
+            continue
+        if element.VR == "SQ" and depth < MAX_SEQUENCE_DEPTH:
+            if not all(_encodable(item, codec, depth + 1) for item in element.value or []):
+                return False
+        elif element.VR in _TEXT_VRS:
+            for value in _values(element.value):
+                text = str(value)
+                if not text.isascii() and (codec is None or not _encodes(text, codec)):
+                    return False
+    return True
+
+
+def _encodes(text: str, codec: str) -> bool:
+    try:
+        text.encode(codec)
+    except (UnicodeError, LookupError):
+        return False
+    return True
+
+
 def result_header(header: Dataset) -> Dataset:
     """The source header as the writers read it: every element whose value breaks its VR left
-    out, or left empty where the result IODs need it (Type 2).
+    out, or left empty where the result IODs need it (Type 2); Type 2 context attributes the
+    source lacks added empty; an unusable Specific Character Set replaced by UTF-8 (the values
+    are already decoded text).
 
     Real archives hold headers such as a hash in Patient's Birth Date, a 56-character Accession
     Number or "abc" in Patient's Weight; highdicom refuses such values, dciodvfy flags them, and
@@ -397,17 +504,28 @@ def result_header(header: Dataset) -> Dataset:
     worker), patient and study stay matched by Patient ID and Study Instance UID. The source
     header itself is not changed.
     """
-    invalid = invalid_keywords(header)
-    if not invalid:
+    invalid = set(invalid_keywords(header)) - _IDENTIFYING
+    missing = [name for name in _TYPE_2 if name not in header]
+    charset_ok = usable_character_set(header)
+    if not invalid and not missing and charset_ok:
         return header
-    cleaned = copy.deepcopy(header)
-    for name in invalid:
-        if name in _TYPE_2:
-            setattr(cleaned, name, None)
-        elif name in cleaned:
-            del cleaned[name]
-        else:
-            del cleaned[Tag(name)]  # an element without a keyword, named by its tag
+    cleaned = Dataset()
+    if hasattr(header, "file_meta"):
+        cleaned.file_meta = copy.deepcopy(header.file_meta)
+    for tag in list(header.keys()):  # tags: iterating a Dataset parses every element
+        name = _name(tag)
+        if name in invalid:
+            if name in _TYPE_2:
+                setattr(cleaned, name, None)
+            continue
+        try:
+            cleaned[tag] = copy.deepcopy(header[tag])
+        except Exception:  # an unreadable private element: not needed by any writer
+            continue
+    for name in missing:
+        setattr(cleaned, name, None)
+    if not charset_ok:
+        cleaned.SpecificCharacterSet = UTF8
     return cleaned
 
 

@@ -226,14 +226,10 @@ def _library_entry(header: Dataset) -> ImageContentItem:
         (codes.DCM.PixelDataRows, "Rows"),
         (codes.DCM.PixelDataColumns, "Columns"),
     ):
-        if keyword in header:
+        size = _positive(header.get(keyword))
+        if size is not None:
             descriptors.append(
-                NumContentItem(
-                    name=name,
-                    value=int(header[keyword].value),
-                    unit=_PIXELS,
-                    relationship_type=context,
-                )
+                NumContentItem(name=name, value=size, unit=_PIXELS, relationship_type=context)
             )
     orientation = [str(v) for v in header.get("PatientOrientation", None) or []]
     if modality in _PROJECTION and len(orientation) == 2 and all(orientation):
@@ -276,7 +272,7 @@ def _image_groups(
             uid=tracking_uid(view.source, algorithm.version, 0, node.uid_prefix),
             identifier=f"image {number} fracture assessment (whole image)",
         ),
-        referenced_region=_whole_image(header),
+        referenced_region=_whole_image(header, view.rows, view.columns),
         finding_type=FRACTURE,
         algorithm_id=algorithm_id,
         finding_sites=sites,
@@ -292,7 +288,7 @@ def _image_groups(
             referenced_region=ImageRegion(
                 graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
                 graphic_data=box_polyline(box, view),
-                source_image=SourceImageForRegion.from_source_image(header),
+                source_image=_region_source(header),
             ),
             finding_type=FRACTURE,
             algorithm_id=algorithm_id,
@@ -316,10 +312,11 @@ def _not_analysed_group(
     )
     evaluation = [QualitativeEvaluation(PRESENCE, UNDETERMINED)]
     group: Group
-    if "Rows" in header and "Columns" in header:
+    rows, columns = _positive(header.get("Rows")), _positive(header.get("Columns"))
+    if rows is not None and columns is not None:
         group = PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=tracking,
-            referenced_region=_whole_image(header),
+            referenced_region=_whole_image(header, rows, columns),
             finding_type=FRACTURE,
             qualitative_evaluations=evaluation,
         )
@@ -328,7 +325,9 @@ def _not_analysed_group(
             tracking_identifier=tracking,
             finding_type=FRACTURE,
             qualitative_evaluations=evaluation,
-            source_images=[SourceImageForMeasurementGroup.from_source_image(header)],
+            source_images=[
+                SourceImageForMeasurementGroup(header.SOPClassUID, header.SOPInstanceUID)
+            ],
         )
     group[0].ContentSequence.append(
         TextContentItem(
@@ -340,17 +339,34 @@ def _not_analysed_group(
     return group
 
 
-def _whole_image(header: Dataset) -> ImageRegion:
-    """The region of an image-level assessment: a closed POLYLINE along the image's border."""
-    columns, rows = float(header.Columns), float(header.Rows)
+def _whole_image(header: Dataset, rows: int, columns: int) -> ImageRegion:
+    """The region of an image-level assessment: a closed POLYLINE along the image's border
+    (``rows`` x ``columns``: the decoded image's size, or a not analysed image's header's)."""
+    width, height = float(columns), float(rows)
     border = np.array(
-        [(0.0, 0.0), (columns, 0.0), (columns, rows), (0.0, rows), (0.0, 0.0)], dtype=np.float32
+        [(0.0, 0.0), (width, 0.0), (width, height), (0.0, height), (0.0, 0.0)], dtype=np.float32
     )
     return ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
         graphic_data=border,
-        source_image=SourceImageForRegion.from_source_image(header),
+        source_image=_region_source(header),
     )
+
+
+def _region_source(header: Dataset) -> SourceImageForRegion:
+    """The reference of a region to its image, by SOP Class and Instance UID (highdicom's
+    ``from_source_image`` also wants Modality and pixel description attributes, which a header
+    may lack or hold unusable values for: the reference needs the UIDs only)."""
+    return SourceImageForRegion(header.SOPClassUID, header.SOPInstanceUID)
+
+
+def _positive(value: object) -> int | None:
+    """A header value as a positive integer (Rows, Columns), None if it is not one."""
+    try:
+        number = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if number > 0 else None
 
 
 def _measurement(
@@ -364,5 +380,5 @@ def _measurement(
         value=float(value),
         unit=PROBABILITY_UNIT,
         derivation=derivation,
-        referenced_images=[SourceImageForMeasurement.from_source_image(header)],
+        referenced_images=[SourceImageForMeasurement(header.SOPClassUID, header.SOPInstanceUID)],
     )
