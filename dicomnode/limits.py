@@ -48,6 +48,9 @@ MAX_OTHER_PDU = 1024 * 1024
 SOP class and transfer syntax is some tens of kB)."""
 
 _PDU_HEADER, _A_ASSOCIATE_RQ, _P_DATA_TF = 6, 0x01, 0x04
+#: The PDU types pynetdicom reads a body for (PS3.8 9.3); after any other type it reads the
+#: next 6-byte header at once.
+_PDU_TYPES = frozenset(range(0x01, 0x08))
 _SOURCE_PROVIDER, _INVALID_PDU_PARAMETER_VALUE = 0x02, 0x06
 
 
@@ -104,6 +107,13 @@ class PduLengthGuard:
     (PS3.8 9.2, event 19, action AA-8) an A-ABORT (source: service provider, reason: invalid
     PDU parameter value) is sent and the connection closed (the short read makes pynetdicom end
     the association as a closed transport connection).
+
+    The guard follows pynetdicom's reads: a 6-byte read after a whole PDU is the next header,
+    and the read after a header of a known type is its body. After an unknown PDU type
+    pynetdicom reads no body (event 19) but the next header: the guard once took that header
+    for the unknown PDU's body, so the PDU after it went unchecked, and a peer sending one
+    unknown type and then a header declaring 4 GiB made the listener allocate 4 GiB (found
+    by the fuzz harness, ``fuzz_regressions.json``).
     """
 
     def __init__(self, sock: Any, max_pdu: int, peer: str) -> None:
@@ -138,7 +148,8 @@ class PduLengthGuard:
         data = self._recv(nr_bytes)
         if declared is None and nr_bytes == _PDU_HEADER and len(data) == _PDU_HEADER:
             pdu_type, _, length = struct.unpack(">BBI", bytes(data))
-            self._declared = (pdu_type, length)
+            if pdu_type in _PDU_TYPES:  # pynetdicom reads no body after an unknown type
+                self._declared = (pdu_type, length)
         elif declared is not None and declared[0] == _A_ASSOCIATE_RQ and len(data) == nr_bytes:
             problem = association_request_problem(bytes(data))
             if problem is not None:

@@ -348,7 +348,8 @@ class WorkerSide:
         """Every instance of the job is answered: named by a Secondary Capture, in the SR."""
         self.tally.analysed += outcome.analysed
         for skip in outcome.skipped:
-            reason = skip.reason.split(":")[0].split("(")[0].strip()
+            reason = re.sub(r"^\S+\.dcm: ", "", skip.reason)  # the file's name (its UID)
+            reason = reason.split(":")[0].split("(")[0].strip()
             self.tally.not_analysed[reason] += 1
             if skip.reason.startswith("unexpected"):
                 self.tally.defect("decode_exception", [self.names.get(skip.sop_instance_uid, "?")],

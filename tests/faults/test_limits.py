@@ -261,6 +261,30 @@ def test_pdu_longer_than_max_pdu_gets_an_a_abort_and_max_pdu_itself_is_accepted(
     record_counts("limits_pdu", {"answers": {k: list(v or ()) for k, v in answers.items()}})
 
 
+def test_an_unknown_pdu_type_does_not_let_the_next_pdu_past_the_length_check(
+    tmp_path: Path,
+) -> None:
+    """After a PDU of an unknown type pynetdicom reads no body but the next 6-byte header; the
+    length guard took that header for the unknown PDU's body, so the PDU after it went
+    unchecked: a P-DATA-TF declaring 2 GiB made the listener allocate 2 GiB and wait for them
+    (fuzz harness, case 7:737). Now it is refused like any over-long PDU: A-ABORT (2, 6), the
+    connection closed, and the listener serves the next association."""
+    with listening(limits_config(tmp_path)) as listener:
+        request = association_request(listener.port)
+        with socket.create_connection(("127.0.0.1", listener.port)) as sock:
+            sock.sendall(request)
+            assert sock.recv(1) == b"\x02"
+            assert sock.recv(65536)
+            unknown = struct.pack(">BBI", 0x09, 0, 0x1234)
+            sock.sendall(unknown + struct.pack(">BBI", 0x04, 0, 1 << 31) + b"\x00" * 80)
+            seconds, received = seconds_until_closed(sock)
+        settled(listener)
+        assert echo_ok(listener.port)
+    aborts = [received[i + 8 : i + 10] for i in range(0, len(received) - 9, 10)]
+    assert received[:1] == b"\x07" and b"\x02\x06" in aborts, received.hex()
+    assert seconds < NETWORK_TIMEOUT + ACSE_TIMEOUT + SLACK
+
+
 def test_receive_exactly_reads_a_whole_pdu_across_many_sends_and_stops_at_a_close() -> None:
     """The listener's PDU read (``recv_into`` one buffer instead of pynetdicom's 4096-byte
     loop): every byte in order however the peer splits its sends; a peer closing half-way gives
