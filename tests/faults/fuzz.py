@@ -17,7 +17,8 @@ JSON; ``tests/faults/test_fuzz.py`` runs a smaller seed-fixed run in CI. What on
    process, on the listener's own state directory and queue, outputs SR + SC + GSPS) processes
    every study the listener queued, and every accepted instance must get an answer: the
    study's SR and a Secondary Capture naming it (analysed, or "not analysed" with the reason);
-   every result object of every ``--validate-every``-th study is checked with ``dciodvfy``.
+   every result object of every ``--validate-every``-th study, and of every study holding a
+   stored regression case, is checked with ``dciodvfy``.
 
 Invariants (each violation is a *defect*, listed with its case in the summary): the listener
 never dies and answers C-ECHO after every batch; every file case gets a C-STORE status from the
@@ -294,6 +295,7 @@ class WorkerSide:
         config = load_config(config_path)
         self.tally = tally
         self.names = names  # SOP Instance UID → case name
+        self.always_validate: set[str] = set()  # SOP Instance UIDs of the regression cases
         self.validate_every = validate_every
         self.scratch = scratch
         self.db = StateLayout(config.node.state_dir).open_db()
@@ -322,6 +324,10 @@ class WorkerSide:
         )
         return int(rows[0][0])
 
+    @staticmethod
+    def uids(job: StudyJob) -> set[str]:
+        return {i.sop_instance_uid for i in job.instances}
+
     def cases_of(self, job: StudyJob) -> list[str]:
         return [self.names.get(i.sop_instance_uid, i.sop_instance_uid) for i in job.instances]
 
@@ -340,7 +346,7 @@ class WorkerSide:
             note = skipped_note(outcome.skipped, outcome.analysed)
             self.queue.complete(job, outcome.results, (), note=note)
         self.check(job, outcome)
-        if self.jobs % self.validate_every == 0:
+        if self.jobs % self.validate_every == 0 or self.always_validate & self.uids(job):
             with timed(self.tally, "dciodvfy"):
                 self.validate(job, outcome)
 
@@ -462,6 +468,10 @@ class FuzzRun:
             with node("listen", config, self.workdir / "listener.log") as listener:
                 worker = WorkerSide(config, self.tally, self.names, self.validate_every,
                                     self.workdir)
+                if self.regressions:  # every study of a stored case is checked by dciodvfy
+                    worker.always_validate = {
+                        c.uids[2] for c in regression_cases() if isinstance(c, FileCase)
+                    }
                 try:
                     self.batches(listener, port, bases, worker)
                 finally:
