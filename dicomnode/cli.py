@@ -26,8 +26,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode import metrics
-from dicomnode.config import Config, ConfigError, load_config, validate_ae_title
-from dicomnode.health import Health, RoleFacts, observe, read_facts
+from dicomnode.config import Config, ConfigError, QueueBackend, load_config, validate_ae_title
+from dicomnode.health import Health, RoleFacts, node_components, observe, read_facts
 from dicomnode.httpd import https_context
 from dicomnode.logging import configure_logging, get_logger
 from dicomnode.records import Delivery, DeliveryState, QueueDepth, StudyStatus
@@ -129,7 +129,16 @@ def cmd_work(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from dicomnode.service import run_serve
 
-    return run_serve(_start_role(args, needs_weights=True))
+    config = _config(args)
+    site = config.queue.backend is QueueBackend.RABBITMQ  # a site: inference runs elsewhere
+    if site:
+        from dicomnode.queue.roles import site_checks
+
+        try:
+            site_checks(config)
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+    return run_serve(_start_role(args, needs_weights=not site))
 
 
 # -- status ----------------------------------------------------------------------------------
@@ -149,14 +158,46 @@ class StatusReport:
     deliveries: tuple[Delivery, ...]
     health: Health | None = None
     roles: tuple[RoleFacts, ...] = ()
+    broker: tuple[BrokerQueue, ...] = ()
+    """With ``queue.backend = "rabbitmq"``: the broker's queues this host uses."""
+    broker_error: str | None = None
+
+
+@dataclass(frozen=True)
+class BrokerQueue:
+    """One broker queue as ``status`` shows it: messages ready and consumers."""
+
+    name: str
+    messages: int
+    consumers: int
+
+
+def broker_status(config: Config) -> tuple[tuple[BrokerQueue, ...], str | None]:
+    """The broker's queues (rabbitmq backend), or why they could not be read."""
+    if config.queue.backend is not QueueBackend.RABBITMQ:
+        return (), None
+    from dicomnode.queue.roles import pool_stats
+
+    try:
+        stats = pool_stats(config)
+    except Exception as exc:  # unreachable, refused, a queue not declared yet: shown, not fatal
+        return (), f"{type(exc).__name__}: {exc}"
+    return tuple(BrokerQueue(q.name, q.messages, q.consumers) for q in stats), None
 
 
 def collect_status(config: Config, limit: int, now: float | None = None) -> StatusReport:
     """Read the queue depth, recent studies and deliveries from the state database, and judge
     readiness as ``/readyz`` does (:func:`dicomnode.health.observe`)."""
     now = time.time() if now is None else now
+    broker, broker_error = broker_status(config)
     with _open_state(config) as db:
-        seen = observe(config, db, read_facts(config.node.state_dir, now), now=now)
+        seen = observe(
+            config,
+            db,
+            read_facts(config.node.state_dir, now),
+            node_components(config),
+            now=now,
+        )
         return StatusReport(
             state_dir=config.node.state_dir,
             generated_at=now,
@@ -165,6 +206,8 @@ def collect_status(config: Config, limit: int, now: float | None = None) -> Stat
             deliveries=db.recent_deliveries(limit),
             health=seen.health,
             roles=seen.facts,
+            broker=broker,
+            broker_error=broker_error,
         )
 
 
@@ -225,6 +268,11 @@ def status_json(report: StatusReport) -> dict[str, Any]:
         "studies": studies,
         "deliveries": deliveries,
     }
+    if report.broker or report.broker_error:
+        data["broker"] = {
+            "queues": [asdict(q) for q in report.broker],
+            "error": report.broker_error,
+        }
     if report.health is not None:
         data.update(report.health.as_json())
         data["roles"] = [
@@ -253,6 +301,17 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return lines
 
 
+def broker_text(report: StatusReport) -> list[str]:
+    """The broker's queues as text lines (none without the rabbitmq backend)."""
+    if report.broker_error:
+        return [f"broker: unreachable ({report.broker_error})"]
+    if not report.broker:
+        return []
+    return ["broker:"] + [
+        f"  {q.name}: {q.messages} waiting, {q.consumers} consumers" for q in report.broker
+    ]
+
+
 def status_text(report: StatusReport) -> str:
     """The status as a human-readable text block."""
     d = report.depth
@@ -261,6 +320,7 @@ def status_text(report: StatusReport) -> str:
         f"jobs: {d.queued} queued, {d.leased} leased, {d.results_written} results written, "
         f"{d.delivered} delivered, {d.failed} failed",
         f"deliveries: {d.deliveries_pending} pending, {d.deliveries_failed} failed",
+        *broker_text(report),
         "",
         "recent studies (newest first):",
     ]

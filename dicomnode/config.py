@@ -200,6 +200,65 @@ class RetryPolicy:
         return float(min(self.retry_initial_seconds * 2.0**exponent, self.retry_max_seconds))
 
 
+class QueueBackend(StrEnum):
+    """``queue.backend``: one machine (SQLite, the default) or several hosts (RabbitMQ)."""
+
+    SQLITE = "sqlite"
+    RABBITMQ = "rabbitmq"
+
+
+@dataclass(frozen=True)
+class PriorityRuleConfig:
+    """``[[queue.priority]]``: studies with an instance from this calling AE title or station
+    name go to ``level`` (0 = most urgent)."""
+
+    level: int
+    calling_ae: str | None = None
+    station_name: str | None = None
+
+
+@dataclass(frozen=True)
+class InstanceServerConfig:
+    """``[queue.instances]``: the site's instance server, from which workers on other hosts
+    fetch a job's instances (HTTP, HTTPS with ``certificate`` and ``private_key``)."""
+
+    bind: str
+    port: int
+    url: str
+    """The base URL workers use (``https://site-a.example:8443``)."""
+    token_file: Path
+    certificate: Path | None = None
+    private_key: Path | None = None
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """``[queue]`` with ``backend = "rabbitmq"`` (``docs/multi-host.md``).
+
+    ``dispatch_seconds``: how long the site waits for the worker pool's answer to a published
+    job before it publishes the job again as a new attempt (a safety net: a dead worker's job is
+    redelivered by the broker itself; keep it above the longest wait in the pool's queue plus
+    the longest job). ``site``, ``instances`` and ``priority`` concern ``serve`` (the site);
+    ``work`` needs the broker keys and ``instances.token_file``."""
+
+    url: str
+    credentials_file: Path | None = None
+    ca_certificates: Path | None = None
+    certificate: Path | None = None
+    private_key: Path | None = None
+    prefix: str = "dicomnode"
+    levels: int = 2
+    default_priority: int = 1
+    delivery_limit: int = 5
+    heartbeat_seconds: int = 30
+    dispatch_seconds: float = 6 * 3600.0
+    site: str | None = None
+    priority: tuple[PriorityRuleConfig, ...] = ()
+    instances: InstanceServerConfig | None = None
+    token_file: Path | None = None
+    """The instance server's shared token (``instances.token_file``), for workers too."""
+
+
 @dataclass(frozen=True)
 class QueueConfig(RetryPolicy):
     """``[queue]``: job leases, attempts and the back-off between attempts.
@@ -211,6 +270,9 @@ class QueueConfig(RetryPolicy):
 
     lease_seconds: float
     max_attempts: int
+    backend: QueueBackend = QueueBackend.SQLITE
+    broker: BrokerConfig | None = None
+    """``backend = "rabbitmq"``: how to reach the broker and what this host does there."""
 
 
 @dataclass(frozen=True)
@@ -556,11 +618,14 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
     identity = _identity(identity_t)
     scope = _scope(scope_t)
     http = _http(http_t, node)
+    backend = QueueBackend(queue_t.choice("backend", "sqlite", tuple(QueueBackend)))
     queue = QueueConfig(
         lease_seconds=queue_t.seconds("lease_seconds", 600.0),
         max_attempts=queue_t.integer("max_attempts", 3, 1, 100),
         retry_initial_seconds=queue_t.seconds("retry_initial_seconds", 30.0),
         retry_max_seconds=queue_t.seconds("retry_max_seconds", 3600.0),
+        backend=backend,
+        broker=_broker(queue_t, base_dir) if backend is QueueBackend.RABBITMQ else None,
     )
     delivery = DeliveryConfig(
         retry_initial_seconds=delivery_t.seconds("retry_initial_seconds", 30.0),
@@ -626,6 +691,85 @@ def parse_config(data: Mapping[str, Any], base_dir: Path, source: Path | None = 
         identity=identity,
         scope=scope,
         http=http,
+    )
+
+
+_SITE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
+_PREFIX_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def _broker(t: _Table, base_dir: Path) -> BrokerConfig:
+    """The broker keys of ``[queue]`` (``backend = "rabbitmq"``)."""
+    url = t.string("url", _REQUIRED)
+    scheme = url.partition("://")[0]
+    if scheme not in ("amqp", "amqps"):
+        raise ConfigError(f"queue.url: must start with amqp:// or amqps://, got {scheme!r}")
+    if "@" in url.partition("://")[2].partition("/")[0]:
+        raise ConfigError("queue.url: no user or password in the URL; use queue.credentials_file")
+    has_cert, has_key = "certificate" in t._raw, "private_key" in t._raw
+    if has_cert != has_key:
+        raise ConfigError("queue.certificate: certificate and private_key go together")
+    levels = t.integer("levels", 2, 1, 10)
+    site = t.string("site") if "site" in t._raw else None
+    if site is not None and not _SITE_RE.fullmatch(site):
+        raise ConfigError(f"queue.site: letters, digits, '-' and '_' (1-63), got {site!r}")
+    prefix = t.string("prefix", "dicomnode")
+    if not _PREFIX_RE.fullmatch(prefix):
+        raise ConfigError(f"queue.prefix: letters, digits, '.', '-', '_' (1-63), got {prefix!r}")
+    rules = []
+    for i, raw in enumerate(_array_of_tables(t._get("priority", []), "queue.priority")):
+        r = _Table(raw, f"queue.priority[{i}]", base_dir)
+        rule = PriorityRuleConfig(
+            level=r.integer("level", _REQUIRED, 0, levels - 1),
+            calling_ae=r.ae_title("calling_ae") if "calling_ae" in r._raw else None,
+            station_name=r.string("station_name") if "station_name" in r._raw else None,
+        )
+        r.finish()
+        if rule.calling_ae is None and rule.station_name is None:
+            raise ConfigError(f"queue.priority[{i}]: needs calling_ae or station_name")
+        rules.append(rule)
+    instances = None
+    token_file = None
+    if "instances" in t._raw:
+        i_t = _Table(t._get("instances", {}), "queue.instances", base_dir)
+        token_file = _existing_file(i_t, "token_file", _REQUIRED)
+        i_has_cert, i_has_key = "certificate" in i_t._raw, "private_key" in i_t._raw
+        if i_has_cert != i_has_key:
+            raise ConfigError(
+                "queue.instances.certificate: certificate and private_key go together"
+            )
+        instance_url = i_t.string("url", "")
+        if instance_url and not instance_url.startswith(("http://", "https://")):
+            raise ConfigError(f"queue.instances.url: must be http(s)://..., got {instance_url!r}")
+        port = i_t.integer("port", 8443, 0, 65535)
+        instances = InstanceServerConfig(
+            bind=i_t.host("bind", "127.0.0.1", ip_only=True),
+            port=port,
+            url=instance_url,
+            token_file=token_file,
+            certificate=_existing_file(i_t, "certificate") if i_has_cert else None,
+            private_key=_private_key(i_t) if i_has_key else None,
+        )
+        i_t.finish()
+    default_priority = t.integer("default_priority", min(1, levels - 1), 0, levels - 1)
+    return BrokerConfig(
+        url=url,
+        credentials_file=_private_key(t, "credentials_file") if "credentials_file" in t._raw
+        else None,
+        ca_certificates=_existing_file(t, "ca_certificates") if "ca_certificates" in t._raw
+        else None,
+        certificate=_existing_file(t, "certificate") if has_cert else None,
+        private_key=_private_key(t) if has_key else None,
+        prefix=prefix,
+        levels=levels,
+        default_priority=default_priority,
+        delivery_limit=t.integer("delivery_limit", 5, 1, 1000),
+        heartbeat_seconds=t.integer("heartbeat_seconds", 30, 0, 3600),
+        dispatch_seconds=t.seconds("dispatch_seconds", 6 * 3600.0),
+        site=site,
+        priority=tuple(rules),
+        instances=instances,
+        token_file=token_file,
     )
 
 

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dicomnode import metrics, sender, tls
 from dicomnode.config import Config, DeliveryConfig, TlsConfig
 from dicomnode.logging import get_logger
+from dicomnode.queue.protocol import JobQueue
 from dicomnode.records import (
     IDLE_POLL_SECONDS,
     Delivery,
@@ -27,7 +28,7 @@ from dicomnode.records import (
     DeliveryState,
     EventLike,
 )
-from dicomnode.state import JobQueue, open_queue
+from dicomnode.state import open_queue
 from dicomnode.storage import StateLayout
 
 log = get_logger(__name__)

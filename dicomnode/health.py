@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from dicomnode.config import Config
+from dicomnode.config import Config, QueueBackend
 from dicomnode.records import DeliveryState, QueueDepth
 from dicomnode.state import DestinationSummary, StateDB
 from dicomnode.storage import StateLayout
@@ -47,6 +47,26 @@ ROLE_COMPONENTS: dict[str, frozenset[str]] = {
     "work": frozenset({WORKER, SENDER}),
 }
 ALL_COMPONENTS = ROLE_COMPONENTS["serve"]
+POOL_ROLE_COMPONENTS: dict[str, frozenset[str]] = {
+    "serve": frozenset({LISTENER, SENDER}),
+    "listen": frozenset({LISTENER}),
+    "work": frozenset({WORKER}),
+}
+"""With ``queue.backend = "rabbitmq"``: a site's ``serve`` runs no worker (the pool does) and a
+pool worker's ``work`` no sender (its site sends)."""
+
+
+def role_components(config: Config, role: str) -> frozenset[str]:
+    """The parts of the node ``role`` runs under ``config``."""
+    pool = config.queue.backend is QueueBackend.RABBITMQ
+    return (POOL_ROLE_COMPONENTS if pool else ROLE_COMPONENTS)[role]
+
+
+def node_components(config: Config) -> frozenset[str]:
+    """Every part this host runs (what ``dicomnode status`` judges)."""
+    if config.queue.backend is QueueBackend.RABBITMQ:
+        return POOL_ROLE_COMPONENTS["serve"]
+    return ALL_COMPONENTS
 
 FACTS_STALE_SECONDS = 10.0
 """A role's facts file older than this is ignored (the role writes it every second)."""

@@ -195,7 +195,7 @@ class NodeEndpoints:
     def __init__(self, config: Config, role: str, facts: Callable[[], health.RoleFacts]) -> None:
         self.config = config
         self.role = role
-        self.components = health.ROLE_COMPONENTS[role]
+        self.components = health.role_components(config, role)
         self.facts = facts
         self.started_at = time.time()
         self._db: StateDB | None = None

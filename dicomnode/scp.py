@@ -43,9 +43,10 @@ from dicomnode.config import AllowedCaller, Config, OtherSopClasses
 from dicomnode.health import LISTENER
 from dicomnode.limits import InboundLimits, space_shortfall, spooled_dataset_size
 from dicomnode.logging import configure_logging, get_logger
+from dicomnode.queue.protocol import JobQueue
 from dicomnode.receivers import AssociationSlots, SharedSocketServer
 from dicomnode.records import InstanceHeader
-from dicomnode.state import SqliteJobQueue, StateDB
+from dicomnode.state import StateDB, open_queue
 from dicomnode.storage import InstanceStore, StateLayout, check_uid
 
 CR_DX_SOP_CLASSES = frozenset(
@@ -278,7 +279,7 @@ class Listener:
         self.index = 0 if seat is None else seat.index
         self.layout = StateLayout(config.node.state_dir)
         self.db: StateDB | None = None
-        self.queue: SqliteJobQueue | None = None
+        self.queue: JobQueue | None = None
         self.store: InstanceStore | None = None
         self._server: Any = None
         node = config.node
@@ -320,7 +321,7 @@ class Listener:
         # an aborted or broken transfer leaves behind can be found and removed.
         self._tempdir_before = tempfile.tempdir
         tempfile.tempdir = str(spool)
-        self.queue = SqliteJobQueue.from_config(self.db, self.config)
+        self.queue = open_queue(self.db, self.config)
         self.store = InstanceStore(self.layout, self.db)
         self._chunked_before = _config.STORE_RECV_CHUNKED_DATASET
         _config.STORE_RECV_CHUNKED_DATASET = True

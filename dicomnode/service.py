@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 
 from dicomnode import health, metrics, sdnotify
 from dicomnode.children import ChildContext, ChildSupervisor, Heartbeat, signal_setter
-from dicomnode.config import Config, ConfigError
+from dicomnode.config import Config, ConfigError, QueueBackend
 from dicomnode.delivery import run_delivery
 from dicomnode.httpd import HttpEndpoint, NodeEndpoints, url
 from dicomnode.logging import configure_logging, get_logger
@@ -190,7 +190,7 @@ class Reporting:
         return dataclasses.replace(self._facts(), http_port=port)
 
     def start(self) -> None:
-        components = health.ROLE_COMPONENTS[self.role]
+        components = health.role_components(self.config, self.role)
         metrics.process_started(self.role, components)
         if health.SENDER in components:
             metrics.destinations_known(d.key for d in self.config.destinations)
@@ -347,15 +347,25 @@ def run_listen(config: Config) -> ExitCode:
 
 
 def run_work(config: Config) -> ExitCode:
-    """``dicomnode work``: the worker and the sender."""
-    from dicomnode.worker import run_worker  # torch only where inference runs
-
+    """``dicomnode work``: the worker and the sender; with ``queue.backend = "rabbitmq"`` the
+    worker of the pool alone (results go back to the site through the broker, and the site's
+    sender delivers them)."""
     stop, loaded = threading.Event(), threading.Event()
+    pool = config.queue.backend is QueueBackend.RABBITMQ
 
     def worker(stop: EventLike, heartbeat: Callable[[], None]) -> None:
-        run_worker(config, stop, ready=loaded.set, heartbeat=heartbeat)
+        if pool:
+            from dicomnode.queue.roles import run_broker_worker
 
-    roles = [RoleThread("worker", worker, stop), RoleThread("sender", _sender_role(config), stop)]
+            run_broker_worker(config, stop, ready=loaded.set, heartbeat=heartbeat)
+        else:
+            from dicomnode.worker import run_worker  # torch only where inference runs
+
+            run_worker(config, stop, ready=loaded.set, heartbeat=heartbeat)
+
+    roles = [RoleThread("worker", worker, stop)]
+    if not pool:
+        roles.append(RoleThread("sender", _sender_role(config), stop))
 
     def facts() -> health.RoleFacts:
         alive = roles[0].alive
@@ -373,8 +383,43 @@ def run_work(config: Config) -> ExitCode:
     )
 
 
+def _site_broker_role(config: Config) -> Role:
+    def role(stop: EventLike, heartbeat: Callable[[], None]) -> None:
+        from dicomnode.queue.roles import run_site_broker
+
+        run_site_broker(config, stop, heartbeat)
+
+    return role
+
+
+def run_site(config: Config) -> ExitCode:
+    """``dicomnode serve`` with ``queue.backend = "rabbitmq"``: a site of a multi-host
+    deployment. Listener, sender and the site's link to the worker pool (instance server,
+    dispatcher, result intake), each a thread of this process; no inference here."""
+    from dicomnode.queue.roles import site_checks
+
+    site_checks(config)
+    stop, bound = threading.Event(), _Bound()
+    roles = [
+        RoleThread("listener", _listener_role(config, bound), stop),
+        RoleThread("sender", _sender_role(config), stop),
+        RoleThread("broker", _site_broker_role(config), stop),
+    ]
+    return run_roles(
+        "serve",
+        roles,
+        stop,
+        bound.event.is_set,
+        lambda: _listening(config, bound) + ", worker pool via the broker",
+        reporting=Reporting(config, "serve", lambda: _facts("serve", (bound, roles[0]))),
+    )
+
+
 def run_serve(config: Config) -> ExitCode:
-    """``dicomnode serve``: listener and sender in this process, the worker in a child."""
+    """``dicomnode serve``: listener and sender in this process, the worker in a child (with
+    ``queue.backend = "rabbitmq"``: :func:`run_site`)."""
+    if config.queue.backend is QueueBackend.RABBITMQ:
+        return run_site(config)
     stop, bound = threading.Event(), _Bound()
     roles = [
         RoleThread("listener", _listener_role(config, bound), stop),

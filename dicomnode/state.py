@@ -18,8 +18,10 @@ inference keeps crashing does not spin the worker; ``dicomnode status`` shows wh
 The layout has a version (SQLite ``user_version``, :data:`SCHEMA_VERSION`); a database written by
 an older version is upgraded in place when opened.
 
-The queue sits behind :class:`JobQueue` so a broker-backed implementation can replace
-:class:`SqliteJobQueue` for several hosts.
+The roles use the queue through :class:`dicomnode.queue.protocol.JobQueue` (re-exported here);
+:class:`SqliteJobQueue` is its implementation on this database. With ``queue.backend =
+"rabbitmq"`` the site keeps this queue and its dispatcher leases ready jobs to the worker pool
+under the owner ``broker`` (:mod:`dicomnode.queue.remote`).
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
-from dicomnode.config import Config, DeliveryConfig, RetryPolicy
+from dicomnode.config import Config, DeliveryConfig, QueueBackend, RetryPolicy
+from dicomnode.queue.protocol import JobQueue, LeaseLostError
 from dicomnode.records import (
     Delivery,
     DeliveryOutcome,
@@ -159,10 +161,6 @@ def _enable_wal(conn: sqlite3.Connection, deadline: float) -> None:
                 raise
         time.sleep(pause)
         pause = min(pause * 2, 0.2)
-
-
-class LeaseLostError(RuntimeError):
-    """The job's lease expired or moved to another worker; its outcome is not recorded."""
 
 
 class StateDB:
@@ -469,77 +467,6 @@ def _result(row: sqlite3.Row) -> ResultFile:
     )
 
 
-class JobQueue(Protocol):
-    """The work pipeline's queue: study jobs and their result deliveries.
-
-    Every method takes ``now`` (seconds since the epoch; ``None``: the current time).
-    """
-
-    def enqueue_stable_studies(self, now: float | None = None) -> tuple[str, ...]:
-        """Queue a job for every study that is stable and changed since its last job."""
-        ...
-
-    def lease(self, owner: str, now: float | None = None) -> StudyJob | None:
-        """Take the oldest ready job for ``owner`` (first returning expired leases), or None.
-
-        A job that failed retryably is not ready before its back-off has passed."""
-        ...
-
-    def renew(self, job: StudyJob, now: float | None = None) -> StudyJob:
-        """Extend a held lease; raises :class:`LeaseLostError` if it is no longer held."""
-        ...
-
-    def complete(
-        self,
-        job: StudyJob,
-        results: Sequence[ResultFile],
-        destinations: Sequence[Destination],
-        now: float | None = None,
-        note: str | None = None,
-    ) -> None:
-        """Record the written results and create one pending delivery per destination;
-        ``note`` says what the results leave out (e.g. views skipped), shown by ``status``."""
-        ...
-
-    def fail(
-        self, job: StudyJob, reason: str, *, retryable: bool, now: float | None = None
-    ) -> JobState:
-        """Record a failed attempt; returns the job's new state (queued again after a back-off,
-        or failed)."""
-        ...
-
-    def retry(self, study_uid: str | None = None, now: float | None = None) -> int:
-        """Re-queue failed jobs (of one study or all); returns how many."""
-        ...
-
-    def depth(self) -> QueueDepth:
-        """Counts per job and delivery state."""
-        ...
-
-    def claim_deliveries(
-        self, claim_seconds: float, limit: int = 16, now: float | None = None
-    ) -> tuple[Delivery, ...]:
-        """Take due pending deliveries, hidden from other senders for ``claim_seconds``."""
-        ...
-
-    def extend_claim(
-        self, delivery: Delivery, claim_seconds: float, now: float | None = None
-    ) -> bool:
-        """Keep a claimed delivery hidden ``claim_seconds`` longer, unless an attempt was
-        recorded since it was claimed; True if it was extended."""
-        ...
-
-    def record_delivery_attempt(
-        self,
-        delivery_id: int,
-        outcome: DeliveryOutcome,
-        error: str | None = None,
-        now: float | None = None,
-    ) -> Delivery:
-        """Record one send attempt's outcome and schedule the next (exponential back-off)."""
-        ...
-
-
 class SqliteJobQueue:
     """:class:`JobQueue` on the node's SQLite state database."""
 
@@ -668,6 +595,20 @@ class SqliteJobQueue:
         )
         if not held:
             raise LeaseLostError(f"job {job.job_id} is no longer leased by {job.lease_owner!r}")
+
+    def held_job(
+        self, job_id: int, attempt: int, owner: str, now: float | None = None
+    ) -> StudyJob | None:
+        """Job ``job_id`` if ``owner`` holds its lease in ``attempt`` now, else None (answered
+        or given up meanwhile, published again as a later attempt, or the lease ran out)."""
+        now = time.time() if now is None else now
+        with self.db.transaction() as conn:
+            row = conn.execute(
+                "SELECT 1 FROM jobs WHERE job_id = ? AND state = ? AND lease_owner = ? "
+                "AND attempt = ? AND lease_expires_at > ?",
+                (job_id, JobState.LEASED, owner, attempt, now),
+            ).fetchone()
+            return None if row is None else _study_job(conn, job_id)
 
     def renew(self, job: StudyJob, now: float | None = None) -> StudyJob:
         now = time.time() if now is None else now
@@ -957,9 +898,14 @@ def _delivery(conn: sqlite3.Connection, delivery_id: int) -> Delivery:
 
 
 def open_queue(db: StateDB, config: Config) -> JobQueue:
-    """The job queue the roles use: the embedded SQLite queue on the node's state database.
+    """The job queue the roles use: the SQLite queue on the node's state database.
 
-    The one place to choose another :class:`JobQueue` implementation (a broker for several
-    hosts) when there is one.
+    With ``queue.backend = "rabbitmq"`` this is the site's queue, whose only leaseholder is the
+    dispatcher that publishes jobs to the worker pool: its lease is ``queue.dispatch_seconds``,
+    how long the site waits for the pool's answer before publishing a job again.
     """
-    return SqliteJobQueue.from_config(db, config)
+    queue = SqliteJobQueue.from_config(db, config)
+    broker = config.queue.broker
+    if config.queue.backend is QueueBackend.RABBITMQ and broker is not None:
+        queue.lease_seconds = broker.dispatch_seconds
+    return queue

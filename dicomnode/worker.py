@@ -43,6 +43,7 @@ from dicomnode import metrics
 from dicomnode.config import Config, OutOfScope
 from dicomnode.logging import get_logger
 from dicomnode.pixels import PixelDataError, View, drop_unreadable, load_view, region_hints
+from dicomnode.queue.protocol import JobQueue, LeaseLostError
 from dicomnode.records import (
     IDLE_POLL_SECONDS,
     EventLike,
@@ -52,7 +53,7 @@ from dicomnode.records import (
     StudyJob,
 )
 from dicomnode.scope import Scope
-from dicomnode.state import JobQueue, LeaseLostError, open_queue
+from dicomnode.state import open_queue
 from dicomnode.storage import StateLayout, installation_uid
 from dicomnode.uids import ResultKind, SourceIdentity, derive_uid
 from dicomnode.writers import (
@@ -389,16 +390,16 @@ def lease_kept(queue: JobQueue, job: StudyJob, interval: float) -> Iterator[thre
         thread.join()
 
 
-class Worker:
-    """Processes study jobs from ``queue`` with ``analyser`` (an :class:`Ensemble`)."""
+class StudyProcessor:
+    """Analyses one study job with ``analyser`` (an :class:`Ensemble`) and writes its result
+    objects; records nothing. The local :class:`Worker` and the broker worker of several hosts
+    (:func:`dicomnode.queue.roles.run_broker_worker`) both process studies with it."""
 
     def __init__(
         self,
         config: Config,
         analyser: Ensemble,
-        queue: JobQueue,
         *,
-        owner: str | None = None,
         node: NodeIdentity | None = None,
         heartbeat: Callable[[], None] | None = None,
     ) -> None:
@@ -407,11 +408,8 @@ class Worker:
             raise ValueError("outputs: at least one of sr, sc and gsps must be true")
         self.config = config
         self.analyser = analyser
-        self.queue = queue
         self.layout = StateLayout(config.node.state_dir)
-        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.node = node or node_identity(config)
-        self.renew_interval = config.queue.lease_seconds / 3
         self.heartbeat = heartbeat
         self.scope = Scope.resolve(config.scope, analyser.manifest.thresholds)
 
@@ -424,8 +422,9 @@ class Worker:
         """Where one job's result files go: its own folder, so versions never overwrite."""
         return self.layout.results_dir / job.study_instance_uid / f"job-{job.job_id}"
 
-    def process(self, job: StudyJob) -> StudyOutcome:
-        """Decode, analyse and write the results of one job (nothing is recorded here).
+    def process(self, job: StudyJob, folder: Path | None = None) -> StudyOutcome:
+        """Decode, analyse and write the results of one job into ``folder`` (default:
+        :meth:`results_dir`); nothing is recorded here.
 
         Every image gets an answer: analysed images a decision; the others (out of scope, not
         decodable, refused by inference) a "not analysed" entry with the reason. Raises
@@ -470,7 +469,7 @@ class Worker:
                 findings,
                 self.analyser.algorithm,
                 self.node,
-                self.results_dir(job),
+                self.results_dir(job) if folder is None else folder,
                 previous=previous,
                 report=self.config.outputs.sr,
                 secondary_captures=self.config.outputs.sc,
@@ -496,6 +495,25 @@ class Worker:
     @property
     def ignores_out_of_scope(self) -> bool:
         return self.scope.out_of_scope is OutOfScope.IGNORE
+
+
+class Worker(StudyProcessor):
+    """Processes study jobs from ``queue`` with ``analyser`` (an :class:`Ensemble`)."""
+
+    def __init__(
+        self,
+        config: Config,
+        analyser: Ensemble,
+        queue: JobQueue,
+        *,
+        owner: str | None = None,
+        node: NodeIdentity | None = None,
+        heartbeat: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(config, analyser, node=node, heartbeat=heartbeat)
+        self.queue = queue
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.renew_interval = config.queue.lease_seconds / 3
 
     def handle(self, job: StudyJob) -> JobState | None:
         """Process a leased job and record its outcome; returns the job's new state, or None

@@ -30,6 +30,7 @@ class RabbitMQ:
         self.epmd_port = free_port()
         self.node = f"test-{uuid.uuid4().hex[:8]}@localhost"
         self.process: subprocess.Popen[bytes] | None = None
+        self.prefix: list[str] = []  # the namespace it runs in (epmd is stopped there too)
         self.consumer_timeout_ms = consumer_timeout_ms
         for folder in ("mnesia", "log", "home"):
             (workdir / folder).mkdir(parents=True, exist_ok=True)
@@ -70,8 +71,9 @@ class RabbitMQ:
         """Start the broker (``prefix``: e.g. ``["ip", "netns", "exec", "ns"]``) and wait until
         it accepts AMQP connections."""
         log = (self.workdir / "server.log").open("ab")
+        self.prefix = list(prefix or [])
         self.process = subprocess.Popen(
-            [*(prefix or []), str(SERVER)],
+            [*self.prefix, str(SERVER)],
             env=self.environment(),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -104,8 +106,8 @@ class RabbitMQ:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self.process = None
-        subprocess.run([str(EPMD), "-kill"], env=self.environment(), capture_output=True,
-                       timeout=10, check=False)
+        subprocess.run([*self.prefix, str(EPMD), "-kill"], env=self.environment(),
+                       capture_output=True, timeout=10, check=False)
 
     def __enter__(self) -> RabbitMQ:
         return self.start()

@@ -70,7 +70,10 @@ class Network:
         self.prefix = f"10.{200 + octets % 50}.{octets % 250}"
         self.bridge = f"{self.tag}br"
         self.hosts: list[Host] = []
+        self.gateway = f"{self.prefix}.1"
+        """The test machine's own address on the network (the bridge's), e.g. for a modality."""
         _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
 
     def host(self, name: str) -> Host:

@@ -385,3 +385,94 @@ def test_http_keys(tmp_path: Path) -> None:
     assert (http.certificate, http.private_key) == (cert, key)
     with pytest.raises(ConfigError, match=r"http\.certificate: no such file"):
         parse_config({**BASE, "http": {"certificate": "x", "private_key": "http.key"}}, tmp_path)
+
+
+# -- [queue] backend = "rabbitmq" (several hosts) -------------------------------------------------
+
+
+def broker_files(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {name: folder / name for name in ("broker.credentials", "instances.token", "ca.crt")}
+    for path in files.values():
+        path.write_text("x" * 32 + "\n")
+        path.chmod(0o600)
+    return files
+
+
+def rabbit_queue(folder: Path, **changes: object) -> dict[str, object]:
+    files = broker_files(folder)
+    return {
+        "backend": "rabbitmq",
+        "url": "amqps://broker.example:5671/%2F",
+        "credentials_file": str(files["broker.credentials"]),
+        "ca_certificates": str(files["ca.crt"]),
+        "site": "site-a",
+        "delivery_limit": 4,
+        "dispatch_seconds": 3600,
+        "priority": [{"level": 0, "calling_ae": "ED_CR"}, {"level": 0, "station_name": "ED1"}],
+        "instances": {
+            "bind": "10.0.0.5",
+            "port": 8443,
+            "url": "https://site-a.example:8443",
+            "token_file": str(files["instances.token"]),
+        },
+        **changes,
+    }
+
+
+def test_sqlite_is_the_default_backend_and_needs_no_broker() -> None:
+    config = parse_config(BASE, Path("/etc"))
+    assert config.queue.backend == "sqlite" and config.queue.broker is None
+
+
+def test_rabbitmq_backend_reads_the_broker_the_site_and_the_instance_server(
+    tmp_path: Path,
+) -> None:
+    config = parse_config({**BASE, "queue": rabbit_queue(tmp_path)}, Path("/etc"))
+    broker = config.queue.broker
+    assert config.queue.backend == "rabbitmq" and broker is not None
+    assert broker.url == "amqps://broker.example:5671/%2F"
+    assert broker.credentials_file == tmp_path / "broker.credentials"
+    assert broker.ca_certificates == tmp_path / "ca.crt"
+    assert (broker.site, broker.prefix, broker.levels, broker.default_priority) == (
+        "site-a", "dicomnode", 2, 1)
+    assert (broker.delivery_limit, broker.dispatch_seconds) == (4, 3600.0)
+    assert [(r.level, r.calling_ae, r.station_name) for r in broker.priority] == [
+        (0, "ED_CR", None), (0, None, "ED1")]
+    assert broker.instances is not None and broker.instances.port == 8443
+    assert broker.token_file == tmp_path / "instances.token"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"url": "http://broker:5672"}, r"queue\.url: must start with amqp:// or amqps://"),
+        ({"url": "amqp://user:pw@broker:5672"}, r"queue\.url: no user or password"),
+        ({"site": "site a"}, r"queue\.site: letters"),
+        ({"prefix": "a b"}, r"queue\.prefix"),
+        ({"delivery_limit": 0}, r"queue\.delivery_limit"),
+        ({"priority": [{"level": 2, "calling_ae": "ED"}]}, r"queue\.priority\[0\]\.level"),
+        ({"priority": [{"level": 0}]}, r"queue\.priority\[0\]: needs calling_ae or station"),
+        ({"priority": [{"level": 0, "aet": "ED"}]}, r"queue\.priority\[0\]: unknown key"),
+        ({"instances": {"url": "https://x", "token_file": "/nonexistent"}},
+         r"queue\.instances\.token_file: no such file"),
+        ({"backend": "kafka"}, r"queue\.backend: must be one of"),
+    ],
+)
+def test_bad_broker_values_name_the_key(
+    tmp_path: Path, changes: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config({**BASE, "queue": rabbit_queue(tmp_path, **changes)}, Path("/etc"))
+
+
+def test_broker_keys_with_the_sqlite_backend_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"queue: unknown key\(s\) url"):
+        parse_config({**BASE, "queue": {"url": "amqp://127.0.0.1"}}, Path("/etc"))
+
+
+def test_a_credentials_file_readable_by_everyone_is_refused(tmp_path: Path) -> None:
+    queue = rabbit_queue(tmp_path)
+    (tmp_path / "broker.credentials").chmod(0o644)
+    with pytest.raises(ConfigError, match=r"queue\.credentials_file: .* accessible to everyone"):
+        parse_config({**BASE, "queue": queue}, Path("/etc"))

@@ -185,6 +185,30 @@ def test_expired_lease_returns_the_job_and_the_old_holder_loses_it(db: StateDB) 
     assert queue.depth().failed == 1
 
 
+def test_held_job_finds_only_the_current_attempt_of_its_holder(db: StateDB) -> None:
+    """The site's result intake matches the pool's answers with held_job: an answer to an
+    attempt published earlier, by another owner, after its lease ran out, or to a job already
+    answered is not the held job."""
+    queue = make_queue(db, max_attempts=3)
+    db.record_instance(instance("1.2.3.4.1"), now=T0)
+    queue.enqueue_stable_studies(now=T0 + STABLE)
+    first = queue.lease("broker", now=T0 + STABLE)
+    assert first is not None
+    held = queue.held_job(first.job_id, 1, "broker", now=T0 + STABLE + 1)
+    assert held is not None and held.instances == first.instances and held.attempt == 1
+    assert queue.held_job(first.job_id, 2, "broker", now=T0 + STABLE + 1) is None
+    assert queue.held_job(first.job_id, 1, "w1", now=T0 + STABLE + 1) is None
+    assert queue.held_job(first.job_id + 1, 1, "broker", now=T0 + STABLE + 1) is None
+    assert queue.held_job(first.job_id, 1, "broker", now=first.lease_expires_at) is None
+    second = queue.lease("broker", now=first.lease_expires_at)  # published again: attempt 2
+    assert second is not None and second.attempt == 2
+    assert queue.held_job(first.job_id, 1, "broker", now=second.lease_expires_at - 1) is None
+    again = queue.held_job(first.job_id, 2, "broker", now=second.lease_expires_at - 1)
+    assert again is not None
+    queue.complete(again, [result(1)], [PACS], now=second.lease_expires_at - 1)
+    assert queue.held_job(first.job_id, 2, "broker", now=second.lease_expires_at - 1) is None
+
+
 def test_fail_requeues_retryable_errors_until_max_attempts(db: StateDB) -> None:
     queue = make_queue(db, max_attempts=2)
     db.record_instance(instance("1.2.3.4.1"), now=T0)

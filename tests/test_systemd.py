@@ -53,7 +53,10 @@ UNITS = {
     "dicomnode.service": ("serve", ("gpu.conf", "privileged-port.conf")),
     "dicomnode-listen.service": ("listen", ("privileged-port.conf",)),
     "dicomnode-work.service": ("work", ("gpu.conf",)),
+    "dicomnode-site.service": ("serve", ("privileged-port.conf",)),
 }
+#: Units whose process never runs inference (no PyTorch): MemoryDenyWriteExecute=yes holds.
+NO_INFERENCE = {"dicomnode-listen.service", "dicomnode-site.service"}
 
 # What every unit must say, exactly (systemd's own spelling of each value).
 REQUIRED_SERVICE = {
@@ -298,7 +301,7 @@ def test_unit_is_notify_and_hardened(unit: str) -> None:
     for key, expected in REQUIRED_SERVICE.items():
         assert single(service, key) == expected, f"{unit}: {key}"
     # PyTorch's oneDNN CPU kernels need writable+executable memory (see the MDWE tests below).
-    runs_inference = UNITS[unit][0] != "listen"
+    runs_inference = unit not in NO_INFERENCE
     assert single(service, "MemoryDenyWriteExecute") == ("no" if runs_inference else "yes")
     assert float(single(service, "WatchdogSec")) > 0
     assert int(single(service, "LimitNOFILE")) >= 4096

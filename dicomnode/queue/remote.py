@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Protocol
 
 import pydicom
+from pika.exceptions import AMQPError
 from pika.spec import BasicProperties
 
 from dicomnode.logging import get_logger
@@ -251,8 +252,14 @@ class ResultIntake:
             for f in outcome.files
         ]
         missing = [r.sop_instance_uid for r in results if not r.path.is_file()]
-        if missing:
-            raise MessageError(f"outcome of job {outcome.job_id} before its files {missing}")
+        if missing:  # a file lost or corrupt on the way: the job is published again later
+            log.error(
+                "job_outcome_incomplete",
+                job_id=outcome.job_id,
+                missing=len(missing),
+                hint="the job is published again after queue.dispatch_seconds",
+            )
+            return
         self.queue.complete(job, results, self.destinations if results else (), note=outcome.note)
         log.info(
             "job_results_written", job_id=job.job_id, results=len(results), worker=outcome.worker
@@ -346,9 +353,13 @@ class BrokerWorker:
 
         thread = threading.Thread(target=work, name=f"job-{message.key}", daemon=True)
         thread.start()
-        while thread.is_alive():  # heartbeats while the job runs
-            self.broker.keep_alive(0.5)
-            thread.join(0.01)
+        try:
+            while thread.is_alive():  # heartbeats while the job runs
+                self.broker.keep_alive(0.5)
+                thread.join(0.01)
+        except AMQPError:  # the broker went away: the job is redelivered; never run two at once
+            thread.join()
+            raise
         error = result.get("error")
         if isinstance(error, FinalFailure):
             return OutcomeMessage(
