@@ -522,6 +522,39 @@ def test_invalid_source_header_values_are_left_empty_not_copied(tmp_path: Path) 
     assert invalid_header_attributes(pydicom.dcmread(SAMPLES / "DX_highdicom_small.dcm")) == ()
 
 
+@pytest.mark.parametrize("spacing", ["\\", "\\0.143", "0.143\\0", "NaN\\0.143"])
+def test_imager_pixel_spacing_without_two_usable_values_is_left_out_of_the_sr(
+    spacing: str, tmp_path: Path
+) -> None:
+    """Empty values in a multi-valued DS pass the header checks; float('') once failed the
+    whole SR (fuzz case 20261205:348). Without two positive numbers the spacing is not given."""
+    view = _variant(tmp_path, "spacing", ImagerPixelSpacing=spacing)
+    written = _write(tmp_path, [ImageFinding(view, ONE_BOX, THORAX)])
+    assert written.report is not None
+    sr = pydicom.dcmread(written.report.path)
+    names = {item.ConceptNameCodeSequence[0].CodeMeaning for item in _all_items(sr)}
+    assert "Horizontal Pixel Spacing" not in names and "Vertical Pixel Spacing" not in names
+    assert "Pixel Data Rows" in names  # the rest of the image library entry is there
+    for item in written.all:
+        _dciodvfy(item.path)
+    usable = _variant(tmp_path, "usable", ImagerPixelSpacing="0.15\\0.143")
+    sr = pydicom.dcmread(_write(tmp_path, [ImageFinding(usable, ONE_BOX, THORAX)]).all[0].path)
+    given = {
+        name: float(item.MeasuredValueSequence[0].NumericValue)
+        for item in _all_items(sr)
+        if "Pixel Spacing" in (name := item.ConceptNameCodeSequence[0].CodeMeaning)
+    }
+    assert given == {"Horizontal Pixel Spacing": 0.143, "Vertical Pixel Spacing": 0.15}
+
+
+def _all_items(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
+    items = []
+    for item in ds.get("ContentSequence", []):
+        items.append(item)
+        items.extend(_all_items(item))
+    return items
+
+
 def test_region_codes_from_inference_are_written_as_finding_site(tmp_path: Path) -> None:
     cr = load_view(SAMPLES / "RG2_JPLL_derived_EVRLE.dcm")
     region = region_by_key("hip")

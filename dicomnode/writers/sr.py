@@ -27,6 +27,7 @@ The document is PRELIMINARY, PARTIAL and UNVERIFIED: an AI result, not a physici
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -239,16 +240,16 @@ def _library_entry(header: Dataset) -> ImageContentItem:
             strict=True,
         ):
             descriptors.append(TextContentItem(name=name, value=value, relationship_type=context))
-    spacing = header.get("ImagerPixelSpacing", None)
-    if modality in _PROJECTION and spacing is not None and len(spacing) == 2:
-        for name, value in (
+    spacing = _spacing(header.get("ImagerPixelSpacing", None))
+    if modality in _PROJECTION and spacing is not None:
+        for name, millimetres in (
             (codes.DCM.HorizontalPixelSpacing, spacing[1]),
             (codes.DCM.VerticalPixelSpacing, spacing[0]),
         ):
             descriptors.append(
                 NumContentItem(
                     name=name,
-                    value=float(value),
+                    value=millimetres,
                     unit=codes.UCUM.Millimeter,
                     relationship_type=context,
                 )
@@ -367,6 +368,20 @@ def _positive(value: object) -> int | None:
     except (TypeError, ValueError, OverflowError):
         return None
     return number if number > 0 else None
+
+
+def _spacing(value: object) -> tuple[float, float] | None:
+    """Imager Pixel Spacing (row, column) as two positive finite numbers, None if it is not.
+
+    Empty values in a multi-valued DS ("\\" is two of them) pass the header checks; they once
+    failed the whole SR with float('') (fuzz case 20261205:348)."""
+    try:
+        numbers = tuple(float(v) for v in value)  # type: ignore[attr-defined]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if len(numbers) != 2 or not all(math.isfinite(n) and n > 0 for n in numbers):
+        return None
+    return numbers[0], numbers[1]
 
 
 def _measurement(
