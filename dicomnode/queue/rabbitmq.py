@@ -19,11 +19,13 @@ A worker takes one job at a time and acknowledges it only after its results are 
 the broker in the site's results queue; a worker that dies leaves its job unacknowledged, and the
 broker gives it to another worker when the dead worker's connection closes.
 
-The consumer acknowledgement timeout (``consumer_timeout``, 30 minutes by default) applies to
-unacknowledged deliveries on a channel: a job taking longer would be taken from a living worker.
-Set ``consumer_timeout`` in ``rabbitmq.conf`` above the longest job you expect (``docs/
-multi-host.md``); the worker checks the broker's value at start and warns when it is below
-``queue.lease_seconds``.
+The delivery acknowledgement timeout (``consumer_timeout``, 30 minutes by default) applies to
+unacknowledged deliveries on a channel: the broker closes the channel of a worker whose job runs
+longer, and the job goes to another worker (the first one finishes, cannot publish on the closed
+channel, reconnects and takes the next job); a job that always runs longer ends dead-lettered at
+the delivery limit. Set ``consumer_timeout`` in ``rabbitmq.conf`` above the longest job you
+expect (``docs/multi-host.md``); RabbitMQ 3.10 has no per-queue setting and no way for a client
+to read the value.
 """
 
 from __future__ import annotations
