@@ -610,6 +610,22 @@ class SqliteJobQueue:
             ).fetchone()
             return None if row is None else _study_job(conn, job_id)
 
+    def release(self, job: StudyJob, now: float | None = None) -> bool:
+        """Give a held job back to the queue as if it had not been leased (its attempt is not
+        counted): the site's dispatcher, when publishing it to the broker failed. True if it
+        was still held."""
+        now = time.time() if now is None else now
+        with self.db.transaction() as conn:
+            try:
+                self._held(conn, job, now)
+            except LeaseLostError:
+                return False
+            conn.execute(
+                "UPDATE jobs SET attempt = attempt - 1 WHERE job_id = ?", (job.job_id,)
+            )
+            _set_job_state(conn, job.job_id, JobState.QUEUED, None, now)
+            return True
+
     def renew(self, job: StudyJob, now: float | None = None) -> StudyJob:
         now = time.time() if now is None else now
         with self.db.transaction() as conn:

@@ -138,3 +138,40 @@ def test_confirmed_messages_survive_a_broker_restart(tmp_path: Path) -> None:
             assert jobs.messages == 0
     finally:
         rabbit.stop()
+
+
+def test_a_job_whose_publication_fails_goes_back_to_the_site_queue_at_once(
+    rabbit: RabbitMQ, tmp_path: Path
+) -> None:
+    """The dispatcher leases a job, then the broker connection is gone: the publish raises and
+    the job is queued again at once (not after dispatch_seconds), its attempt not counted."""
+    from dicomnode.config import DeliveryConfig, RetryPolicy
+    from dicomnode.queue.rabbitmq import BrokerError
+    from dicomnode.queue.remote import BROKER_OWNER, JobDispatcher
+    from dicomnode.records import JobState, StoredInstance
+    from dicomnode.state import SqliteJobQueue, StateDB
+
+    s = settings(rabbit, "release")
+    with StateDB(tmp_path / "state.sqlite") as db:
+        queue = SqliteJobQueue(db, stable_seconds=1, lease_seconds=3600, max_attempts=1,
+                               delivery=DeliveryConfig(1, 2, 60, 10), job_retry=RetryPolicy(1, 2))
+        db.record_instance(StoredInstance("1.2.3.4", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3",
+                                          "1.2.3.9", "1.2.840.10008.1.2.1", tmp_path / "x.dcm",
+                                          10, "ab" * 32, "MODALITY"), now=0)
+        queue.enqueue_stable_studies(now=100)
+        broker = Broker(s)
+        broker.declare_site("site-a")
+        dispatcher = JobDispatcher("site-a", queue, broker, "http://site-a:8080")
+        broker.connection.close()
+        with pytest.raises(BrokerError):
+            dispatcher.dispatch_ready()
+        job_id = db.query("SELECT job_id FROM jobs")[0][0]
+        assert queue.job_state(job_id) == (JobState.QUEUED, None)
+        with Broker(s) as again:
+            dispatcher.broker = again
+            assert dispatcher.dispatch_ready() == 1
+            taken = again.get_job()
+            assert taken is not None
+            assert (taken.message.job_id, taken.message.attempt) == (job_id, 1)
+            again.ack(taken.delivery_tag)
+            assert queue.held_job(job_id, 1, BROKER_OWNER) is not None

@@ -209,6 +209,19 @@ def test_held_job_finds_only_the_current_attempt_of_its_holder(db: StateDB) -> N
     assert queue.held_job(first.job_id, 2, "broker", now=second.lease_expires_at - 1) is None
 
 
+def test_release_returns_a_held_job_without_counting_the_attempt(db: StateDB) -> None:
+    queue = make_queue(db, max_attempts=1)
+    db.record_instance(instance("1.2.3.4.1"), now=T0)
+    queue.enqueue_stable_studies(now=T0 + STABLE)
+    job = queue.lease("broker", now=T0 + STABLE)
+    assert job is not None and job.attempt == 1
+    assert queue.release(job, now=T0 + STABLE + 1)
+    assert not queue.release(job, now=T0 + STABLE + 1)  # no longer held
+    assert queue.job_state(job.job_id) == (JobState.QUEUED, None)
+    again = queue.lease("broker", now=T0 + STABLE + 2)  # at once, and still attempt 1 of 1
+    assert again is not None and again.attempt == 1
+
+
 def test_fail_requeues_retryable_errors_until_max_attempts(db: StateDB) -> None:
     queue = make_queue(db, max_attempts=2)
     db.record_instance(instance("1.2.3.4.1"), now=T0)

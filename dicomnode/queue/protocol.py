@@ -55,6 +55,11 @@ class JobQueue(Protocol):
         result intake matches the worker pool's answers to the jobs it published)."""
         ...
 
+    def release(self, job: StudyJob, now: float | None = None) -> bool:
+        """Return a held job to the queue without counting its attempt (it never ran: e.g. the
+        broker did not confirm its publication); True if it was still held."""
+        ...
+
     def renew(self, job: StudyJob, now: float | None = None) -> StudyJob:
         """Extend a held lease; raises :class:`LeaseLostError` if it is no longer held."""
         ...

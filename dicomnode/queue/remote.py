@@ -96,6 +96,8 @@ class SiteQueue(Protocol):
 
     def held_job(self, job_id: int, attempt: int, owner: str) -> StudyJob | None: ...
 
+    def release(self, job: StudyJob, now: float | None = None) -> bool: ...
+
     def complete(
         self,
         job: StudyJob,
@@ -152,8 +154,12 @@ class JobDispatcher:
         """Publish up to ``limit`` ready jobs; returns how many."""
         sent = 0
         while sent < limit and (job := self.queue.lease(BROKER_OWNER)) is not None:
-            message = self.message(job)
-            self.broker.publish_job(message)
+            try:
+                message = self.message(job)
+                self.broker.publish_job(message)
+            except BaseException:  # not confirmed: back to the queue now, not after the timeout
+                self.queue.release(job)
+                raise
             log.info(
                 "job_dispatched",
                 job_id=job.job_id,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -158,7 +159,7 @@ def run_site_broker(
                             site, queue, broker, layout.results_dir, config.destinations
                         )
                         _site_loop(dispatcher, intake, broker, stop, heartbeat)
-                except (BrokerError, AMQPError, MessageError) as exc:
+                except (BrokerError, AMQPError, MessageError, sqlite3.Error) as exc:
                     failures += 1
                     wait = reconnect_wait(failures)
                     log.warning(
