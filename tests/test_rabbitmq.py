@@ -175,3 +175,56 @@ def test_a_job_whose_publication_fails_goes_back_to_the_site_queue_at_once(
             assert (taken.message.job_id, taken.message.attempt) == (job_id, 1)
             again.ack(taken.delivery_tag)
             assert queue.held_job(job_id, 1, BROKER_OWNER) is not None
+
+
+def test_priority_rules_send_emergency_studies_to_the_most_urgent_level(
+    rabbit: RabbitMQ, tmp_path: Path
+) -> None:
+    """[[queue.priority]] by calling AE title and by Station Name (read from the stored header):
+    those studies are taken before an earlier routine one."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from dicomnode.config import BrokerConfig, PriorityRuleConfig
+    from dicomnode.queue.remote import JobDispatcher
+    from dicomnode.queue.roles import priority_rules
+    from dicomnode.records import StoredInstance, StudyJob
+
+    def stored(n: int, calling_ae: str, station: str) -> StoredInstance:
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+        ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.{n}.1"
+        ds.StationName = station
+        path = tmp_path / f"{n}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        return StoredInstance(f"1.2.{n}.1", "1.2.840.10008.5.1.4.1.1.1.1", f"1.2.{n}",
+                              f"1.2.{n}.9", ExplicitVRLittleEndian, path, 10, "ab" * 32,
+                              calling_ae)
+
+    class NoQueue:  # message() needs no queue
+        pass
+
+    rules = priority_rules(BrokerConfig(url=rabbit.url, priority=(
+        PriorityRuleConfig(0, calling_ae="ED_CR"), PriorityRuleConfig(0, station_name="ED-DR-1"),
+    )))
+    s = settings(rabbit, "rules")
+    with Broker(s) as site, Broker(s) as worker:
+        site.declare_site("site-a")
+        dispatcher = JobDispatcher("site-a", NoQueue(), site, "http://a:1",  # type: ignore[arg-type]
+                                   rules, default_priority=1)
+        jobs = [
+            StudyJob(1, "1.2.1", 1, 1, "broker", 0.0, (stored(1, "WARD", "DR-3"),), ()),
+            StudyJob(2, "1.2.2", 1, 1, "broker", 0.0, (stored(2, "ED_CR", "DR-3"),), ()),
+            StudyJob(3, "1.2.3", 1, 1, "broker", 0.0, (stored(3, "WARD", "ED-DR-1"),), ()),
+        ]
+        levels = [dispatcher.message(j).priority for j in jobs]
+        assert levels == [1, 0, 0]
+        for job in jobs:
+            site.publish_job(dispatcher.message(job))
+        order = []
+        while (taken := worker.get_job()) is not None:
+            order.append((taken.message.job_id, taken.level))
+            worker.ack(taken.delivery_tag)
+        assert order == [(2, 0), (3, 0), (1, 1)]
