@@ -12,16 +12,26 @@ Instances: DX, 2560 x 2048, 16 bit, Explicit VR Little Endian, about 10 MB each 
 the same file system as the receivers' output (``--workdir``; it must not be a tmpfs, where fsync
 costs nothing). Each run starts a fresh receiver with an empty output folder, sends all instances
 with ``--senders`` concurrent ``storescu`` processes (each one association with its share of the
-files; ``TCP_NODELAY=1`` in their environment) and times from the first start to the last exit;
-every instance must be acknowledged and on disk. Targets alternate within a run, so both see the
-same machine load; the table gives the median of ``--runs`` and the ratio node / storescp.
+files) and times from the first start to the last exit; every instance must be acknowledged
+and on disk. Targets alternate within a run, so all see the same machine load; the table gives
+the median of ``--runs`` and the ratio node / storescp.
 
-What is compared. storescp 3.6.7 has no option to sync what it writes, so it runs as
-``storescp --fork +B -pdu 131072 -xcr "/usr/bin/sync #p/#f #p" -xs``: bit-preserving write, then
-synchronously (before the C-STORE response) ``sync FILE DIR``, which fsyncs the file and its
-directory: the same guarantee the node gives (plus the node's SQLite commit). 131072 bytes is
-storescp's largest receive PDU; the node offers 4 MiB (its default). ``--fork`` gives each
-association its own process, as the node gives each its own thread.
+What is compared, with the same settings on both sides (printed with the figures):
+
+* **Environment**: every process, senders and receivers alike, runs with ``TCP_NODELAY=1`` (DCMTK
+  turns Nagle's algorithm off only where that variable is set; the node turns it off on every
+  accepted socket). Before 2026-12-04 only the senders had it: storescp's replies then waited
+  for delayed acknowledgements, which capped it near 190 MB/s and flattered the node.
+* **PDU**: both receivers offer 131072 bytes, storescp's largest receive PDU (the node's
+  ``node.max_pdu`` is set to it here; its default is 4 MiB).
+* **Durability**: storescp 3.6.7 has no option to sync what it writes, so it runs as
+  ``storescp --fork +B -pdu 131072 -xcr "/usr/bin/sync #p/#f #p" -xs``: bit-preserving write,
+  then synchronously (before the C-STORE response) ``sync FILE DIR``, which fsyncs the file and
+  its directory: the same guarantee the node gives (plus the node's SQLite commit). ``--fork``
+  gives each association its own process, as the node gives each its own thread.
+* **Ceiling**: ``storescp --fork --ignore -pdu 131072`` receives every instance and writes
+  nothing: the loopback network and DIMSE cost alone, an upper bound neither receiver can pass
+  (a receiver above it would mean a measuring error).
 """
 
 from __future__ import annotations
@@ -56,6 +66,10 @@ from dicomnode.demo import (
 
 NODE_AE, SCP_AE, MODALITY_AE = "FRACTURE_AI", "STORESCP", "MODALITY"
 SYNC = "/usr/bin/sync"
+PDU = 131072  # storescp's largest receive PDU; the node offers the same here
+#: The one environment of every process of a measurement (senders and receivers)
+ENVIRONMENT = {**os.environ, "TCP_NODELAY": "1"}
+TARGETS = ("ceiling", "storescp", "node")
 
 
 @dataclass(frozen=True)
@@ -114,15 +128,24 @@ def make_instances(folder: Path, count: int, rows: int, cols: int) -> list[Path]
 # -- receivers -------------------------------------------------------------------------------
 
 
+def storescp_command(out: Path, port: int, *, ignore: bool = False) -> list[str]:
+    """storescp syncing each file and its folder before answering, or (``ignore``) receiving
+    and discarding every instance: the ceiling."""
+    common = [str(STORESCP), "--fork", "-aet", SCP_AE, "-pdu", str(PDU)]
+    if ignore:
+        return [*common, "--ignore", str(port)]
+    return [*common, "+B", "-od", str(out), "-xcr", f"{SYNC} #p/#f #p", "-xs", str(port)]
+
+
 @contextmanager
-def storescp(workdir: Path) -> Iterator[Receiver]:
-    """DCMTK storescp syncing each file and its folder before answering."""
+def storescp(workdir: Path, *, ignore: bool = False) -> Iterator[Receiver]:
+    """DCMTK storescp (see :func:`storescp_command`) in the measurement's environment."""
     out = workdir / "storescp-out"
     out.mkdir(parents=True)
     port = free_port()
-    cmd = [str(STORESCP), "--fork", "+B", "-aet", SCP_AE, "-pdu", "131072", "-od", str(out),
-           "-xcr", f"{SYNC} #p/#f #p", "-xs", str(port)]
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = storescp_command(out, port, ignore=ignore)
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=ENVIRONMENT)
     try:
         wait_until_bound(port, process, time.monotonic() + 15)
         yield Receiver(port, SCP_AE, out, process.pid)
@@ -157,7 +180,7 @@ pynetdicom.dul.time = _shim
 
 def sleep_shim_env(workdir: Path, seconds: float | None) -> dict[str, str]:
     """Environment for the node: ``seconds`` None leaves pynetdicom as it is."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**ENVIRONMENT, "PYTHONUNBUFFERED": "1"}
     if seconds is not None:
         folder = workdir / "pynetdicom-sleep"
         folder.mkdir(exist_ok=True)
@@ -172,7 +195,7 @@ def node_config(state_dir: Path, port: int, receive_processes: int | None) -> st
     processes = "" if receive_processes is None else f"receive_processes = {receive_processes}\n"
     return (
         f'[node]\nae_title = "{NODE_AE}"\nbind = "{LOOPBACK}"\nport = {port}\n'
-        f'state_dir = "{state_dir}"\nmax_associations = 32\n{processes}\n'
+        f'state_dir = "{state_dir}"\nmax_associations = 32\nmax_pdu = {PDU}\n{processes}\n'
         "[study]\nstable_seconds = 3600\n"  # no study is queued during the measurement
     )
 
@@ -258,7 +281,7 @@ def node_listener(
 def send(port: int, ae: str, files: Sequence[Path], senders: int) -> float:
     """Seconds for ``senders`` concurrent storescu processes to send ``files`` (round-robin)."""
     shares = [list(files[i::senders]) for i in range(senders)]
-    env = {**os.environ, "TCP_NODELAY": "1"}
+    env = ENVIRONMENT
     t0 = time.perf_counter()
     processes = [
         subprocess.Popen(
@@ -287,14 +310,14 @@ def measure(
     run_dir = Path(tempfile.mkdtemp(prefix=f"{target}-", dir=workdir))
     try:
         receiver = (
-            storescp(run_dir) if target == "storescp"
+            storescp(run_dir, ignore=target == "ceiling") if target != "node"
             else node_listener(run_dir, processes, pynetdicom_sleep=pynetdicom_sleep)
         )
         with receiver as running:
             cpu_before = tree_cpu_seconds(running.pid)
             seconds = send(running.port, running.ae_title, files, senders)
             cpu_seconds = tree_cpu_seconds(running.pid) - cpu_before
-            stored = count_stored(target, running.out)
+            stored = len(files) if target == "ceiling" else count_stored(target, running.out)
         if stored != len(files):
             raise RuntimeError(f"{target}: {stored} of {len(files)} instances on disk")
         megabytes = sum(f.stat().st_size for f in files) / 1e6
@@ -464,6 +487,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "dcmtk": subprocess.run([str(STORESCP), "--version"], capture_output=True,
                                     text=True).stdout.splitlines()[0].strip(),
             "runs": args.runs,
+            "environment": "TCP_NODELAY=1 for every sender and receiver",
+            "storescp": " ".join(storescp_command(Path("OUT"), 0)[1:-1]) + " PORT",
+            "ceiling": " ".join(storescp_command(Path("OUT"), 0, ignore=True)[1:-1]) + " PORT",
+            "node": f"dicomnode listen, max_pdu {PDU}, receive_processes "
+            f"{args.receive_processes or 'auto'}, TCP_NODELAY on accepted sockets",
+            "storescu": f"{STORESCU} -aec AE -aet {MODALITY_AE} HOST PORT FILES...",
             "pynetdicom_sleep": "as shipped (0.001 s)" if args.pynetdicom_sleep is None
             else f"{args.pynetdicom_sleep} s (experiment: --pynetdicom-sleep)",
         })
@@ -471,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results: list[Measurement] = []
         for senders in args.senders:
             for run in range(args.runs):
-                order = ("storescp", "node") if run % 2 == 0 else ("node", "storescp")
+                order = TARGETS if run % 2 == 0 else TARGETS[::-1]
                 for target in order:
                     results.append(measure(target, workdir, files, senders,
                                            args.receive_processes, args.pynetdicom_sleep))
@@ -481,17 +510,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = []
         for senders in args.senders:
             runs = {target: [m for m in results if m.target == target and m.senders == senders]
-                    for target in ("storescp", "node")}
+                    for target in TARGETS}
             med = {target: median([m.seconds for m in runs[target]]) for target in runs}
-            for target in ("storescp", "node"):
+            for target in TARGETS:
                 cpu = median([m.cpu_seconds for m in runs[target]])
                 rows.append([senders, target, f"{med[target]:.2f}", f"{size / med[target]:.0f}",
                              f"{len(files) / med[target]:.1f}",
                              f"{med['storescp'] / med[target]:.2f}", f"{cpu:.2f}",
                              f"{cpu / (size / 1000):.2f}"])
         print(f"## Ingest of {len(files)} instances ({size:.0f} MB), median of {args.runs} "
-              "run(s); ratio = node throughput / storescp throughput; receiver CPU = user + "
-              "system seconds of the receiver's processes while the senders ran")
+              "run(s); ratio = throughput / storescp throughput; ceiling = storescp --ignore "
+              "(nothing written); receiver CPU = user + system seconds of the receiver's "
+              "processes while the senders ran")
         print_table(["senders", "receiver", "seconds", "MB/s", "instances/s",
                      "throughput vs storescp", "receiver CPU s", "CPU s per GB"], rows)
         if args.idle:

@@ -1,315 +1,251 @@
-"""C-STORE SCU: send result files to one destination and classify what went wrong.
+"""The sender role: deliver written results to every configured destination, durably.
 
-One association per batch. Each file gets a :class:`DeliveryOutcome`: ``SUCCESS`` (status
-0x0000 or a warning 0xB0xx), ``TRANSIENT`` (worth retrying later: connection refused or timed
-out, association aborted, rejected-transient, out of resources 0xA7xx, cannot understand 0xCxxx
-and other unknown failures) or ``PERMANENT`` (retrying cannot help: rejected-permanent, e.g. an
-unrecognised called or calling AE title; no accepted presentation context for the SOP class;
-refused/not authorised 0x0124; SOP class not supported 0x0122; data set does not match the SOP
-class 0xA9xx; an unreadable file).
-
-Over DICOM TLS (a destination with ``tls``) a failed handshake is ``PERMANENT`` when the two
-sides disagree: the destination's certificate is not trusted or does not name the host, it
-refuses our certificate, no common TLS version or cipher suite, or it does not speak TLS on that
-port. These fail the same way until someone changes a certificate or the configuration (then
-``dicomnode retry``). It is ``TRANSIENT`` when the connection drops or times out during the
-handshake (a restarting peer). The reason carries OpenSSL's words (``dicomnode.tls``).
-
-Nothing is persisted here; the caller owns retries and state, pacing them with
-:func:`backoff_delay`.
+Each (job, destination) delivery lives in the state database (``dicomnode.state``). The loop
+claims due deliveries, sends each one's files in one association (``dicomnode.sender``) and
+records the outcome: delivered; a transient failure (destination down, timeout, busy, failure
+status), which the state module schedules again with exponential back-off and gives up on after
+``delivery.give_up_after_seconds``; or a permanent one (e.g. our AE title not recognised, SOP
+class refused), which is marked failed with its reason at once instead of being retried blindly.
+``dicomnode status`` shows attempts, the next attempt and the last error; ``dicomnode retry``
+re-queues failed ones. Result UIDs are deterministic, so a re-send never duplicates anything.
 """
 
 from __future__ import annotations
 
-import contextlib
-import random
-import socket
-from collections.abc import Sequence
-from dataclasses import dataclass
-from enum import StrEnum
-from pathlib import Path
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
-import pydicom
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import (
-    Comprehensive3DSRStorage,
-    ExplicitVRLittleEndian,
-    GrayscaleSoftcopyPresentationStateStorage,
-    ImplicitVRLittleEndian,
-    KeyObjectSelectionDocumentStorage,
-    SecondaryCaptureImageStorage,
+from dicomnode import metrics, sender, tls
+from dicomnode.config import Config, DeliveryConfig, TlsConfig
+from dicomnode.logging import get_logger
+from dicomnode.queue.protocol import JobQueue
+from dicomnode.records import (
+    IDLE_POLL_SECONDS,
+    Delivery,
+    DeliveryOutcome,
+    DeliveryState,
+    EventLike,
 )
-from pynetdicom import AE, evt
-from pynetdicom.association import Association
-from pynetdicom.events import Event
-from pynetdicom.pdu import A_ASSOCIATE_RJ
+from dicomnode.state import open_queue
+from dicomnode.storage import StateLayout
 
-from dicomnode import tls as dicom_tls
-from dicomnode.config import TlsConfig
+log = get_logger(__name__)
 
-#: The result SOP classes this node sends, each proposed with both uncompressed syntaxes.
-RESULT_SOP_CLASSES = (
-    Comprehensive3DSRStorage,
-    SecondaryCaptureImageStorage,
-    GrayscaleSoftcopyPresentationStateStorage,
-    KeyObjectSelectionDocumentStorage,
-)
-TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-
-_PERMANENT_STATUSES = {
-    0x0122: "SOP class not supported",
-    0x0124: "refused: not authorised",
-    0x0117: "invalid SOP instance",
-    0x0211: "unrecognised operation",
-}
+#: How long a claim hides a delivery from other senders without being renewed. The sender renews
+#: its claims every third of this while it works through them, so a send may take any time, and
+#: a sender that dies (SIGKILL, power loss) leaves its deliveries due again this long after.
+#: ``serve`` and ``work`` use ``queue.lease_seconds``, the same bound as for a job's lease.
+CLAIM_SECONDS = 60.0
 
 
-class DeliveryStatus(StrEnum):
-    SUCCESS = "success"
-    TRANSIENT = "transient"
-    PERMANENT = "permanent"
+def batch_outcome(batch: sender.BatchOutcome) -> tuple[DeliveryOutcome, str | None]:
+    """One outcome for a delivery from its files' outcomes, with an admin-readable reason.
+
+    Delivered only if every file was stored. Otherwise permanent if any file failed
+    permanently (retrying cannot help that file), else transient. The reason is the first
+    failure's, prefixed with how many files failed when the files fared differently (no
+    patient data: the sender's reasons hold statuses, AE titles and addresses).
+    """
+    if batch.all_succeeded:
+        return DeliveryOutcome.DELIVERED, None
+    permanent = batch.with_status(sender.DeliveryStatus.PERMANENT)
+    failed = permanent or batch.with_status(sender.DeliveryStatus.TRANSIENT)
+    first = failed[0]
+    reason = first.reason
+    if len({o.reason for o in batch.outcomes}) > 1:  # not one association-wide failure
+        reason = f"{len(failed)} of {len(batch.outcomes)} files not stored: {reason}"
+    if permanent:
+        return DeliveryOutcome.PERMANENT_FAILURE, reason
+    return DeliveryOutcome.TRANSIENT_FAILURE, reason
 
 
-@dataclass(frozen=True)
-class Destination:
-    """One C-STORE SCP: where and as whom to connect."""
-
-    host: str
-    port: int
-    called_ae: str
-    calling_ae: str = "DICOMNODE"
-    tls: TlsConfig | None = None
-    """Connect with DICOM TLS using this certificate and trust (None: plain TCP)."""
-
-    def __post_init__(self) -> None:
-        if not 0 < self.port < 65536:
-            raise ValueError(f"port {self.port} is outside 1..65535")
-        for name in ("called_ae", "calling_ae"):
-            title = getattr(self, name)
-            if not title.strip() or len(title) > 16 or "\\" in title:
-                raise ValueError(f"{name} {title!r} is not a valid AE title (1-16 characters)")
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Network timeouts in seconds: TCP connect, association (ACSE), each DIMSE reply, idle."""
-
-    connect: float = 10.0
-    acse: float = 30.0
-    dimse: float = 120.0
-    network: float = 120.0
-
-    def __post_init__(self) -> None:
-        for name in ("connect", "acse", "dimse", "network"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"timeout {name} must be positive")
-
-
-@dataclass(frozen=True)
-class DeliveryOutcome:
-    """What happened to one file; ``reason`` is for admins (no patient data)."""
-
-    path: Path
-    status: DeliveryStatus
-    reason: str
-    dimse_status: int | None = None
-
-
-@dataclass(frozen=True)
-class BatchOutcome:
-    """Per-file outcomes of one association."""
-
-    outcomes: tuple[DeliveryOutcome, ...]
-
-    @property
-    def all_succeeded(self) -> bool:
-        return all(o.status is DeliveryStatus.SUCCESS for o in self.outcomes)
-
-    def with_status(self, status: DeliveryStatus) -> tuple[DeliveryOutcome, ...]:
-        return tuple(o for o in self.outcomes if o.status is status)
-
-
-def classify_status(code: int) -> tuple[DeliveryStatus, str]:
-    """Classify a C-STORE response status (PS3.4 B.2.3, PS3.7 C)."""
-    if code == 0x0000:
-        return DeliveryStatus.SUCCESS, "stored"
-    if code in (0x0001, 0x0107, 0x0116) or 0xB000 <= code <= 0xBFFF:
-        return DeliveryStatus.SUCCESS, f"stored with warning 0x{code:04X}"
-    if code in _PERMANENT_STATUSES:
-        return DeliveryStatus.PERMANENT, f"{_PERMANENT_STATUSES[code]} (0x{code:04X})"
-    if 0xA900 <= code <= 0xA9FF:
-        return DeliveryStatus.PERMANENT, f"data set does not match SOP class (0x{code:04X})"
-    if 0xA700 <= code <= 0xA7FF:
-        return DeliveryStatus.TRANSIENT, f"destination out of resources (0x{code:04X})"
-    if 0xC000 <= code <= 0xCFFF:
-        return DeliveryStatus.TRANSIENT, f"destination cannot understand/process (0x{code:04X})"
-    return DeliveryStatus.TRANSIENT, f"failure status 0x{code:04X}"
-
-
-def send_files(
-    destination: Destination, files: Sequence[Path], timeouts: Timeouts = Timeouts()
-) -> BatchOutcome:
-    """Send ``files`` to ``destination`` in one association and classify each result."""
-    files = tuple(Path(f) for f in files)
-    if not files:
-        raise ValueError("no files to send")
-    try:  # a fresh context per association: renewed certificates count at once
-        context = dicom_tls.client_context(destination.tls) if destination.tls else None
-    except dicom_tls.TlsError as exc:
-        reason = f"TLS configuration: {exc}"
-        return BatchOutcome(
-            tuple(DeliveryOutcome(f, DeliveryStatus.PERMANENT, reason) for f in files)
-        )
-    ae = _application_entity(destination, timeouts)
-    watch = _AssociationWatch()
-    assoc = ae.associate(
-        destination.host,
-        destination.port,
-        ae_title=destination.called_ae,
-        evt_handlers=[
-            (evt.EVT_CONN_OPEN, watch.on_connect),
-            (evt.EVT_PDU_RECV, watch.on_pdu),
-        ],
-        tls_args=(context, destination.host) if context is not None else None,
+def scu_destination(
+    delivery: Delivery, calling_ae: str, tls_config: TlsConfig | None = None
+) -> sender.Destination:
+    """The SCU's view of a delivery's destination: where to connect, called and calling AE,
+    and the TLS settings to connect with (None: plain TCP)."""
+    dest = delivery.destination
+    return sender.Destination(
+        host=dest.host,
+        port=dest.port,
+        called_ae=dest.ae_title,
+        calling_ae=calling_ae,
+        tls=tls_config,
     )
+
+
+def tls_by_destination(config: Config) -> dict[str, TlsConfig]:
+    """The ``[tls]`` settings for each destination with ``tls = true``, by ``Destination.key``.
+
+    Deliveries read back from the state database carry no TLS flag (the database keeps where,
+    not how), so the sender looks each one up here: the configuration in force decides (a
+    destination no longer configured is not sent to at all, see :meth:`DeliveryLoop.attempt`).
+    """
+    if config.tls is None:
+        return {}
+    return {d.key: config.tls for d in config.destinations if d.tls}
+
+
+def send_timeouts(delivery: DeliveryConfig) -> sender.Timeouts:
+    """The sender's timeouts from ``delivery.timeout_seconds``: one bound for every step of a
+    send (TCP connect, association, each C-STORE reply, network idle)."""
+    seconds = delivery.timeout_seconds
+    return sender.Timeouts(connect=seconds, acse=seconds, dimse=seconds, network=seconds)
+
+
+@contextmanager
+def claims_kept(
+    queue: JobQueue, claimed: Sequence[Delivery], claim_seconds: float
+) -> Iterator[None]:
+    """Renew the claims on ``claimed`` every third of ``claim_seconds`` in a background thread
+    while the block runs (a claim whose attempt was recorded meanwhile is left alone)."""
+    done = threading.Event()
+
+    def renew() -> None:
+        while not done.wait(claim_seconds / 3):
+            for delivery in claimed:
+                try:
+                    queue.extend_claim(delivery, claim_seconds)
+                except sqlite3.Error as exc:  # busy database: try again at the next interval
+                    log.warning(
+                        "claim_renew_failed",
+                        delivery_id=delivery.delivery_id,
+                        error=type(exc).__name__,
+                    )
+
+    thread = threading.Thread(target=renew, name="delivery-claims", daemon=True)
+    thread.start()
     try:
-        if not assoc.is_established:
-            tls_failure = context.failure if context is not None else None
-            status, reason = _association_failure(assoc, destination, watch, tls_failure)
-            return BatchOutcome(tuple(DeliveryOutcome(f, status, reason) for f in files))
-        return BatchOutcome(tuple(_send_one(assoc, f) for f in files))
+        yield
     finally:
-        if assoc.is_established:
-            assoc.release()
-        ae.shutdown()
+        done.set()
+        thread.join()
 
 
-class _AssociationWatch:
-    """What the network saw during association set-up: a TCP connection, a rejection PDU.
+class DeliveryLoop:
+    """Sends due deliveries from ``queue`` as ``calling_ae`` and records every attempt."""
 
-    The A-ASSOCIATE-RJ is taken from the PDU itself because pynetdicom may report a peer that
-    rejects and closes at once as aborted (the socket closes before its ACSE reads the reply).
+    def __init__(
+        self,
+        queue: JobQueue,
+        calling_ae: str,
+        timeouts: sender.Timeouts | None = None,
+        claim_seconds: float = CLAIM_SECONDS,
+        tls_configs: Mapping[str, TlsConfig] | None = None,
+        configured: frozenset[str] | None = None,
+    ) -> None:
+        self.queue = queue
+        self.calling_ae = calling_ae
+        self.timeouts = timeouts or sender.Timeouts()
+        self.claim_seconds = claim_seconds
+        self.tls_configs = dict(tls_configs or {})
+        """TLS settings by destination key (:func:`tls_by_destination`); others: plain TCP."""
+        self.configured = configured
+        """Keys of the destinations in the configuration in force (None: send anywhere)."""
+
+    def attempt(self, delivery: Delivery) -> tuple[DeliveryOutcome, str | None]:
+        """Send one delivery's files once (nothing recorded) and classify the outcome.
+
+        A delivery whose destination is no longer configured (removed, or its AE title, host
+        or port changed) fails permanently without a connection: results go only where the
+        configuration in force says, and never in the clear to a peer that was TLS."""
+        if not delivery.files:
+            return DeliveryOutcome.PERMANENT_FAILURE, "the job recorded no result files"
+        key = delivery.destination.key
+        if self.configured is not None and key not in self.configured:
+            return DeliveryOutcome.PERMANENT_FAILURE, f"destination {key} is no longer configured"
+        tls_config = self.tls_configs.get(delivery.destination.key)
+        destination = scu_destination(delivery, self.calling_ae, tls_config)
+        batch = sender.send_files(destination, delivery.files, self.timeouts)
+        return batch_outcome(batch)
+
+    def deliver(self, delivery: Delivery) -> Delivery:
+        """Send one claimed delivery, record the attempt and log it; returns the new state."""
+        outcome, reason = self.attempt(delivery)
+        recorded = self.queue.record_delivery_attempt(delivery.delivery_id, outcome, reason)
+        metrics.delivery_attempted(recorded.destination.key, str(outcome), str(recorded.state))
+        fields = {
+            "delivery_id": recorded.delivery_id,
+            "job_id": recorded.job_id,
+            "study_instance_uid": recorded.study_instance_uid,
+            "destination": recorded.destination.key,
+            "attempts": recorded.attempts,
+            "files": len(recorded.files),
+        }
+        if recorded.state is DeliveryState.DELIVERED:
+            log.info("delivery_delivered", **fields)
+        elif recorded.state is DeliveryState.PENDING:
+            log.warning(
+                "delivery_retry_scheduled",
+                **fields,
+                outcome=str(outcome),
+                next_attempt_at=recorded.next_attempt_at,
+                reason=recorded.last_error,
+            )
+        else:
+            log.error("delivery_failed", **fields, outcome=str(outcome), reason=recorded.last_error)
+        return recorded
+
+    def run_once(self) -> int:
+        """Claim and send every due delivery; returns how many were attempted."""
+        claimed = self.queue.claim_deliveries(self.claim_seconds)
+        with claims_kept(self.queue, claimed, self.claim_seconds):
+            for delivery in claimed:
+                self.deliver(delivery)
+        return len(claimed)
+
+    def run(
+        self, stop: EventLike, poll: float = 1.0, heartbeat: Callable[[], None] | None = None
+    ) -> None:
+        """Deliver until ``stop`` is set (a send in progress is finished first)."""
+        while not stop.is_set():
+            if heartbeat is not None:
+                heartbeat()
+            try:
+                busy = self.run_once()
+            except sqlite3.Error as exc:
+                log.error("delivery_queue_error", error=f"{type(exc).__name__}: {exc}")
+                busy = 0
+            if not busy:
+                stop.wait(poll)
+
+
+def delivery_loop(queue: JobQueue, config: Config) -> DeliveryLoop:
+    """The sender role's loop over ``queue`` as configured: our AE title, the send timeouts,
+    TLS for the destinations that ask for it. A ``[tls]`` table whose files cannot be used
+    raises :class:`dicomnode.tls.TlsError` here, at start, not at the first delivery."""
+    tls_configs = tls_by_destination(config)
+    for tls_config in set(tls_configs.values()):
+        tls.client_context(tls_config)
+    return DeliveryLoop(
+        queue,
+        config.node.ae_title,
+        send_timeouts(config.delivery),
+        claim_seconds=config.queue.lease_seconds,
+        tls_configs=tls_configs,
+        configured=frozenset(d.key for d in config.destinations),
+    )
+
+
+def run_delivery(
+    config: Config, stop: EventLike, heartbeat: Callable[[], None] | None = None
+) -> None:
+    """The sender role: deliver results to ``config.destinations`` until ``stop`` is set.
+
+    Calls with our own AE title (``node.ae_title``) and the timeouts of
+    ``delivery.timeout_seconds``. Looks for due deliveries every
+    :data:`~dicomnode.records.IDLE_POLL_SECONDS` when idle (more often when
+    ``delivery.retry_initial_seconds`` is shorter than four times that).
     """
-
-    def __init__(self) -> None:
-        self.connected = False
-        self.rejection: A_ASSOCIATE_RJ | None = None
-
-    def on_connect(self, event: Event) -> None:
-        self.connected = True
-        no_delay(event.assoc)
-
-    def on_pdu(self, event: Event) -> None:
-        if isinstance(event.pdu, A_ASSOCIATE_RJ):
-            self.rejection = event.pdu
-
-
-def no_delay(assoc: Association) -> None:
-    """Turn Nagle's algorithm off on the association's socket.
-
-    The last, short segment of each C-STORE request otherwise waits for the acknowledgement of
-    the previous ones, which the receiver delays (up to 40 ms on Linux): the SR and three
-    Secondary Captures of a study took 0.33 s to reach DCMTK's storescp on loopback, 0.20 s
-    with it off. DICOM is request-response; DCMTK's tools offer the same (``TCP_NODELAY``)."""
-    sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _application_entity(destination: Destination, timeouts: Timeouts) -> AE:
-    """An SCU proposing each result SOP class with Explicit and Implicit VR Little Endian."""
-    ae = AE(ae_title=destination.calling_ae)
-    ae.connection_timeout = timeouts.connect
-    ae.acse_timeout = timeouts.acse
-    ae.dimse_timeout = timeouts.dimse
-    ae.network_timeout = timeouts.network
-    for sop_class in RESULT_SOP_CLASSES:
-        for syntax in TRANSFER_SYNTAXES:
-            ae.add_requested_context(sop_class, syntax)
-    return ae
-
-
-def _association_failure(
-    assoc: Association,
-    destination: Destination,
-    watch: _AssociationWatch,
-    tls_failure: OSError | None = None,
-) -> tuple[DeliveryStatus, str]:
-    """Why the association did not come up, and whether retrying can help."""
-    where = f"{destination.called_ae}@{destination.host}:{destination.port}"
-    if tls_failure is not None:
-        permanent = dicom_tls.is_permanent(tls_failure)
-        return (
-            DeliveryStatus.PERMANENT if permanent else DeliveryStatus.TRANSIENT,
-            f"TLS with {where} failed: {dicom_tls.failure_reason(tls_failure)}",
+    with StateLayout(config.node.state_dir).open_db() as db:
+        loop = delivery_loop(open_queue(db, config), config)
+        log.info(
+            "sender_started",
+            destinations=[d.key for d in config.destinations],
+            tls_destinations=sorted(loop.tls_configs),
         )
-    if not watch.connected:
-        return (
-            DeliveryStatus.TRANSIENT,
-            f"cannot connect to {where} (connection refused, host unreachable or connect timeout)",
-        )
-    rejection = watch.rejection
-    if rejection is not None:
-        detail = (
-            f"{rejection.result_str}; source: {rejection.source_str}; "
-            f"reason: {rejection.reason_str}"
-        )
-        transient = rejection.result == 0x02
-        status = DeliveryStatus.TRANSIENT if transient else DeliveryStatus.PERMANENT
-        kind = "rejected-transient" if transient else "rejected-permanent"
-        return status, f"association {kind} by {where} ({detail})"
-    if assoc.rejected_contexts and not assoc.accepted_contexts:
-        return (
-            DeliveryStatus.PERMANENT,
-            f"{where} accepts none of the proposed SOP classes and transfer syntaxes",
-        )
-    return DeliveryStatus.TRANSIENT, f"association with {where} aborted or timed out"
-
-
-def _send_one(assoc: Association, path: Path) -> DeliveryOutcome:
-    """C-STORE one file over an established association."""
-    if not assoc.is_established:
-        return DeliveryOutcome(
-            path, DeliveryStatus.TRANSIENT, "association lost before this file was sent"
-        )
-    try:
-        dataset = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError) as exc:
-        return DeliveryOutcome(path, DeliveryStatus.PERMANENT, f"cannot read result file: {exc}")
-    try:
-        response: Dataset = assoc.send_c_store(dataset)
-    except ValueError as exc:  # no accepted presentation context for this SOP class / syntax
-        return DeliveryOutcome(
-            path, DeliveryStatus.PERMANENT, f"destination does not accept this object: {exc}"
-        )
-    except RuntimeError:  # the peer aborted between the previous file and this one
-        return DeliveryOutcome(
-            path, DeliveryStatus.TRANSIENT, "association aborted before this file was sent"
-        )
-    if "Status" not in response:
-        return DeliveryOutcome(
-            path, DeliveryStatus.TRANSIENT, "no C-STORE response (timeout or association aborted)"
-        )
-    code = int(response.Status)
-    status, reason = classify_status(code)
-    return DeliveryOutcome(path, status, reason, code)
-
-
-def backoff_delay(
-    attempt: int, rng: random.Random, base: float = 10.0, cap: float = 3600.0
-) -> float:
-    """Seconds to wait before retry ``attempt`` (1 = first retry): full-jitter exponential.
-
-    The ceiling grows ``base * 2**(attempt-1)`` up to ``cap`` and the delay is uniform in
-    ``[ceiling/2, ceiling]``, so retries spread out (no thundering herd after a PACS outage) and
-    then continue about hourly: with the defaults a destination that is down is retried for
-    hours (10 s, 20 s, 40 s, ... 1 h, 1 h, ...) until the caller's give-up policy stops it.
-    """
-    if attempt < 1:
-        raise ValueError(f"attempt must be >= 1, got {attempt}")
-    if base <= 0 or cap < base:
-        raise ValueError(f"need 0 < base <= cap, got base={base}, cap={cap}")
-    ceiling = min(cap, base * 2.0 ** min(attempt - 1, 64))
-    return rng.uniform(ceiling / 2.0, ceiling)
+        poll = min(IDLE_POLL_SECONDS, config.delivery.retry_initial_seconds / 4)
+        loop.run(stop, poll=poll, heartbeat=heartbeat)
+        log.info("sender_stopped")
