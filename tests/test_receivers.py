@@ -252,3 +252,29 @@ def test_a_receiver_that_cannot_start_stops_the_service(tmp_path: Path) -> None:
     crashed = [e for e in events if e["event"] == "role_crashed"]
     assert crashed and "receiver process 1 of the listener failed at start" in crashed[0]["error"]
     assert not any(e["event"] == "service_ready" for e in events)
+
+
+def test_accepted_connections_have_nagle_off() -> None:
+    """Each accepted socket gets TCP_NODELAY, as DCMTK's receivers with ``TCP_NODELAY=1``."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from dicomnode.receivers import SharedSocketServer
+
+    ae = AE(ae_title="NODELAY")
+    ae.add_supported_context(Verification)
+    server = SharedSocketServer(ae, ("127.0.0.1", 0), "NODELAY", ae.supported_contexts)
+    try:
+        with socket.create_connection(server.server_address[:2], timeout=5):
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    accepted, _ = server.get_request()
+                    break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, "the connection was never accepted"
+                    time.sleep(0.01)
+            with accepted:
+                assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        server.server_close()
