@@ -1,6 +1,6 @@
 """C-STORE SCU: send result files to one destination and classify what went wrong.
 
-One association per batch. Each file gets a :class:`DeliveryOutcome`: ``SUCCESS`` (status
+One association per batch. Each file gets a :class:`FileOutcome`: ``SUCCESS`` (status
 0x0000 or a warning 0xB0xx), ``TRANSIENT`` (worth retrying later: connection refused or timed
 out, association aborted, rejected-transient, out of resources 0xA7xx, cannot understand 0xCxxx
 and other unknown failures) or ``PERMANENT`` (retrying cannot help: rejected-permanent, e.g. an
@@ -65,14 +65,14 @@ _PERMANENT_STATUSES = {
 }
 
 
-class DeliveryStatus(StrEnum):
+class FileStatus(StrEnum):
     SUCCESS = "success"
     TRANSIENT = "transient"
     PERMANENT = "permanent"
 
 
 @dataclass(frozen=True)
-class Destination:
+class Peer:
     """One C-STORE SCP: where and as whom to connect."""
 
     host: str
@@ -107,11 +107,11 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
-class DeliveryOutcome:
+class FileOutcome:
     """What happened to one file; ``reason`` is for admins (no patient data)."""
 
     path: Path
-    status: DeliveryStatus
+    status: FileStatus
     reason: str
     dimse_status: int | None = None
 
@@ -120,35 +120,35 @@ class DeliveryOutcome:
 class BatchOutcome:
     """Per-file outcomes of one association."""
 
-    outcomes: tuple[DeliveryOutcome, ...]
+    outcomes: tuple[FileOutcome, ...]
 
     @property
     def all_succeeded(self) -> bool:
-        return all(o.status is DeliveryStatus.SUCCESS for o in self.outcomes)
+        return all(o.status is FileStatus.SUCCESS for o in self.outcomes)
 
-    def with_status(self, status: DeliveryStatus) -> tuple[DeliveryOutcome, ...]:
+    def with_status(self, status: FileStatus) -> tuple[FileOutcome, ...]:
         return tuple(o for o in self.outcomes if o.status is status)
 
 
-def classify_status(code: int) -> tuple[DeliveryStatus, str]:
+def classify_status(code: int) -> tuple[FileStatus, str]:
     """Classify a C-STORE response status (PS3.4 B.2.3, PS3.7 C)."""
     if code == 0x0000:
-        return DeliveryStatus.SUCCESS, "stored"
+        return FileStatus.SUCCESS, "stored"
     if code in (0x0001, 0x0107, 0x0116) or 0xB000 <= code <= 0xBFFF:
-        return DeliveryStatus.SUCCESS, f"stored with warning 0x{code:04X}"
+        return FileStatus.SUCCESS, f"stored with warning 0x{code:04X}"
     if code in _PERMANENT_STATUSES:
-        return DeliveryStatus.PERMANENT, f"{_PERMANENT_STATUSES[code]} (0x{code:04X})"
+        return FileStatus.PERMANENT, f"{_PERMANENT_STATUSES[code]} (0x{code:04X})"
     if 0xA900 <= code <= 0xA9FF:
-        return DeliveryStatus.PERMANENT, f"data set does not match SOP class (0x{code:04X})"
+        return FileStatus.PERMANENT, f"data set does not match SOP class (0x{code:04X})"
     if 0xA700 <= code <= 0xA7FF:
-        return DeliveryStatus.TRANSIENT, f"destination out of resources (0x{code:04X})"
+        return FileStatus.TRANSIENT, f"destination out of resources (0x{code:04X})"
     if 0xC000 <= code <= 0xCFFF:
-        return DeliveryStatus.TRANSIENT, f"destination cannot understand/process (0x{code:04X})"
-    return DeliveryStatus.TRANSIENT, f"failure status 0x{code:04X}"
+        return FileStatus.TRANSIENT, f"destination cannot understand/process (0x{code:04X})"
+    return FileStatus.TRANSIENT, f"failure status 0x{code:04X}"
 
 
 def send_files(
-    destination: Destination, files: Sequence[Path], timeouts: Timeouts = Timeouts()
+    destination: Peer, files: Sequence[Path], timeouts: Timeouts = Timeouts()
 ) -> BatchOutcome:
     """Send ``files`` to ``destination`` in one association and classify each result."""
     files = tuple(Path(f) for f in files)
@@ -159,7 +159,7 @@ def send_files(
     except dicom_tls.TlsError as exc:
         reason = f"TLS configuration: {exc}"
         return BatchOutcome(
-            tuple(DeliveryOutcome(f, DeliveryStatus.PERMANENT, reason) for f in files)
+            tuple(FileOutcome(f, FileStatus.PERMANENT, reason) for f in files)
         )
     ae = _application_entity(destination, timeouts)
     watch = _AssociationWatch()
@@ -177,7 +177,7 @@ def send_files(
         if not assoc.is_established:
             tls_failure = context.failure if context is not None else None
             status, reason = _association_failure(assoc, destination, watch, tls_failure)
-            return BatchOutcome(tuple(DeliveryOutcome(f, status, reason) for f in files))
+            return BatchOutcome(tuple(FileOutcome(f, status, reason) for f in files))
         return BatchOutcome(tuple(_send_one(assoc, f) for f in files))
     finally:
         if assoc.is_established:
@@ -218,7 +218,7 @@ def no_delay(assoc: Association) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _application_entity(destination: Destination, timeouts: Timeouts) -> AE:
+def _application_entity(destination: Peer, timeouts: Timeouts) -> AE:
     """An SCU proposing each result SOP class with Explicit and Implicit VR Little Endian."""
     ae = AE(ae_title=destination.calling_ae)
     ae.connection_timeout = timeouts.connect
@@ -233,21 +233,21 @@ def _application_entity(destination: Destination, timeouts: Timeouts) -> AE:
 
 def _association_failure(
     assoc: Association,
-    destination: Destination,
+    destination: Peer,
     watch: _AssociationWatch,
     tls_failure: OSError | None = None,
-) -> tuple[DeliveryStatus, str]:
+) -> tuple[FileStatus, str]:
     """Why the association did not come up, and whether retrying can help."""
     where = f"{destination.called_ae}@{destination.host}:{destination.port}"
     if tls_failure is not None:
         permanent = dicom_tls.is_permanent(tls_failure)
         return (
-            DeliveryStatus.PERMANENT if permanent else DeliveryStatus.TRANSIENT,
+            FileStatus.PERMANENT if permanent else FileStatus.TRANSIENT,
             f"TLS with {where} failed: {dicom_tls.failure_reason(tls_failure)}",
         )
     if not watch.connected:
         return (
-            DeliveryStatus.TRANSIENT,
+            FileStatus.TRANSIENT,
             f"cannot connect to {where} (connection refused, host unreachable or connect timeout)",
         )
     rejection = watch.rejection
@@ -257,44 +257,44 @@ def _association_failure(
             f"reason: {rejection.reason_str}"
         )
         transient = rejection.result == 0x02
-        status = DeliveryStatus.TRANSIENT if transient else DeliveryStatus.PERMANENT
+        status = FileStatus.TRANSIENT if transient else FileStatus.PERMANENT
         kind = "rejected-transient" if transient else "rejected-permanent"
         return status, f"association {kind} by {where} ({detail})"
     if assoc.rejected_contexts and not assoc.accepted_contexts:
         return (
-            DeliveryStatus.PERMANENT,
+            FileStatus.PERMANENT,
             f"{where} accepts none of the proposed SOP classes and transfer syntaxes",
         )
-    return DeliveryStatus.TRANSIENT, f"association with {where} aborted or timed out"
+    return FileStatus.TRANSIENT, f"association with {where} aborted or timed out"
 
 
-def _send_one(assoc: Association, path: Path) -> DeliveryOutcome:
+def _send_one(assoc: Association, path: Path) -> FileOutcome:
     """C-STORE one file over an established association."""
     if not assoc.is_established:
-        return DeliveryOutcome(
-            path, DeliveryStatus.TRANSIENT, "association lost before this file was sent"
+        return FileOutcome(
+            path, FileStatus.TRANSIENT, "association lost before this file was sent"
         )
     try:
         dataset = pydicom.dcmread(path)
     except (InvalidDicomError, OSError) as exc:
-        return DeliveryOutcome(path, DeliveryStatus.PERMANENT, f"cannot read result file: {exc}")
+        return FileOutcome(path, FileStatus.PERMANENT, f"cannot read result file: {exc}")
     try:
         response: Dataset = assoc.send_c_store(dataset)
     except ValueError as exc:  # no accepted presentation context for this SOP class / syntax
-        return DeliveryOutcome(
-            path, DeliveryStatus.PERMANENT, f"destination does not accept this object: {exc}"
+        return FileOutcome(
+            path, FileStatus.PERMANENT, f"destination does not accept this object: {exc}"
         )
     except RuntimeError:  # the peer aborted between the previous file and this one
-        return DeliveryOutcome(
-            path, DeliveryStatus.TRANSIENT, "association aborted before this file was sent"
+        return FileOutcome(
+            path, FileStatus.TRANSIENT, "association aborted before this file was sent"
         )
     if "Status" not in response:
-        return DeliveryOutcome(
-            path, DeliveryStatus.TRANSIENT, "no C-STORE response (timeout or association aborted)"
+        return FileOutcome(
+            path, FileStatus.TRANSIENT, "no C-STORE response (timeout or association aborted)"
         )
     code = int(response.Status)
     status, reason = classify_status(code)
-    return DeliveryOutcome(path, status, reason, code)
+    return FileOutcome(path, status, reason, code)
 
 
 def backoff_delay(

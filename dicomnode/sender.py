@@ -1,7 +1,7 @@
 """The sender role: deliver written results to every configured destination, durably.
 
 Each (job, destination) delivery lives in the state database (``dicomnode.state``). The loop
-claims due deliveries, sends each one's files in one association (``dicomnode.sender``) and
+claims due deliveries, sends each one's files in one association (``dicomnode.scu``) and
 records the outcome: delivered; a transient failure (destination down, timeout, busy, failure
 status), which the state module schedules again with exponential back-off and gives up on after
 ``delivery.give_up_after_seconds``; or a permanent one (e.g. our AE title not recognised, SOP
@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
-from dicomnode import metrics, sender, tls
+from dicomnode import metrics, scu, tls
 from dicomnode.config import Config, DeliveryConfig, TlsConfig
 from dicomnode.logging import get_logger
 from dicomnode.queue.protocol import JobQueue
@@ -40,7 +40,7 @@ log = get_logger(__name__)
 CLAIM_SECONDS = 60.0
 
 
-def batch_outcome(batch: sender.BatchOutcome) -> tuple[DeliveryOutcome, str | None]:
+def batch_outcome(batch: scu.BatchOutcome) -> tuple[DeliveryOutcome, str | None]:
     """One outcome for a delivery from its files' outcomes, with an admin-readable reason.
 
     Delivered only if every file was stored. Otherwise permanent if any file failed
@@ -50,8 +50,8 @@ def batch_outcome(batch: sender.BatchOutcome) -> tuple[DeliveryOutcome, str | No
     """
     if batch.all_succeeded:
         return DeliveryOutcome.DELIVERED, None
-    permanent = batch.with_status(sender.DeliveryStatus.PERMANENT)
-    failed = permanent or batch.with_status(sender.DeliveryStatus.TRANSIENT)
+    permanent = batch.with_status(scu.FileStatus.PERMANENT)
+    failed = permanent or batch.with_status(scu.FileStatus.TRANSIENT)
     first = failed[0]
     reason = first.reason
     if len({o.reason for o in batch.outcomes}) > 1:  # not one association-wide failure
@@ -63,11 +63,11 @@ def batch_outcome(batch: sender.BatchOutcome) -> tuple[DeliveryOutcome, str | No
 
 def scu_destination(
     delivery: Delivery, calling_ae: str, tls_config: TlsConfig | None = None
-) -> sender.Destination:
+) -> scu.Peer:
     """The SCU's view of a delivery's destination: where to connect, called and calling AE,
     and the TLS settings to connect with (None: plain TCP)."""
     dest = delivery.destination
-    return sender.Destination(
+    return scu.Peer(
         host=dest.host,
         port=dest.port,
         called_ae=dest.ae_title,
@@ -88,11 +88,11 @@ def tls_by_destination(config: Config) -> dict[str, TlsConfig]:
     return {d.key: config.tls for d in config.destinations if d.tls}
 
 
-def send_timeouts(delivery: DeliveryConfig) -> sender.Timeouts:
+def send_timeouts(delivery: DeliveryConfig) -> scu.Timeouts:
     """The sender's timeouts from ``delivery.timeout_seconds``: one bound for every step of a
     send (TCP connect, association, each C-STORE reply, network idle)."""
     seconds = delivery.timeout_seconds
-    return sender.Timeouts(connect=seconds, acse=seconds, dimse=seconds, network=seconds)
+    return scu.Timeouts(connect=seconds, acse=seconds, dimse=seconds, network=seconds)
 
 
 @contextmanager
@@ -131,14 +131,14 @@ class DeliveryLoop:
         self,
         queue: JobQueue,
         calling_ae: str,
-        timeouts: sender.Timeouts | None = None,
+        timeouts: scu.Timeouts | None = None,
         claim_seconds: float = CLAIM_SECONDS,
         tls_configs: Mapping[str, TlsConfig] | None = None,
         configured: frozenset[str] | None = None,
     ) -> None:
         self.queue = queue
         self.calling_ae = calling_ae
-        self.timeouts = timeouts or sender.Timeouts()
+        self.timeouts = timeouts or scu.Timeouts()
         self.claim_seconds = claim_seconds
         self.tls_configs = dict(tls_configs or {})
         """TLS settings by destination key (:func:`tls_by_destination`); others: plain TCP."""
@@ -158,7 +158,7 @@ class DeliveryLoop:
             return DeliveryOutcome.PERMANENT_FAILURE, f"destination {key} is no longer configured"
         tls_config = self.tls_configs.get(delivery.destination.key)
         destination = scu_destination(delivery, self.calling_ae, tls_config)
-        batch = sender.send_files(destination, delivery.files, self.timeouts)
+        batch = scu.send_files(destination, delivery.files, self.timeouts)
         return batch_outcome(batch)
 
     def deliver(self, delivery: Delivery) -> Delivery:

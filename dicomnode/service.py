@@ -35,11 +35,11 @@ from collections.abc import Callable, Sequence
 from dicomnode import health, metrics, sdnotify
 from dicomnode.children import ChildContext, ChildSupervisor, Heartbeat, signal_setter
 from dicomnode.config import Config, ConfigError, QueueBackend
-from dicomnode.delivery import run_delivery
 from dicomnode.httpd import HttpEndpoint, NodeEndpoints, url
 from dicomnode.logging import configure_logging, get_logger
 from dicomnode.records import EventLike
 from dicomnode.scp import Listener, run_listener
+from dicomnode.sender import run_delivery
 
 log = get_logger(__name__)
 

@@ -11,8 +11,8 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode.config import parse_config
 from dicomnode.scp import CR_DX_SOP_CLASSES, build_ae
-from dicomnode.sender import RESULT_SOP_CLASSES
-from dicomnode.sender import TRANSFER_SYNTAXES as SENT_SYNTAXES
+from dicomnode.scu import RESULT_SOP_CLASSES
+from dicomnode.scu import TRANSFER_SYNTAXES as SENT_SYNTAXES
 
 from .conftest import REPO
 

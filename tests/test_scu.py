@@ -19,9 +19,9 @@ from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
 from dicomnode.pixels import load_view
-from dicomnode.sender import (
-    DeliveryStatus,
-    Destination,
+from dicomnode.scu import (
+    FileStatus,
+    Peer,
     Timeouts,
     backoff_delay,
     classify_status,
@@ -119,7 +119,7 @@ def _all_storage(ae: AE) -> None:
 def test_results_arrive_at_storescp(results: ResultObjects, tmp_path: Path) -> None:
     with storescp(tmp_path) as port:
         batch = send_files(
-            Destination("127.0.0.1", port, "STORESCP"), [w.path for w in results.all], FAST
+            Peer("127.0.0.1", port, "STORESCP"), [w.path for w in results.all], FAST
         )
     assert batch.all_succeeded, batch.outcomes
     assert [o.dimse_status for o in batch.outcomes] == [0, 0, 0]
@@ -129,19 +129,19 @@ def test_results_arrive_at_storescp(results: ResultObjects, tmp_path: Path) -> N
 
 def test_nothing_listening_is_transient(results: ResultObjects) -> None:
     batch = send_files(
-        Destination("127.0.0.1", _free_port(), "NOBODY"), [results.report.path], FAST
+        Peer("127.0.0.1", _free_port(), "NOBODY"), [results.report.path], FAST
     )
     (outcome,) = batch.outcomes
-    assert outcome.status is DeliveryStatus.TRANSIENT
+    assert outcome.status is FileStatus.TRANSIENT
     assert "cannot connect" in outcome.reason
 
 
 def test_refused_association_is_permanent(results: ResultObjects, tmp_path: Path) -> None:
     with storescp(tmp_path, "--refuse") as port:
         batch = send_files(
-            Destination("127.0.0.1", port, "STORESCP"), [w.path for w in results.all], FAST
+            Peer("127.0.0.1", port, "STORESCP"), [w.path for w in results.all], FAST
         )
-    assert {o.status for o in batch.outcomes} == {DeliveryStatus.PERMANENT}, batch.outcomes[0]
+    assert {o.status for o in batch.outcomes} == {FileStatus.PERMANENT}, batch.outcomes[0]
     assert "rejected-permanent" in batch.outcomes[0].reason
     assert list(tmp_path.iterdir()) == []
 
@@ -149,9 +149,9 @@ def test_refused_association_is_permanent(results: ResultObjects, tmp_path: Path
 def test_aborted_association_is_transient(results: ResultObjects, tmp_path: Path) -> None:
     with storescp(tmp_path, "--abort-after") as port:
         batch = send_files(
-            Destination("127.0.0.1", port, "STORESCP"), [w.path for w in results.all], FAST
+            Peer("127.0.0.1", port, "STORESCP"), [w.path for w in results.all], FAST
         )
-    assert {o.status for o in batch.outcomes} == {DeliveryStatus.TRANSIENT}
+    assert {o.status for o in batch.outcomes} == {FileStatus.TRANSIENT}
 
 
 def test_unrecognised_called_ae_is_permanent(results: ResultObjects) -> None:
@@ -160,9 +160,9 @@ def test_unrecognised_called_ae_is_permanent(results: ResultObjects) -> None:
         ae.require_called_aet = True
 
     with pynetdicom_scp(require_called_ae) as port:
-        batch = send_files(Destination("127.0.0.1", port, "WRONG"), [results.report.path], FAST)
+        batch = send_files(Peer("127.0.0.1", port, "WRONG"), [results.report.path], FAST)
     (outcome,) = batch.outcomes
-    assert outcome.status is DeliveryStatus.PERMANENT
+    assert outcome.status is FileStatus.PERMANENT
     assert "Called AE title not recognised" in outcome.reason
 
 
@@ -177,11 +177,11 @@ def test_busy_peer_rejection_is_transient(results: ResultObjects) -> None:
         held = holder.associate("127.0.0.1", port, ae_title="PEER")
         assert held.is_established
         try:
-            batch = send_files(Destination("127.0.0.1", port, "PEER"), [results.report.path], FAST)
+            batch = send_files(Peer("127.0.0.1", port, "PEER"), [results.report.path], FAST)
         finally:
             held.release()
     (outcome,) = batch.outcomes
-    assert outcome.status is DeliveryStatus.TRANSIENT
+    assert outcome.status is FileStatus.TRANSIENT
     assert "rejected-transient" in outcome.reason
 
 
@@ -191,13 +191,13 @@ def test_sop_class_not_accepted_is_permanent_per_file(results: ResultObjects) ->
 
     with pynetdicom_scp(secondary_capture_only, lambda event: 0x0000) as port:
         batch = send_files(
-            Destination("127.0.0.1", port, "PEER"),
+            Peer("127.0.0.1", port, "PEER"),
             [results.report.path, results.secondary_captures[0].path],
             FAST,
         )
     report, capture = batch.outcomes
-    assert report.status is DeliveryStatus.PERMANENT and "does not accept" in report.reason
-    assert capture.status is DeliveryStatus.SUCCESS
+    assert report.status is FileStatus.PERMANENT and "does not accept" in report.reason
+    assert capture.status is FileStatus.SUCCESS
 
 
 def test_peer_accepting_nothing_is_permanent(results: ResultObjects) -> None:
@@ -205,25 +205,25 @@ def test_peer_accepting_nothing_is_permanent(results: ResultObjects) -> None:
         ae.add_supported_context(pydicom.uid.CTImageStorage, ExplicitVRLittleEndian)
 
     with pynetdicom_scp(only_ct) as port:
-        batch = send_files(Destination("127.0.0.1", port, "PEER"), [results.report.path], FAST)
-    assert batch.outcomes[0].status is DeliveryStatus.PERMANENT
+        batch = send_files(Peer("127.0.0.1", port, "PEER"), [results.report.path], FAST)
+    assert batch.outcomes[0].status is FileStatus.PERMANENT
     assert "none of the proposed" in batch.outcomes[0].reason
 
 
 @pytest.mark.parametrize(
     ("code", "expected"),
     [
-        (0xA700, DeliveryStatus.TRANSIENT),
-        (0xC001, DeliveryStatus.TRANSIENT),
-        (0xA900, DeliveryStatus.PERMANENT),
-        (0xB000, DeliveryStatus.SUCCESS),
+        (0xA700, FileStatus.TRANSIENT),
+        (0xC001, FileStatus.TRANSIENT),
+        (0xA900, FileStatus.PERMANENT),
+        (0xB000, FileStatus.SUCCESS),
     ],
 )
 def test_failure_statuses_from_a_real_peer(
-    results: ResultObjects, code: int, expected: DeliveryStatus
+    results: ResultObjects, code: int, expected: FileStatus
 ) -> None:
     with pynetdicom_scp(_all_storage, lambda event: code) as port:
-        batch = send_files(Destination("127.0.0.1", port, "PEER"), [results.report.path], FAST)
+        batch = send_files(Peer("127.0.0.1", port, "PEER"), [results.report.path], FAST)
     (outcome,) = batch.outcomes
     assert (outcome.status, outcome.dimse_status) == (expected, code)
 
@@ -237,39 +237,39 @@ def test_unreadable_file_is_permanent_and_the_rest_still_sent(
     out.mkdir()
     with storescp(out) as port:
         batch = send_files(
-            Destination("127.0.0.1", port, "STORESCP"), [junk, results.report.path], FAST
+            Peer("127.0.0.1", port, "STORESCP"), [junk, results.report.path], FAST
         )
     bad, good = batch.outcomes
-    assert bad.status is DeliveryStatus.PERMANENT and good.status is DeliveryStatus.SUCCESS
+    assert bad.status is FileStatus.PERMANENT and good.status is FileStatus.SUCCESS
     assert len(list(out.iterdir())) == 1
 
 
 @pytest.mark.parametrize(
     ("code", "expected"),
     [
-        (0x0000, DeliveryStatus.SUCCESS),
-        (0xB007, DeliveryStatus.SUCCESS),
-        (0x0122, DeliveryStatus.PERMANENT),
-        (0x0124, DeliveryStatus.PERMANENT),
-        (0xA7FF, DeliveryStatus.TRANSIENT),
-        (0xA9FE, DeliveryStatus.PERMANENT),
-        (0xCFFF, DeliveryStatus.TRANSIENT),
+        (0x0000, FileStatus.SUCCESS),
+        (0xB007, FileStatus.SUCCESS),
+        (0x0122, FileStatus.PERMANENT),
+        (0x0124, FileStatus.PERMANENT),
+        (0xA7FF, FileStatus.TRANSIENT),
+        (0xA9FE, FileStatus.PERMANENT),
+        (0xCFFF, FileStatus.TRANSIENT),
     ],
 )
-def test_status_classification_follows_ps3_4(code: int, expected: DeliveryStatus) -> None:
+def test_status_classification_follows_ps3_4(code: int, expected: FileStatus) -> None:
     status, reason = classify_status(code)
     assert status is expected and reason
 
 
 def test_destination_and_timeouts_validate() -> None:
     with pytest.raises(ValueError, match="AE title"):
-        Destination("127.0.0.1", 104, "A" * 17)
+        Peer("127.0.0.1", 104, "A" * 17)
     with pytest.raises(ValueError, match="port"):
-        Destination("127.0.0.1", 0, "PACS")
+        Peer("127.0.0.1", 0, "PACS")
     with pytest.raises(ValueError, match="timeout"):
         Timeouts(connect=0)
     with pytest.raises(ValueError, match="no files"):
-        send_files(Destination("127.0.0.1", 104, "PACS"), [])
+        send_files(Peer("127.0.0.1", 104, "PACS"), [])
 
 
 @given(attempt=st.integers(1, 200), seed=st.integers(0, 2**32 - 1))
@@ -293,7 +293,7 @@ def test_the_sending_socket_has_nagle_off(
 ) -> None:
     """TCP_NODELAY on every sending association (Nagle held the last segment of each C-STORE
     for the peer's delayed acknowledgement)."""
-    import dicomnode.sender as sender_module
+    import dicomnode.scu as scu_module
 
     seen: list[int] = []
 
@@ -302,9 +302,9 @@ def test_the_sending_socket_has_nagle_off(
         sock = assoc.dul.socket.socket  # type: ignore[attr-defined]
         seen.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 
-    sender_module_no_delay = sender_module.no_delay
-    monkeypatch.setattr(sender_module, "no_delay", spy)
+    sender_module_no_delay = scu_module.no_delay
+    monkeypatch.setattr(scu_module, "no_delay", spy)
     with storescp(tmp_path) as port:
-        batch = send_files(Destination("127.0.0.1", port, "STORESCP"), [results.report.path], FAST)
+        batch = send_files(Peer("127.0.0.1", port, "STORESCP"), [results.report.path], FAST)
     assert batch.all_succeeded
     assert seen == [1]

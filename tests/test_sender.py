@@ -12,9 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 
-from dicomnode import sender
+from dicomnode import scu
 from dicomnode.config import Config, parse_config
-from dicomnode.delivery import DeliveryLoop, batch_outcome, delivery_loop
 from dicomnode.demo import StoreScpPacs, dx_from_image, free_port
 from dicomnode.pixels import load_view
 from dicomnode.records import (
@@ -25,6 +24,7 @@ from dicomnode.records import (
     ResultFile,
 )
 from dicomnode.scp import read_header
+from dicomnode.sender import DeliveryLoop, batch_outcome, delivery_loop
 from dicomnode.state import SqliteJobQueue
 from dicomnode.storage import InstanceStore, StateLayout
 from dicomnode.worker import result_files
@@ -33,28 +33,28 @@ from inference.imageio import read_grayscale
 from inference.records import AlgorithmInfo, Box, Decision, ImageResult, Thresholds
 from tests.conftest import REPO
 
-STATUSES = st.sampled_from(list(sender.DeliveryStatus))
+STATUSES = st.sampled_from(list(scu.FileStatus))
 REASONS = st.sampled_from(["stored", "refused (0x0124)", "out of resources (0xA700)"])
 
 
 @given(st.lists(st.tuples(STATUSES, REASONS), min_size=1, max_size=6))
 def test_one_outcome_per_delivery_from_its_files(files: list[tuple[str, str]]) -> None:
-    batch = sender.BatchOutcome(
+    batch = scu.BatchOutcome(
         tuple(
-            sender.DeliveryOutcome(Path(f"{i}.dcm"), sender.DeliveryStatus(status), reason)
+            scu.FileOutcome(Path(f"{i}.dcm"), scu.FileStatus(status), reason)
             for i, (status, reason) in enumerate(files)
         )
     )
     outcome, reason = batch_outcome(batch)
-    statuses = [sender.DeliveryStatus(s) for s, _ in files]
-    if all(s is sender.DeliveryStatus.SUCCESS for s in statuses):
+    statuses = [scu.FileStatus(s) for s, _ in files]
+    if all(s is scu.FileStatus.SUCCESS for s in statuses):
         assert (outcome, reason) == (DeliveryOutcome.DELIVERED, None)
         return
-    permanent = sender.DeliveryStatus.PERMANENT in statuses
+    permanent = scu.FileStatus.PERMANENT in statuses
     expected = DeliveryOutcome.PERMANENT_FAILURE if permanent else DeliveryOutcome.TRANSIENT_FAILURE
     assert outcome is expected
-    wanted = sender.DeliveryStatus.PERMANENT if permanent else sender.DeliveryStatus.TRANSIENT
-    first = next(r for s, r in files if sender.DeliveryStatus(s) is wanted)
+    wanted = scu.FileStatus.PERMANENT if permanent else scu.FileStatus.TRANSIENT
+    first = next(r for s, r in files if scu.FileStatus(s) is wanted)
     assert reason is not None and reason.endswith(first)
     failed = sum(s is wanted for s in statuses)
     assert reason.startswith(f"{failed} of {len(files)} files") == (
@@ -109,7 +109,7 @@ def test_results_are_delivered_to_storescp(tmp_path: Path) -> None:
     with StoreScpPacs(tmp_path / "pacs", ae_title="PACS") as scp:
         config = make_config(tmp_path, scp.dicom_port)
         queue, study = job_with_results(tmp_path, config)
-        loop = DeliveryLoop(queue, config.node.ae_title, sender.Timeouts(3, 5, 10, 10))
+        loop = DeliveryLoop(queue, config.node.ae_title, scu.Timeouts(3, 5, 10, 10))
         assert loop.run_once() == 1
         received = scp.received(study)
     assert len(received) == 2
@@ -126,7 +126,7 @@ def test_results_are_delivered_to_storescp(tmp_path: Path) -> None:
 def test_a_destination_that_is_down_is_retried_later(tmp_path: Path) -> None:
     config = make_config(tmp_path, free_port())
     queue, _ = job_with_results(tmp_path, config)
-    loop = DeliveryLoop(queue, config.node.ae_title, sender.Timeouts(3, 5, 10, 10))
+    loop = DeliveryLoop(queue, config.node.ae_title, scu.Timeouts(3, 5, 10, 10))
     before = time.time()
     assert loop.run_once() == 1
     (delivery,) = queue.db.recent_deliveries()
@@ -157,14 +157,14 @@ def test_the_configured_timeout_bounds_every_step_of_a_send(tmp_path: Path) -> N
         config = make_config(tmp_path, silent.getsockname()[1], timeout_seconds=1)
         queue, _ = job_with_results(tmp_path, config)
         loop = delivery_loop(queue, config)
-        assert loop.timeouts == sender.Timeouts(connect=1, acse=1, dimse=1, network=1)
+        assert loop.timeouts == scu.Timeouts(connect=1, acse=1, dimse=1, network=1)
         assert loop.calling_ae == "FRACTURE_AI"
         assert loop.run_once() == 1
     (delivery,) = queue.db.recent_deliveries()
     assert delivery.state is DeliveryState.PENDING and delivery.attempts == 1
     assert delivery.last_error is not None and "aborted or timed out" in delivery.last_error
     default = delivery_loop(queue, make_config(tmp_path, 4242))
-    assert default.timeouts == sender.Timeouts(connect=60, acse=60, dimse=60, network=60)
+    assert default.timeouts == scu.Timeouts(connect=60, acse=60, dimse=60, network=60)
 
 
 def test_a_destination_no_longer_configured_is_not_sent_to(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ from dicomnode import tls
 from dicomnode.config import ConfigError, TlsConfig, load_config
 from dicomnode.demo import free_port
 from dicomnode.records import JobState
-from dicomnode.sender import DeliveryStatus, Destination, send_files
+from dicomnode.scu import FileStatus, Peer, send_files
 from dicomnode.state import StateDB
 from dicomnode.writers import ResultObjects
 from tests.faults.conftest import NODE_AE, record_counts, save, small_dx
@@ -44,7 +44,7 @@ from tests.test_node_e2e import (
     wait_for,
     write_config,
 )
-from tests.test_sender import FAST, results, storescp  # noqa: F401 (results: a fixture)
+from tests.test_scu import FAST, results, storescp  # noqa: F401 (results: a fixture)
 
 pytestmark = [pytest.mark.dicom_peers, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -310,25 +310,25 @@ def test_sender_over_tls_to_storescp(pki: Pki, results: ResultObjects, tmp_path:
     files = [w.path for w in results.all]
     node_tls = pki.tls("node")
     # name: (storescp options, our [tls], expected status, words in the reason)
-    cases: dict[str, tuple[list[str], TlsConfig, DeliveryStatus, str]] = {
-        "mutual": (pki.dcmtk("pacs", "-rc"), node_tls, DeliveryStatus.SUCCESS, ""),
-        "server_only": (pki.dcmtk("pacs", "-ic"), node_tls, DeliveryStatus.SUCCESS, ""),
-        "stranger_ca_pacs": (pki.dcmtk("fakepacs", "-ic"), node_tls, DeliveryStatus.PERMANENT,
+    cases: dict[str, tuple[list[str], TlsConfig, FileStatus, str]] = {
+        "mutual": (pki.dcmtk("pacs", "-rc"), node_tls, FileStatus.SUCCESS, ""),
+        "server_only": (pki.dcmtk("pacs", "-ic"), node_tls, FileStatus.SUCCESS, ""),
+        "stranger_ca_pacs": (pki.dcmtk("fakepacs", "-ic"), node_tls, FileStatus.PERMANENT,
                              "certificate verify failed: unable to get local issuer"),
-        "misnamed_pacs": (pki.dcmtk("misnamed", "-ic"), node_tls, DeliveryStatus.PERMANENT,
+        "misnamed_pacs": (pki.dcmtk("misnamed", "-ic"), node_tls, FileStatus.PERMANENT,
                           "mismatch"),
         "system_trust_store": (pki.dcmtk("pacs", "-ic"), pki.tls("node", ca=None),
-                               DeliveryStatus.PERMANENT, "certificate verify failed"),
+                               FileStatus.PERMANENT, "certificate verify failed"),
         "pacs_refuses_our_certificate": (pki.dcmtk("pacs", "-rc", ca="stranger"), node_tls,
-                                         DeliveryStatus.PERMANENT, "TLSV1_ALERT_UNKNOWN_CA"),
-        "pacs_without_tls": ([], node_tls, DeliveryStatus.TRANSIENT, "does the peer speak TLS"),
+                                         FileStatus.PERMANENT, "TLSV1_ALERT_UNKNOWN_CA"),
+        "pacs_without_tls": ([], node_tls, FileStatus.TRANSIENT, "does the peer speak TLS"),
     }  # fmt: skip
     outcomes: dict[str, str] = {}
     for name, (options, our_tls, expected, words) in cases.items():
         out = tmp_path / name
         out.mkdir()
         with storescp(out, *options) as port:
-            destination = Destination(LOOPBACK, port, "STORESCP", calling_ae=NODE_AE, tls=our_tls)
+            destination = Peer(LOOPBACK, port, "STORESCP", calling_ae=NODE_AE, tls=our_tls)
             batch = send_files(destination, files, FAST)
         statuses = {o.status for o in batch.outcomes}
         reason = batch.outcomes[0].reason
@@ -336,14 +336,14 @@ def test_sender_over_tls_to_storescp(pki: Pki, results: ResultObjects, tmp_path:
         assert statuses == {expected}, (name, batch.outcomes)
         assert words in reason, (name, reason)
         stored = len(list(out.iterdir()))
-        assert stored == (len(files) if expected is DeliveryStatus.SUCCESS else 0), name
+        assert stored == (len(files) if expected is FileStatus.SUCCESS else 0), name
     counts = record_counts(
         "tls_sender",
         {
             "cases": len(cases),
-            "delivered": sum(1 for c in cases.values() if c[2] is DeliveryStatus.SUCCESS),
+            "delivered": sum(1 for c in cases.values() if c[2] is FileStatus.SUCCESS),
             "failed_as_expected": sum(
-                1 for c in cases.values() if c[2] is not DeliveryStatus.SUCCESS
+                1 for c in cases.values() if c[2] is not FileStatus.SUCCESS
             ),
             "outcomes": outcomes,
         },
