@@ -66,6 +66,23 @@ def _http(config: Config) -> str:
     )
 
 
+def _queue(config: Config) -> str:
+    """The queue backend and, for RabbitMQ, what this host does with it."""
+    broker = config.queue.broker
+    if broker is None:
+        return f"sqlite in {config.node.state_dir} (one machine)"
+    site = (
+        f"site {broker.site}: serve publishes jobs, instances at {broker.instances.url}"
+        if broker.site is not None and broker.instances is not None and broker.instances.url
+        else "no site (serve needs queue.site and queue.instances.url)"
+    )
+    return (
+        f"rabbitmq at {broker.url} (prefix {broker.prefix}, {broker.levels} priority levels, "
+        f"{len(broker.priority)} rule(s), delivery limit {broker.delivery_limit}); {site}; "
+        "work takes jobs from the pool"
+    )
+
+
 def describe(config: Config, manifest: Manifest) -> list[str]:
     """What the node would do with ``config`` and the model of ``manifest``, one fact a line."""
     node, ident = config.node, config.identity
@@ -127,6 +144,7 @@ def describe(config: Config, manifest: Manifest) -> list[str]:
             f"{f'{keep} days' if keep else 'for ever'}",
         ),
         ("http", _http(config)),
+        ("queue", _queue(config)),
     ]
     width = max(len(name) for name, _ in facts) + 2
     source = config.source or Path("(config)")

@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from dicomnode import health, metrics, tls
-from dicomnode.config import Config, ConfigError, HttpConfig
+from dicomnode.config import Config, ConfigError, HttpConfig, QueueBackend
 from dicomnode.logging import get_logger
 from dicomnode.state import StateDB
 from dicomnode.storage import StateLayout
@@ -200,7 +200,10 @@ class NodeEndpoints:
         self.started_at = time.time()
         self._db: StateDB | None = None
         self._db_lock = threading.Lock()
-        self.registry = metrics.build_registry(metrics.NodeCollector(config, self.observe))
+        collectors: list[metrics.Collector] = [metrics.NodeCollector(config, self.observe)]
+        if config.queue.backend is QueueBackend.RABBITMQ:
+            collectors.append(metrics.BrokerCollector(lambda: broker_stats(config)))
+        self.registry = metrics.build_registry(*collectors)
 
     def _state(self) -> StateDB:
         with self._db_lock:
@@ -231,6 +234,13 @@ class NodeEndpoints:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+
+
+def broker_stats(config: Config) -> list[tuple[str, int, int]]:
+    """The broker's queues this host uses, as (name, messages, consumers)."""
+    from dicomnode.queue.roles import pool_stats
+
+    return [(q.name, q.messages, q.consumers) for q in pool_stats(config)]
 
 
 def url(endpoint: HttpEndpoint, path: str = "") -> str:

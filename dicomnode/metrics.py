@@ -92,6 +92,8 @@ class _Instruments:
     model_info: Gauge
     process_start: Gauge
     child_restarts: Counter
+    pool_jobs_taken: Counter
+    pool_answers: Counter
 
 
 _lock = threading.Lock()
@@ -172,6 +174,18 @@ def _make() -> _Instruments:
             f"{p}_child_restarts",
             "Child processes (worker, receivers) restarted after they died or hung",
             ["child"],
+        ),
+        pool_jobs_taken=Counter(
+            f"{p}_pool_jobs_taken",
+            "Jobs a pool worker took from the broker: first delivery, or redelivered (a worker "
+            "died or gave it back)",
+            ["delivery"],
+        ),
+        pool_answers=Counter(
+            f"{p}_pool_answers",
+            "What a site took from the worker pool: results, failed, duplicate (an answer to an "
+            "attempt already answered), dead_lettered (the broker gave up at the delivery limit)",
+            ["kind"],
         ),
     )
 
@@ -279,6 +293,58 @@ def instance_answered(status: int, outcome: str, size: int | None) -> None:
     m.instances.labels(f"0x{status:04X}", outcome).inc()
     if size:
         m.received_bytes.inc(size)
+
+
+@_never_raises
+def pool_job_taken(deliveries: int) -> None:
+    """A pool worker took a job the broker delivered ``deliveries`` times (1: the first)."""
+    _instruments().pool_jobs_taken.labels("first" if deliveries <= 1 else "redelivered").inc()
+
+
+@_never_raises
+def pool_answer(kind: str) -> None:
+    """A site took an answer from the worker pool (see ``dicomnode_pool_answers_total``)."""
+    _instruments().pool_answers.labels(kind).inc()
+
+
+class BrokerCollector:
+    """Scrape-time gauges of the broker's queues (``queue.backend = "rabbitmq"``): each queue's
+    waiting messages and consumers, and whether the broker answered. ``stats`` returns
+    ``(queue, messages, consumers)`` triples or raises."""
+
+    def __init__(self, stats: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        up = GaugeMetricFamily(f"{PREFIX}_broker_up", "1 when the broker answered this scrape")
+        try:
+            stats = list(self._stats())
+        except Exception as exc:  # unreachable or refused: shown as down, never a failed scrape
+            log.warning("broker_stats_failed", error=f"{type(exc).__name__}: {exc}")
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        messages = GaugeMetricFamily(
+            f"{PREFIX}_broker_queue_messages",
+            "Messages waiting in a broker queue (jobs by priority level, the site's results and "
+            "dead letters)",
+            labels=["queue"],
+        )
+        consumers = GaugeMetricFamily(
+            f"{PREFIX}_broker_queue_consumers",
+            "Consumers of a broker queue as the broker reports them (pool workers poll with "
+            "basic.get and do not count)",
+            labels=["queue"],
+        )
+        for name, waiting, consuming in stats:
+            messages.add_metric([name], waiting)
+            consumers.add_metric([name], consuming)
+        yield up
+        yield messages
+        yield consumers
 
 
 @_never_raises

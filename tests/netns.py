@@ -24,6 +24,24 @@ def available() -> bool:
     return os.geteuid() == 0 and Path(IP).is_file()
 
 
+def usable() -> bool:
+    """Whether a namespace with a veth link can really be made here (root is not enough in a
+    container without CAP_SYS_ADMIN or NET_ADMIN): one is created and removed."""
+    if not available():
+        return False
+    name = f"dnprobe{uuid.uuid4().hex[:6]}"
+    try:
+        _ip("netns", "add", name)
+        try:
+            _ip("link", "add", f"{name}a", "type", "veth", "peer", "name", f"{name}b")
+            _ip("link", "delete", f"{name}a")
+        finally:
+            _ip("netns", "delete", name)
+    except (subprocess.SubprocessError, OSError):
+        return False
+    return True
+
+
 def _ip(*args: str) -> None:
     subprocess.run([IP, *args], check=True, capture_output=True, timeout=30)
 

@@ -504,6 +504,7 @@ def test_check_config_says_what_the_node_would_do(
     assert shown["identity"].startswith("UID root 1.2.826.0.1.3680043.8.498.;")
     assert "(will be created)" in shown["state"]
     assert shown["http"].startswith("http://127.0.0.1:<any free port> (serve, listen), ")
+    assert shown["queue"].startswith("sqlite in ") and shown["queue"].endswith("(one machine)")
 
 
 @pytest.mark.parametrize(

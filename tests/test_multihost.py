@@ -47,6 +47,7 @@ from tests.test_node_e2e import NODE_AE, STORESCU, leaked_patient_data, positive
 
 pytestmark = [
     pytest.mark.skipif(not netns.available(), reason="needs root and iproute2 (namespaces)"),
+    pytest.mark.skipif(not netns.usable(), reason="network namespaces cannot be created here"),
     pytest.mark.skipif(not SERVER.is_file(), reason="rabbitmq-server is not installed"),
     pytest.mark.skipif(not ORTHANC.is_file(), reason="Orthanc is not installed"),
     pytest.mark.slow,

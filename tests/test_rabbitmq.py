@@ -228,3 +228,40 @@ def test_priority_rules_send_emergency_studies_to_the_most_urgent_level(
             order.append((taken.message.job_id, taken.level))
             worker.ack(taken.delivery_tag)
         assert order == [(2, 0), (3, 0), (1, 1)]
+
+
+def test_broker_queues_are_metrics_and_an_unreachable_broker_is_down(
+    rabbit: RabbitMQ, tmp_path: Path
+) -> None:
+    """What /metrics serves at a site: each queue's waiting messages, and broker_up 0 (not a
+    failed scrape) when the broker does not answer."""
+    from dicomnode.config import parse_config
+    from dicomnode.demo import free_port
+    from dicomnode.httpd import broker_stats
+    from dicomnode.metrics import BrokerCollector
+
+    from .brokers import PASSWORD, USER
+
+    credentials = tmp_path / "credentials"
+    credentials.write_text(f"{USER}:{PASSWORD}\n")
+    credentials.chmod(0o600)
+
+    def config(port: int) -> object:
+        return parse_config({"node": {"state_dir": str(tmp_path)}, "queue": {
+            "backend": "rabbitmq", "url": f"amqp://127.0.0.1:{port}/%2F", "prefix": "metrics",
+            "credentials_file": str(credentials), "site": "site-a"}}, tmp_path)
+
+    with Broker(settings(rabbit, "metrics")) as site:
+        site.declare_site("site-a")
+        site.publish_job(job(1, priority=0))
+        site.publish_job(job(2, priority=1))
+        site.publish_job(job(3, priority=1))
+    families = {f.name: f for f in BrokerCollector(
+        lambda: broker_stats(config(rabbit.port))).collect()}  # type: ignore[arg-type]
+    assert families["dicomnode_broker_up"].samples[0].value == 1
+    waiting = {s.labels["queue"]: s.value for s in families[
+        "dicomnode_broker_queue_messages"].samples}
+    assert waiting == {"metrics.jobs.0": 1, "metrics.jobs.1": 2, "metrics.results.site-a": 0,
+                       "metrics.dead.site-a": 0}
+    down = list(BrokerCollector(lambda: broker_stats(config(free_port()))).collect())  # type: ignore[arg-type]
+    assert [(f.name, f.samples[0].value) for f in down] == [("dicomnode_broker_up", 0)]

@@ -35,6 +35,7 @@ import pydicom
 from pika.exceptions import AMQPError
 from pika.spec import BasicProperties
 
+from dicomnode import metrics
 from dicomnode.logging import get_logger
 from dicomnode.queue.messages import (
     InstanceRef,
@@ -238,10 +239,12 @@ class ResultIntake:
         job = self.queue.held_job(outcome.job_id, outcome.attempt, BROKER_OWNER)
         if job is None:  # already recorded (a job run twice), or given up by the site
             self.counts.duplicates += 1
+            metrics.pool_answer("duplicate")
             log.info("job_outcome_duplicate", job_id=outcome.job_id, worker=outcome.worker)
             return
         if outcome.outcome == "failed":
             self.queue.fail(job, outcome.reason or "failed in the worker pool", retryable=False)
+            metrics.pool_answer("failed")
             log.warning(
                 "job_failed", job_id=job.job_id, reason=outcome.reason, worker=outcome.worker
             )
@@ -267,6 +270,7 @@ class ResultIntake:
             )
             return
         self.queue.complete(job, results, self.destinations if results else (), note=outcome.note)
+        metrics.pool_answer("results")
         log.info(
             "job_results_written", job_id=job.job_id, results=len(results), worker=outcome.worker
         )
@@ -278,6 +282,7 @@ class ResultIntake:
             log.error("broker_message_malformed", error=str(exc))
             return
         self.counts.dead += 1
+        metrics.pool_answer("dead_lettered")
         job = self.queue.held_job(message.job_id, message.attempt, BROKER_OWNER)
         if job is not None:
             self.queue.fail(job, death_reason(properties), retryable=False)
@@ -331,6 +336,7 @@ class BrokerWorker:
             deliveries=received.deliveries,
         )
         bound.info("job_taken", level=received.level)
+        metrics.pool_job_taken(received.deliveries)
         folder = Path(tempfile.mkdtemp(prefix="job-", dir=self.scratch))
         try:
             outcome = self._run(message, folder)
