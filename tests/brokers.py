@@ -22,7 +22,8 @@ USER, PASSWORD = "dicomnode", "test-password"
 class RabbitMQ:
     """One private broker in ``workdir`` (``bind``: the address to listen on)."""
 
-    def __init__(self, workdir: Path, bind: str = "127.0.0.1", consumer_timeout_ms: int = 0):
+    def __init__(self, workdir: Path, bind: str = "127.0.0.1", consumer_timeout_ms: int = 0,
+                 channel_tick_ms: int = 0):
         self.workdir = workdir
         self.bind = bind
         self.port = free_port()
@@ -47,6 +48,9 @@ class RabbitMQ:
             lines.append(f"consumer_timeout = {consumer_timeout_ms}")
         (workdir / "rabbitmq.conf").write_text("\n".join(lines) + "\n")
         (workdir / "enabled_plugins").write_text("[].\n")
+        # How often a channel checks consumer_timeout (60 s by default): advanced.config only.
+        tick = f"{{channel_tick_interval, {channel_tick_ms}}}" if channel_tick_ms else ""
+        (workdir / "advanced.config").write_text(f"[{{rabbit, [{tick}]}}].\n")
 
     @property
     def url(self) -> str:
@@ -65,6 +69,7 @@ class RabbitMQ:
             "RABBITMQ_LOG_BASE": str(self.workdir / "log"),
             "RABBITMQ_CONFIG_FILE": str(self.workdir / "rabbitmq"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.workdir / "enabled_plugins"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.workdir / "advanced.config"),
         }
 
     def start(self, timeout: float = 90.0, prefix: list[str] | None = None) -> RabbitMQ:

@@ -265,3 +265,61 @@ def test_broker_queues_are_metrics_and_an_unreachable_broker_is_down(
                        "metrics.dead.site-a": 0}
     down = list(BrokerCollector(lambda: broker_stats(config(free_port()))).collect())  # type: ignore[arg-type]
     assert [(f.name, f.samples[0].value) for f in down] == [("dicomnode_broker_up", 0)]
+
+
+def test_a_job_longer_than_consumer_timeout_goes_to_another_worker_and_counts_once(
+    tmp_path: Path,
+) -> None:
+    """RabbitMQ's consumer_timeout applies to a worker's unacknowledged job (basic.get): the
+    broker closes its channel and gives the job to another worker. The slow worker cannot
+    answer on the closed channel (it raises and reconnects in the role loop), so the site sees
+    one outcome. Why docs/multi-host.md says to set consumer_timeout above the longest job."""
+    import hashlib
+    import time
+
+    from dicomnode.queue.messages import decode_outcome
+    from dicomnode.queue.rabbitmq import BrokerError
+    from dicomnode.queue.remote import BrokerWorker, Processed
+    from dicomnode.queue.transfer import InstanceServer
+    from dicomnode.records import StoredInstance, StudyJob
+
+    data = b"DICM" * 64
+    path = tmp_path / "instance.dcm"
+    path.write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    stored = StoredInstance("1.2.3.4", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3", "1.2.3.9",
+                            "1.2.840.10008.1.2.1", path, len(data), digest, "MODALITY")
+    token = "consumer-timeout-test-token"
+    rabbit = RabbitMQ(tmp_path / "rabbitmq", consumer_timeout_ms=1000, channel_tick_ms=500)
+    server = InstanceServer("127.0.0.1", 0, lambda uid: stored, token).start()
+    rabbit.start()
+    try:
+        s = BrokerSettings(url=rabbit.url, prefix="timeout")
+        ref = InstanceRef("1.2.3.4", stored.sop_class_uid, "1.2.3.9", stored.transfer_syntax_uid,
+                          len(data), digest, f"http://127.0.0.1:{server.port}/instances/1.2.3.4")
+        with Broker(s) as site:
+            site.declare_site("site-a")
+            site.publish_job(JobMessage("site-a", 9, 1, "1.2.3", 1, 1, (ref,), ()))
+
+        def slow(job: StudyJob, folder: Path) -> Processed:
+            time.sleep(4)  # well past consumer_timeout and a few channel ticks
+            return Processed((), None)
+
+        def fast(job: StudyJob, folder: Path) -> Processed:
+            return Processed((), None)
+
+        with Broker(s) as first, Broker(s) as second:
+            with pytest.raises(BrokerError):
+                BrokerWorker(first, "slow", token, slow, scratch=tmp_path).run_once()
+            taken = second.get_job()
+            assert taken is not None and taken.deliveries == 2
+            second.give_back(taken.delivery_tag)
+            assert BrokerWorker(second, "fast", token, fast, scratch=tmp_path).run_once()
+        with Broker(s) as site:
+            outcomes: list[str] = []
+            site.drain(s.results_queue("site-a"),
+                       lambda p, body: outcomes.append(decode_outcome(body).worker))
+            assert outcomes == ["fast"]
+    finally:
+        server.stop()
+        rabbit.stop()
