@@ -23,7 +23,8 @@ class RabbitMQ:
     """One private broker in ``workdir`` (``bind``: the address to listen on)."""
 
     def __init__(self, workdir: Path, bind: str = "127.0.0.1", consumer_timeout_ms: int = 0,
-                 channel_tick_ms: int = 0):
+                 channel_tick_ms: int = 0, tls: tuple[Path, Path, Path] | None = None):
+        """``tls``: (CA, certificate, key) PEM files: also listen for amqps on ``tls_port``."""
         self.workdir = workdir
         self.bind = bind
         self.port = free_port()
@@ -46,6 +47,19 @@ class RabbitMQ:
         ]
         if consumer_timeout_ms:
             lines.append(f"consumer_timeout = {consumer_timeout_ms}")
+        self.tls_port = free_port() if tls else 0
+        if tls:
+            ca, certificate, key = tls
+            lines += [
+                f"listeners.ssl.default = {bind}:{self.tls_port}",
+                f"ssl_options.cacertfile = {ca}",
+                f"ssl_options.certfile = {certificate}",
+                f"ssl_options.keyfile = {key}",
+                "ssl_options.verify = verify_peer",
+                "ssl_options.fail_if_no_peer_cert = false",
+                "ssl_options.versions.1 = tlsv1.3",
+                "ssl_options.versions.2 = tlsv1.2",
+            ]
         (workdir / "rabbitmq.conf").write_text("\n".join(lines) + "\n")
         (workdir / "enabled_plugins").write_text("[].\n")
         # How often a channel checks consumer_timeout (60 s by default): advanced.config only.

@@ -148,7 +148,7 @@ class Broker:
             self.connection = pika.BlockingConnection(connection_parameters(settings))
             self.channel: BlockingChannel = self.connection.channel()
             self.channel.confirm_delivery()
-        except AMQPError as exc:
+        except (AMQPError, OSError) as exc:  # OSError: TLS (certificate refused), DNS, socket
             raise BrokerError(f"cannot connect to the broker: {type(exc).__name__} {exc}") from exc
 
     def close(self) -> None:
