@@ -323,3 +323,67 @@ def test_a_job_longer_than_consumer_timeout_goes_to_another_worker_and_counts_on
     finally:
         server.stop()
         rabbit.stop()
+
+
+def test_result_intake_records_one_outcome_and_drops_what_it_cannot_use(
+    rabbit: RabbitMQ, tmp_path: Path
+) -> None:
+    """The site's intake against a real broker and the real SQLite queue: a result file whose
+    bytes do not match its SHA-256, or are not DICOM, is dropped (never redelivered forever);
+    an outcome naming a dropped file leaves the job to be published again; a good answer
+    completes the job with one delivery; the same answer again is a counted duplicate."""
+    import hashlib
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from dicomnode.config import DeliveryConfig, RetryPolicy
+    from dicomnode.queue.remote import BROKER_OWNER, ResultIntake
+    from dicomnode.records import Destination, JobState, StoredInstance
+    from dicomnode.state import SqliteJobQueue, StateDB
+
+    def result_bytes(uid: str) -> bytes:
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.34"
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.StudyInstanceUID, ds.SOPInstanceUID = "1.2.3", uid
+        path = tmp_path / f"{uid}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        return path.read_bytes()
+
+    def header(uid: str, data: bytes) -> ResultFileMessage:
+        return ResultFileMessage("site-a", 1, "sr", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.9", uid,
+                                 hashlib.sha256(data).hexdigest())
+
+    s = settings(rabbit, "intake")
+    pacs = Destination("PACS", "127.0.0.1", 104)
+    with StateDB(tmp_path / "state.sqlite") as db, Broker(s) as site, Broker(s) as worker:
+        queue = SqliteJobQueue(db, stable_seconds=1, lease_seconds=3600, max_attempts=3,
+                               delivery=DeliveryConfig(1, 2, 60, 10), job_retry=RetryPolicy(1, 2))
+        db.record_instance(StoredInstance("1.2.3.4", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3",
+                                          "1.2.3.9", "1.2.840.10008.1.2.1", tmp_path / "x.dcm",
+                                          10, "ab" * 32, "MODALITY"), now=0)
+        queue.enqueue_stable_studies(now=100)
+        job_ = queue.lease(BROKER_OWNER)
+        assert job_ is not None and job_.job_id == 1
+        site.declare_site("site-a")
+        intake = ResultIntake("site-a", queue, site, tmp_path / "results", [pacs])
+        good = result_bytes("1.2.9.1")
+        worker.publish_result_file(header("1.2.9.1", good), good[:-1] + bytes([good[-1] ^ 0xFF]))
+        worker.publish_result_file(header("1.2.9.2", b"not DICOM"), b"not DICOM")
+        incomplete = OutcomeMessage("site-a", 1, 1, "1.2.3", 1, "results",
+                                    (header("1.2.9.1", good),), worker="w")
+        worker.publish_outcome(incomplete)
+        assert intake.drain() == 3
+        assert queue.job_state(1)[0] is JobState.LEASED  # waits to be published again
+        worker.publish_result_file(header("1.2.9.1", good), good)
+        worker.publish_outcome(incomplete)
+        worker.publish_outcome(incomplete)  # the same job answered twice (run twice)
+        assert intake.drain() == 3
+        assert queue.job_state(1)[0] is JobState.RESULTS_WRITTEN
+        assert intake.counts.duplicates == 1 and intake.counts.files == 1
+        assert (tmp_path / "results" / "1.2.3" / "job-1" / "1.2.9.1.dcm").read_bytes() == good
+        assert [d.destination for d in db.recent_deliveries()] == [pacs]
+        assert site.drain(s.results_queue("site-a"), lambda p, b: None) == 0

@@ -221,11 +221,20 @@ class ResultIntake:
                 sop_instance_uid=header.sop_instance_uid,
             )
             return
-        study = str(
-            pydicom.dcmread(
-                io.BytesIO(data), stop_before_pixels=True, specific_tags=["StudyInstanceUID"]
-            ).StudyInstanceUID
-        )
+        try:
+            study = str(
+                pydicom.dcmread(
+                    io.BytesIO(data), stop_before_pixels=True, specific_tags=["StudyInstanceUID"]
+                ).StudyInstanceUID
+            )
+        except Exception as exc:  # not DICOM: dropped (a poison message must not come back)
+            log.error(
+                "result_file_unreadable",
+                job_id=header.job_id,
+                sop_instance_uid=header.sop_instance_uid,
+                error=type(exc).__name__,
+            )
+            return
         folder = self.folder(study, header.job_id)
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{header.sop_instance_uid}.dcm"
