@@ -387,3 +387,43 @@ def test_result_intake_records_one_outcome_and_drops_what_it_cannot_use(
         assert (tmp_path / "results" / "1.2.3" / "job-1" / "1.2.9.1.dcm").read_bytes() == good
         assert [d.destination for d in db.recent_deliveries()] == [pacs]
         assert site.drain(s.results_queue("site-a"), lambda p, b: None) == 0
+
+
+def test_a_job_the_pool_gives_up_on_fails_at_its_site_with_the_reason_and_can_be_retried(
+    rabbit: RabbitMQ, tmp_path: Path
+) -> None:
+    """Dispatcher, broker and intake together: a job given back at every delivery is
+    dead-lettered at the delivery limit; the site marks it failed with the broker's reason;
+    `dicomnode retry` (JobQueue.retry) queues it again and it is published as a new attempt."""
+    from dicomnode.config import DeliveryConfig, RetryPolicy
+    from dicomnode.queue.remote import JobDispatcher, ResultIntake
+    from dicomnode.records import JobState, StoredInstance
+    from dicomnode.state import SqliteJobQueue, StateDB
+
+    s = settings(rabbit, "giveup", delivery_limit=2)
+    with StateDB(tmp_path / "state.sqlite") as db, Broker(s) as site, Broker(s) as worker:
+        queue = SqliteJobQueue(db, stable_seconds=1, lease_seconds=3600, max_attempts=3,
+                               delivery=DeliveryConfig(1, 2, 60, 10), job_retry=RetryPolicy(1, 2))
+        db.record_instance(StoredInstance("1.2.3.4", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3",
+                                          "1.2.3.9", "1.2.840.10008.1.2.1", tmp_path / "x.dcm",
+                                          10, "ab" * 32, "MODALITY"), now=0)
+        queue.enqueue_stable_studies(now=100)
+        site.declare_site("site-a")
+        dispatcher = JobDispatcher("site-a", queue, site, "http://site-a:8080")
+        intake = ResultIntake("site-a", queue, site, tmp_path / "results", [])
+        assert dispatcher.dispatch_ready() == 1
+        deliveries = []
+        while (taken := worker.get_job()) is not None:
+            deliveries.append(taken.deliveries)
+            worker.give_back(taken.delivery_tag)
+        assert deliveries == [1, 2, 3]  # RabbitMQ 3.10: dead-lettered after limit + 1
+        assert intake.drain() == 1 and intake.counts.dead == 1
+        state, reason = queue.job_state(1)
+        assert state is JobState.FAILED
+        assert reason is not None and "delivered the maximum number of times" in reason
+        assert queue.retry() == 1
+        assert dispatcher.dispatch_ready() == 1
+        again = worker.get_job()
+        assert again is not None and (again.message.job_id, again.message.attempt) == (1, 1)
+        assert again.deliveries == 1
+        worker.ack(again.delivery_tag)
