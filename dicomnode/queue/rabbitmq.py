@@ -6,9 +6,10 @@ Topology (all queues durable quorum queues, all messages persistent, every publi
 - ``<prefix>.jobs.<level>`` (level 0 = most urgent, 1, ...): study jobs from every site for the
   worker pool. RabbitMQ 3.10's quorum queues have no message priorities, so each priority level
   is its own queue and a worker takes from the most urgent non-empty one (``basic.get`` in level
-  order): strict priority. Each has ``x-delivery-limit``: a job delivered that many times
+  order): strict priority. Each has ``x-delivery-limit``: a job returned that many times
   without being acknowledged (its workers died, or gave it back after retryable errors) is
-  dead-lettered (``at-least-once``) to
+  dead-lettered at its next return (``delivery_limit + 1`` deliveries in all, RabbitMQ 3.10;
+  ``at-least-once`` dead-lettering) to
 - the headers exchange ``<prefix>.dead``, which routes by the message's ``site`` header into
   ``<prefix>.dead.<site>``: the site marks those jobs failed, with the reason RabbitMQ records
   in the ``x-death`` header (``delivery_limit``) and the count;
