@@ -547,6 +547,27 @@ def test_imager_pixel_spacing_without_two_usable_values_is_left_out_of_the_sr(
     assert given == {"Horizontal Pixel Spacing": 0.143, "Vertical Pixel Spacing": 0.15}
 
 
+def test_a_reason_quoting_header_bytes_is_written_as_printable_ascii(
+    dx: View, tmp_path: Path
+) -> None:
+    """A "not analysed" reason may quote a header value: a Modality of random bytes put a TAB,
+    a NUL and C1 characters into the SR's UT text values, which dciodvfy rejected (fuzz case
+    20261204:878). Such characters become "?" in the SR, the summary and the banner."""
+    other = _variant(tmp_path, "odd", SOPInstanceUID=str(derive_uid("test", "odd")))
+    reason = "outside the intended use (\xb7\xabPY\x8eM\x00S\tN images)"
+    skipped = NotAnalysedImage(other.header, other.source, reason)
+    assert skipped.reason == "outside the intended use (??PY?M?S?N images)"
+    written = _write(tmp_path, [ImageFinding(dx, ONE_BOX, THORAX)], not_analysed=[skipped])
+    texts = [
+        str(item.TextValue) for item in _all_items(pydicom.dcmread(written.all[0].path))
+        if "TextValue" in item
+    ]
+    assert any("Not analysed: outside the intended use (??PY?M?S?N images)" in t for t in texts)
+    assert all(t.isascii() and t.isprintable() for t in texts)
+    for item in written.all:
+        _dciodvfy(item.path)
+
+
 def _all_items(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
     items = []
     for item in ds.get("ContentSequence", []):

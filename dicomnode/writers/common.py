@@ -163,6 +163,15 @@ class ImageFinding:
         return site
 
 
+_NOT_PRINTABLE_ASCII = re.compile("[^\x20-\x7e]")
+
+
+def printable_ascii(text: str) -> str:
+    """``text`` with every character outside printable ASCII (controls, C1, non-ASCII)
+    replaced by "?"."""
+    return _NOT_PRINTABLE_ASCII.sub("?", text)
+
+
 @dataclass(frozen=True, eq=False)
 class NotAnalysedImage:
     """An instance of the study that got no fracture decision, and why.
@@ -170,12 +179,21 @@ class NotAnalysedImage:
     ``reason`` is in words a radiologist understands ("outside the intended use (chest)",
     "the image could not be decoded") and carries no patient data. ``header`` is the source
     header without pixel data; ``pixels`` the display pixels where the image decoded (its
-    Secondary Capture then shows the image under the "not analysed" banner), else None."""
+    Secondary Capture then shows the image under the "not analysed" banner), else None.
+
+    A reason may quote a header value or a decoder's message (the Modality of "outside the
+    intended use (XX images)"); every character outside printable ASCII in it becomes "?"
+    (:func:`printable_ascii`), so the SR's text values, the summary and the banner stay valid
+    whatever the source held (a Modality of random bytes put a TAB and a NUL into the SR's UT
+    values: fuzz case 20261204:878)."""
 
     header: Dataset
     source: SourceIdentity
     reason: str
     pixels: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reason", printable_ascii(self.reason))
 
     @property
     def sop_instance_uid(self) -> str:
