@@ -96,3 +96,31 @@ def test_pixels_are_fetched_over_https_only_with_the_trusted_certificate_and_the
             fetch_instances([plain], "1.2.3", tmp_path / "plain", TOKEN)
     finally:
         server.stop()
+
+
+def test_a_jobs_instances_are_fetched_in_parallel_in_order_and_one_mismatch_fails_the_job(
+    tmp_path: Path,
+) -> None:
+    stored = {}
+    for i in range(6):
+        data = bytes([i]) * (100_000 + i)
+        path = tmp_path / f"{i}.dcm"
+        path.write_bytes(data)
+        stored[f"1.2.3.{i}"] = StoredInstance(
+            f"1.2.3.{i}", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3", "1.2.3.9",
+            "1.2.840.10008.1.2.1", path, len(data), hashlib.sha256(data).hexdigest(), "M")
+    server = InstanceServer("127.0.0.1", 0, stored.get, TOKEN).start()
+    try:
+        refs = [InstanceRef(uid, s.sop_class_uid, "1.2.3.9", s.transfer_syntax_uid, s.size,
+                            s.sha256, f"http://127.0.0.1:{server.port}/instances/{uid}")
+                for uid, s in stored.items()]
+        got = fetch_instances(refs, "1.2.3", tmp_path / "all", TOKEN, parallel=4)
+        assert [g.sop_instance_uid for g in got] == list(stored)
+        assert all(g.path.read_bytes() == s.path.read_bytes()
+                   for g, s in zip(got, stored.values(), strict=True))
+        wrong = InstanceRef(refs[3].sop_instance_uid, refs[3].sop_class_uid, "1.2.3.9",
+                            refs[3].transfer_syntax_uid, refs[3].size, "0" * 64, refs[3].url)
+        with pytest.raises(TransferError, match=r"1\.2\.3\.3: got 100003 bytes with another SHA"):
+            fetch_instances([*refs[:3], wrong, *refs[4:]], "1.2.3", tmp_path / "bad", TOKEN)
+    finally:
+        server.stop()

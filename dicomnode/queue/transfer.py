@@ -26,6 +26,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -139,6 +140,10 @@ def _handler(
     return Handler
 
 
+#: Instances of one job fetched at once (the site serves each request in its own thread).
+PARALLEL_FETCHES = 4
+
+
 def fetch_instances(
     refs: Sequence[InstanceRef],
     study_instance_uid: str,
@@ -147,44 +152,59 @@ def fetch_instances(
     *,
     ca_certificates: Path | None = None,
     timeout: float = 60.0,
+    parallel: int = PARALLEL_FETCHES,
 ) -> tuple[StoredInstance, ...]:
-    """Download every instance of a job into ``folder`` and check its size and SHA-256; the
-    stored records point at the local copies (the worker decodes those)."""
+    """Download every instance of a job into ``folder`` (up to ``parallel`` at once) and check
+    each one's size and SHA-256; the stored records point at the local copies (the worker
+    decodes those), in the job's order. The first failure raises :class:`TransferError`."""
     folder.mkdir(parents=True, exist_ok=True)
     context = ssl.create_default_context(cafile=str(ca_certificates) if ca_certificates else None)
-    stored = []
-    for ref in refs:
-        path = folder / f"{ref.sop_instance_uid}.dcm"
-        digest = hashlib.sha256()
-        size = 0
-        request = urllib.request.Request(ref.url, headers={"Authorization": f"Bearer {token}"})
-        try:
-            with (
-                urllib.request.urlopen(request, timeout=timeout, context=context) as answer,
-                path.open("wb") as out,
-            ):
-                while chunk := answer.read(CHUNK):
-                    digest.update(chunk)
-                    size += len(chunk)
-                    out.write(chunk)
-        except (urllib.error.URLError, OSError) as exc:
-            raise TransferError(f"fetching {ref.sop_instance_uid}: {exc}") from exc
-        if size != ref.size or digest.hexdigest() != ref.sha256:
-            raise TransferError(
-                f"{ref.sop_instance_uid}: got {size} bytes with another SHA-256 than the job's "
-                "(the site replaced it meanwhile: the study will run again)"
-            )
-        stored.append(
-            StoredInstance(
-                sop_instance_uid=ref.sop_instance_uid,
-                sop_class_uid=ref.sop_class_uid,
-                study_instance_uid=study_instance_uid,
-                series_instance_uid=ref.series_instance_uid,
-                transfer_syntax_uid=ref.transfer_syntax_uid,
-                path=path,
-                size=size,
-                sha256=ref.sha256,
-                calling_ae="",
-            )
+
+    def fetch(ref: InstanceRef) -> StoredInstance:
+        return _fetch_one(ref, study_instance_uid, folder, token, context, timeout)
+
+    if parallel <= 1 or len(refs) <= 1:
+        return tuple(fetch(ref) for ref in refs)
+    with ThreadPoolExecutor(max_workers=min(parallel, len(refs))) as pool:
+        return tuple(pool.map(fetch, refs))
+
+
+def _fetch_one(
+    ref: InstanceRef,
+    study_instance_uid: str,
+    folder: Path,
+    token: str,
+    context: ssl.SSLContext,
+    timeout: float,
+) -> StoredInstance:
+    path = folder / f"{ref.sop_instance_uid}.dcm"
+    digest = hashlib.sha256()
+    size = 0
+    request = urllib.request.Request(ref.url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with (
+            urllib.request.urlopen(request, timeout=timeout, context=context) as answer,
+            path.open("wb") as out,
+        ):
+            while chunk := answer.read(CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                out.write(chunk)
+    except (urllib.error.URLError, OSError) as exc:
+        raise TransferError(f"fetching {ref.sop_instance_uid}: {exc}") from exc
+    if size != ref.size or digest.hexdigest() != ref.sha256:
+        raise TransferError(
+            f"{ref.sop_instance_uid}: got {size} bytes with another SHA-256 than the job's "
+            "(the site replaced it meanwhile: the study will run again)"
         )
-    return tuple(stored)
+    return StoredInstance(
+        sop_instance_uid=ref.sop_instance_uid,
+        sop_class_uid=ref.sop_class_uid,
+        study_instance_uid=study_instance_uid,
+        series_instance_uid=ref.series_instance_uid,
+        transfer_syntax_uid=ref.transfer_syntax_uid,
+        path=path,
+        size=size,
+        sha256=ref.sha256,
+        calling_ae="",
+    )
