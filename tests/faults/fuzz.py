@@ -304,6 +304,7 @@ class WorkerSide:
         ensemble = Ensemble.load(config.inference.weights, device="cpu")
         self.worker = Worker(config, ensemble, self.queue, owner="fuzz-worker")
         self.jobs = 0
+        self.answered: set[str] = set()  # SOP Instance UIDs named by an SC of their study
 
     def drain(self, timeout: float = 600.0) -> None:
         """Process jobs until the listener has queued every study and none is left."""
@@ -371,6 +372,7 @@ class WorkerSide:
         expected = {i.sop_instance_uid for i in job.instances}
         missing = expected - captured
         self.tally.instances_answered += len(expected & captured)
+        self.answered |= expected & captured
         if missing or reports != 1:
             self.tally.defect("no_answer", self.cases_of(job),
                               f"{len(missing)} instances without a capture, {reports} SRs")
@@ -455,6 +457,8 @@ class FuzzRun:
         self.only = tuple(only)  # replay these indices only
         self.tally = Tally(seed)
         self.names: dict[str, str] = {}
+        #: SOP Instance UID → (Study Instance UID, case name) of the files answered 0x0000
+        self.accepted: dict[str, tuple[str, str]] = {}
         self.defect_files = workdir / "defect-cases"
 
     def run(self) -> dict[str, Any]:
@@ -474,6 +478,7 @@ class FuzzRun:
                     }
                 try:
                     self.batches(listener, port, bases, worker)
+                    self.unanswered(worker)
                 finally:
                     worker.close()
                 self.listener_events(listener)
@@ -518,12 +523,25 @@ class FuzzRun:
         self.check_alive(listener, port, batch)
         worker.drain()
 
+    def unanswered(self, worker: WorkerSide) -> None:
+        """Every instance the node accepted (0x0000) was answered in some job of its study: a
+        stored instance that never reached a job would escape the per-job check."""
+        studies: dict[str, list[str]] = {}
+        for uid in sorted(set(self.accepted) - worker.answered):
+            study, name = self.accepted[uid]
+            studies.setdefault(study, []).append(name)
+        for names in studies.values():
+            self.tally.defect("no_answer", names, f"{len(names)} instances accepted with 0x0000 "
+                              "never named by a Secondary Capture")
+
     def send_file(self, case: FileCase, bases: dict[str, Base], sender: FileSender) -> None:
         data = build_file(case, bases)
         self.names[case.uids[2]] = case.name
         answer = sender.send(data)
         self.tally.file_cases += 1
         self.tally.answers[answer] += 1
+        if answer == "0x0000":
+            self.accepted[case.uids[2]] = (case.uids[0], case.name)
         self.tally.operations.update(f"file:{kind}" for kind in case.kinds)
         if answer not in FILE_STATUSES:
             self.keep(case.name, data)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pynetdicom import _config
@@ -145,3 +146,9 @@ def test_the_oracle_flags_what_it_must() -> None:
     assert summary["worker_crashes"] == 1
     assert summary["bad_answers"] == 1
     assert summary["defects"] == 3
+    # an instance answered 0x0000 that no job ever answered is a study without an answer
+    fuzz = FuzzRun(1, 0, Path("unused"))
+    fuzz.accepted = {"1.2.3": ("1.2", "1:5"), "1.2.4": ("1.2", "1:6"), "1.3.1": ("1.3", "1:9")}
+    fuzz.unanswered(SimpleNamespace(answered={"1.2.3", "1.3.1"}))  # type: ignore[arg-type]
+    assert fuzz.tally.summary({})["studies_without_answer"] == 1
+    assert fuzz.tally.defects[0]["cases"] == ["1:6"]
