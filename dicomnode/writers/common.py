@@ -21,7 +21,7 @@ from typing import TypedDict
 import highdicom as hd
 import numpy as np
 from highdicom.valuerep import _check_specific_character_set
-from pydicom.charset import python_encoding
+from pydicom.charset import convert_encodings, encode_string, python_encoding
 from pydicom.config import RAISE
 from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
@@ -522,9 +522,11 @@ def result_header(header: Dataset) -> Dataset:
     worker), patient and study stay matched by Patient ID and Study Instance UID. The source
     header itself is not changed.
     """
-    invalid = set(invalid_keywords(header)) - _IDENTIFYING
-    missing = [name for name in _TYPE_2 if name not in header]
     charset_ok = usable_character_set(header)
+    terms = [str(v) for v in _values(header.get("SpecificCharacterSet"))] if charset_ok else []
+    invalid = set(invalid_keywords(header)) | set(too_long_when_encoded(header, terms or [UTF8]))
+    invalid -= _IDENTIFYING
+    missing = [name for name in _TYPE_2 if name not in header]
     if not invalid and not missing and charset_ok:
         return header
     cleaned = Dataset()
@@ -668,6 +670,41 @@ def contributing_equipment(
             contribution_description=f"{DISCLAIMER}: fracture detection by {algorithm.name}",
         ),
     ]
+
+
+#: The longest value of a text VR in bytes (PS3.5 Table 6.2-1; a PN component group for PN).
+_MAX_BYTES = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "PN": 64, "ST": 1024, "LT": 10240}
+
+
+def too_long_when_encoded(header: Dataset, terms: Sequence[str]) -> tuple[str, ...]:
+    """Names of the top-level text elements of ``header`` whose values, encoded in the
+    character set ``terms`` the results declare, are longer than their VR allows.
+
+    pydicom's check counts characters; a value of 15 characters within the limit of SH can
+    need 23 bytes in UTF-8 or with ISO 2022 escape sequences, which dciodvfy rejects (fuzz case
+    20261204:2922: "Gonçalves^Zoë" read as JIS X 0201 in an Accession Number)."""
+    try:
+        encodings = convert_encodings(list(terms))
+    except Exception:  # an unknown term: usable_character_set has refused it already
+        encodings = ["utf_8"]
+    names = []
+    for tag in list(header.keys()):
+        try:
+            element = header[tag]
+            limit = _MAX_BYTES.get(str(element.VR))
+            if limit is None or tag.group in _SKIPPED_GROUPS or tag.is_private:
+                continue
+            for value in _values(element.value):
+                text = str(value)
+                if text.isascii():
+                    continue  # a byte per character: pydicom's check counts them
+                groups = text.split("=") if element.VR == "PN" else [text]
+                if any(len(encode_string(g, encodings)) > limit for g in groups):
+                    names.append(_name(tag))
+                    break
+        except Exception:  # unreadable or not encodable: invalid_keywords reports it
+            continue
+    return tuple(names)
 
 
 def _values(value: object) -> list[object]:

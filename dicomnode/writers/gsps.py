@@ -153,7 +153,11 @@ def presentation_source(header: Dataset) -> Dataset:
             source[tag] = header[tag]
     if rescale:
         for keyword in _RESCALE:
-            if keyword in header:
+            # an empty Rescale Type (Type 1C in the presentation state's Modality LUT) is left
+            # out: highdicom then writes its default, US (fuzz case 20261204:3817)
+            if keyword not in header:
+                continue
+            if keyword != "RescaleType" or str(header[keyword].value or "").strip():
                 source[keyword] = header[keyword]
     if luts:
         source.VOILUTSequence = luts
