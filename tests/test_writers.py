@@ -47,6 +47,7 @@ from dicomnode.writers.common import (
     PROBABILITY_UNIT,
     banner_lines,
     invalid_header_attributes,
+    too_long_when_encoded,
 )
 from dicomnode.writers.sc import banner_height, dashed_segments
 from inference.records import AlgorithmInfo, Box, Decision, ImageResult, Thresholds
@@ -566,6 +567,24 @@ def test_a_reason_quoting_header_bytes_is_written_as_printable_ascii(
     assert all(t.isascii() and t.isprintable() for t in texts)
     for item in written.all:
         _dciodvfy(item.path)
+
+
+def test_a_value_too_long_once_encoded_is_left_out_of_the_results(tmp_path: Path) -> None:
+    """15 characters fit SH's 16 for pydicom, but half-width katakana through ISO 2022 IR 13
+    take 23 bytes with their escape sequences, which dciodvfy rejects (fuzz case
+    20261204:2922): the Accession Number is left empty in every result object."""
+    ds = pydicom.dcmread(SAMPLES / "DX_highdicom_small.dcm")
+    ds.SpecificCharacterSet = ["ISO 2022 IR 13", "ISO 2022 IR 87"]
+    ds.AccessionNumber = "Gon\uff83\uff67alves^Zo\uff83\uff6b"
+    ds.save_as(tmp_path / "long.dcm")
+    view = load_view(tmp_path / "long.dcm")
+    terms = list(view.header.SpecificCharacterSet)
+    assert too_long_when_encoded(view.header, terms) == ("AccessionNumber",)
+    assert too_long_when_encoded(view.header, ["ISO_IR 192"]) == ("AccessionNumber",)
+    written = _write(tmp_path, [ImageFinding(view, ONE_BOX, THORAX)])
+    for item in written.all:
+        _dciodvfy(item.path)
+        assert pydicom.dcmread(item.path).AccessionNumber == ""
 
 
 def _all_items(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
