@@ -500,7 +500,7 @@ def test_check_config_says_what_the_node_would_do(
     # "calibrated" resolved from the shipped manifest: the calibrated groups' regions only
     assert "regions ankle, clavicle, femur, foot, forearm, hand, hip" in shown["scope"]
     assert "elbow" not in shown["scope"]
-    assert shown["model"].startswith("gpu-reference ")
+    assert shown["model"].startswith("gpu-crossfit 0.2.0 ")
     assert shown["identity"].startswith("UID root 1.2.826.0.1.3680043.8.498.;")
     assert "(will be created)" in shown["state"]
     assert shown["http"].startswith("http://127.0.0.1:<any free port> (serve, listen), ")
