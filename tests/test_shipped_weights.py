@@ -22,7 +22,8 @@ def test_manifest_says_trained_and_calibrated() -> None:
     # cross-fitted: one member per fold of the development split, every fold covered, so the
     # operating points come from out-of-fold scores of every development image
     split = load_split(WEIGHTS / "split.json")
-    assert sorted(m.fold for m in manifest.members) == list(range(len(split.folds))) == [0, 1, 2, 3, 4]
+    folds = sorted(m.fold for m in manifest.members)
+    assert folds == list(range(len(split.folds))) == [0, 1, 2, 3, 4]
     assert all(m.input == "both" and m.options.map_head for m in manifest.members)
     assert manifest.tta == ()  # mirror TTA measured and dropped (model card)
     total = sum((WEIGHTS / m.weights).stat().st_size for m in manifest.members)
