@@ -682,7 +682,8 @@ def too_long_when_encoded(header: Dataset, terms: Sequence[str]) -> tuple[str, .
 
     pydicom's check counts characters; a value of 15 characters within the limit of SH can
     need 23 bytes in UTF-8 or with ISO 2022 escape sequences, which dciodvfy rejects (fuzz case
-    20261204:2922: "Gonçalves^Zoë" read as JIS X 0201 in an Accession Number)."""
+    20261204:2922: "Gonçalves^Zoë" read as JIS X 0201 in an Accession Number); and it does not
+    check the length of a PN at all (129 characters of Patient's Name: case 20261206:3146)."""
     try:
         encodings = convert_encodings(list(terms))
     except Exception:  # an unknown term: usable_character_set has refused it already
@@ -696,8 +697,6 @@ def too_long_when_encoded(header: Dataset, terms: Sequence[str]) -> tuple[str, .
                 continue
             for value in _values(element.value):
                 text = str(value)
-                if text.isascii():
-                    continue  # a byte per character: pydicom's check counts them
                 groups = text.split("=") if element.VR == "PN" else [text]
                 if any(len(encode_string(g, encodings)) > limit for g in groups):
                     names.append(_name(tag))

@@ -388,12 +388,20 @@ class WorkerSide:
             accepted = [e for e in errors if names_source_uid(e, sources)]
             self.tally.source_uid_findings += len(accepted)
             errors = [e for e in errors if e not in accepted]
+            if accepted and all(e == INVALID_VALUES_SUMMARY for e in errors):
+                errors = []  # dciodvfy's summary line of the accepted findings alone
             if errors:
                 self.tally.defect("dciodvfy", self.cases_of(job),
                                   f"{result.kind}: " + "; ".join(sorted(set(errors))[:5]))
 
     def close(self) -> None:
         self.db.close()
+
+
+#: dciodvfy's summary line after any "Value invalid" error.
+INVALID_VALUES_SUMMARY = (
+    "Error - Dicom dataset contains invalid data values for Value Representations"
+)
 
 
 def source_uids(job: StudyJob) -> set[str]:
