@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import pydicom
 from pika.exceptions import AMQPError
@@ -48,6 +47,7 @@ from dicomnode.queue.messages import (
     decode_outcome,
     decode_result_file,
 )
+from dicomnode.queue.protocol import JobQueue
 from dicomnode.queue.rabbitmq import Broker, ReceivedJob, death_reason
 from dicomnode.queue.transfer import TransferError, fetch_instances
 from dicomnode.records import Destination, ResultFile, StoredInstance, StudyJob
@@ -90,35 +90,12 @@ def job_priority(job: StudyJob, rules: Sequence[PriorityRule], default: int) -> 
 # -- site side --------------------------------------------------------------------------------
 
 
-class SiteQueue(Protocol):
-    """What the site-side roles need of the site's state database (the SQLite queue)."""
-
-    def lease(self, owner: str, now: float | None = None) -> StudyJob | None: ...
-
-    def held_job(self, job_id: int, attempt: int, owner: str) -> StudyJob | None: ...
-
-    def release(self, job: StudyJob, now: float | None = None) -> bool: ...
-
-    def complete(
-        self,
-        job: StudyJob,
-        results: Sequence[ResultFile],
-        destinations: Sequence[Destination],
-        now: float | None = None,
-        note: str | None = None,
-    ) -> None: ...
-
-    def fail(
-        self, job: StudyJob, reason: str, *, retryable: bool, now: float | None = None
-    ) -> object: ...
-
-
 @dataclass
 class JobDispatcher:
     """Publishes the site's ready jobs to the broker."""
 
     site: str
-    queue: SiteQueue
+    queue: JobQueue  # the site's queue (SQLite): leases, results and failures
     broker: Broker
     instance_url: str
     rules: Sequence[PriorityRule] = ()
@@ -185,7 +162,7 @@ class ResultIntake:
     """Records what the worker pool sends back to this site."""
 
     site: str
-    queue: SiteQueue
+    queue: JobQueue  # the site's queue (SQLite): leases, results and failures
     broker: Broker
     results_dir: Path
     destinations: Sequence[Destination]
