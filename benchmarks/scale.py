@@ -313,11 +313,12 @@ def job_message_size(db: object, site_dir: Path) -> int:
     """Bytes of the job message of the site's first job (as the dispatcher encodes it)."""
     from dicomnode.queue.messages import encode
     from dicomnode.queue.remote import JobDispatcher
-    from dicomnode.state import StateDB, _study_job
+    from dicomnode.queue.sqlite import study_job
+    from dicomnode.state import StateDB
 
     assert isinstance(db, StateDB)
     with db.transaction() as conn:
-        job = _study_job(conn, 1)
+        job = study_job(conn, 1)
     dispatcher = JobDispatcher("bench", None, None, "http://127.0.0.1:8443")  # type: ignore[arg-type]
     return len(encode(dispatcher.message(job)))
 

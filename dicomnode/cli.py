@@ -30,8 +30,9 @@ from dicomnode.config import Config, ConfigError, QueueBackend, load_config, val
 from dicomnode.health import Health, RoleFacts, node_components, observe, read_facts
 from dicomnode.httpd import https_context
 from dicomnode.logging import configure_logging, get_logger
+from dicomnode.queue.sqlite import open_queue
 from dicomnode.records import Delivery, DeliveryState, QueueDepth, StudyStatus
-from dicomnode.state import StateDB, open_queue
+from dicomnode.state import StateDB
 from dicomnode.storage import StateLayout, check_uid
 
 PROG = "dicomnode"
@@ -161,6 +162,8 @@ class StatusReport:
     broker: tuple[BrokerQueue, ...] = ()
     """With ``queue.backend = "rabbitmq"``: the broker's queues this host uses."""
     broker_error: str | None = None
+    redelivered_jobs: int = 0
+    """Jobs the broker delivered to the worker pool more than once before their answer."""
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,7 @@ def collect_status(config: Config, limit: int, now: float | None = None) -> Stat
             roles=seen.facts,
             broker=broker,
             broker_error=broker_error,
+            redelivered_jobs=db.redelivered_jobs(),
         )
 
 
@@ -272,6 +276,7 @@ def status_json(report: StatusReport) -> dict[str, Any]:
         data["broker"] = {
             "queues": [asdict(q) for q in report.broker],
             "error": report.broker_error,
+            "redelivered_jobs": report.redelivered_jobs,
         }
     if report.health is not None:
         data.update(report.health.as_json())
@@ -303,13 +308,27 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def broker_text(report: StatusReport) -> list[str]:
     """The broker's queues as text lines (none without the rabbitmq backend)."""
+    redelivered = (
+        f"  jobs redelivered by the broker (a worker died or gave one back): "
+        f"{report.redelivered_jobs}"
+    )
     if report.broker_error:
-        return [f"broker: unreachable ({report.broker_error})"]
+        return [f"broker: unreachable ({report.broker_error})", redelivered]
     if not report.broker:
         return []
-    return ["broker:"] + [
-        f"  {q.name}: {q.messages} waiting, {q.consumers} consumers" for q in report.broker
+    return [
+        "broker:",
+        *(f"  {q.name}: {q.messages} waiting, {q.consumers} consumers" for q in report.broker),
+        redelivered,
     ]
+
+
+def study_remark(study: StudyStatus) -> str:
+    """The LAST ERROR / NOTE column: the error, else the note, and the broker's redeliveries."""
+    parts = [study.last_error or study.note or ""]
+    if study.broker_deliveries is not None and study.broker_deliveries > 1:
+        parts.append(f"delivered {study.broker_deliveries} times by the broker")
+    return "; ".join(p for p in parts if p) or "-"
 
 
 def status_text(report: StatusReport) -> str:
@@ -343,7 +362,7 @@ def status_text(report: StatusReport) -> str:
                     str(s.instance_count),
                     iso_time(s.last_received_at),
                     next_attempt_text(s.next_attempt_at, report.generated_at),
-                    s.last_error or s.note or "-",
+                    study_remark(s),
                 )
                 for s in report.studies
             ],

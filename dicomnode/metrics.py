@@ -94,6 +94,7 @@ class _Instruments:
     child_restarts: Counter
     pool_jobs_taken: Counter
     pool_answers: Counter
+    pool_redelivered: Counter
 
 
 _lock = threading.Lock()
@@ -186,6 +187,11 @@ def _make() -> _Instruments:
             "What a site took from the worker pool: results, failed, duplicate (an answer to an "
             "attempt already answered), dead_lettered (the broker gave up at the delivery limit)",
             ["kind"],
+        ),
+        pool_redelivered=Counter(
+            f"{p}_pool_redelivered_answers",
+            "Answers a site took from the worker pool for jobs the broker had delivered more than "
+            "once (a worker died or gave the job back)",
         ),
     )
 
@@ -305,6 +311,12 @@ def pool_job_taken(deliveries: int) -> None:
 def pool_answer(kind: str) -> None:
     """A site took an answer from the worker pool (see ``dicomnode_pool_answers_total``)."""
     _instruments().pool_answers.labels(kind).inc()
+
+
+@_never_raises
+def pool_redelivered() -> None:
+    """A site's answer came from a job the broker had redelivered."""
+    _instruments().pool_redelivered.inc()
 
 
 class BrokerCollector:

@@ -185,3 +185,6 @@ class StudyStatus:
     next_attempt_at: float | None
     note: str | None = None
     """What the latest job's results leave out (views skipped and why), if anything."""
+    broker_deliveries: int | None = None
+    """With the worker pool: how often the broker delivered the latest job before its answer
+    (more than 1: redelivered after a worker died or gave it back); None: not through a broker."""

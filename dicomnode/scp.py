@@ -9,8 +9,8 @@ failure maps to one documented status (:class:`StoreStatus`); the handler never 
 Only CR and DX images are kept. Other storage SOP classes are accepted and discarded, or refused
 with 0x0122, as ``node.other_sop_classes`` says (PACS routing rules often send whole studies).
 
-While it runs, the listener also assembles studies: every poll it queues a job for each study
-that has been quiet for ``study.stable_seconds``.
+The listener only receives: turning what it stored into jobs, and retention, are the study
+assembly role's (:mod:`dicomnode.assembly`), which runs beside it.
 """
 
 from __future__ import annotations
@@ -43,10 +43,9 @@ from dicomnode.config import AllowedCaller, Config, OtherSopClasses
 from dicomnode.health import LISTENER
 from dicomnode.limits import InboundLimits, space_shortfall, spooled_dataset_size
 from dicomnode.logging import configure_logging, get_logger
-from dicomnode.queue.protocol import JobQueue
 from dicomnode.receivers import AssociationSlots, SharedSocketServer
 from dicomnode.records import InstanceHeader
-from dicomnode.state import StateDB, open_queue
+from dicomnode.state import StateDB
 from dicomnode.storage import InstanceStore, StateLayout, check_uid
 
 CR_DX_SOP_CLASSES = frozenset(
@@ -90,12 +89,12 @@ _REJECT_TRANSIENT, _SOURCE_PROVIDER_PRESENTATION, _LOCAL_LIMIT_EXCEEDED = 0x02, 
 
 log = get_logger(__name__)
 
-PURGE_INTERVAL = 3600.0
-"""Seconds between two retention passes of the listener (the first runs at start)."""
-MIN_WAIT_SECONDS = 0.01
-"""The listener's shortest wait between two passes of study assembly."""
 SPOOL_SWEEP_AGE = 1.0
 """Seconds a spool file must be old before :meth:`Listener.sweep_spool` removes it."""
+TEND_SECONDS = 1.0
+"""How often the listener tends its receiving processes (counts, spool, receiver children)."""
+ANNOUNCE_POLL_SECONDS = 0.05
+"""How often a starting listener looks whether its receiver children serve yet."""
 RECEIVER_STOP_SECONDS = 30.0
 """How long a stopping listener waits for each receiver child before killing it."""
 RECEIVER_HANG_SECONDS = 120.0
@@ -269,8 +268,8 @@ class Listener:
     Use as a context manager or call :meth:`start` and :meth:`stop`. ``port`` is the bound port
     (useful when ``node.port = 0`` picks a free one). The listener binds the port and starts
     ``node.receive_processes - 1`` receiver children (``dicomnode.receivers``); a receiver child
-    is a Listener given its ``seat``: it adopts the socket, and leaves the clean-up at start,
-    study assembly and retention to the listener.
+    is a Listener given its ``seat``: it adopts the socket, and leaves the clean-up at start to
+    the listener.
     """
 
     def __init__(self, config: Config, seat: ReceiverSeat | None = None) -> None:
@@ -279,7 +278,6 @@ class Listener:
         self.index = 0 if seat is None else seat.index
         self.layout = StateLayout(config.node.state_dir)
         self.db: StateDB | None = None
-        self.queue: JobQueue | None = None
         self.store: InstanceStore | None = None
         self._server: Any = None
         node = config.node
@@ -321,7 +319,6 @@ class Listener:
         # an aborted or broken transfer leaves behind can be found and removed.
         self._tempdir_before = tempfile.tempdir
         tempfile.tempdir = str(spool)
-        self.queue = open_queue(self.db, self.config)
         self.store = InstanceStore(self.layout, self.db)
         self._chunked_before = _config.STORE_RECV_CHUNKED_DATASET
         _config.STORE_RECV_CHUNKED_DATASET = True
@@ -447,47 +444,6 @@ class Listener:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-    def purge(self, now: float | None = None) -> tuple[str, ...]:
-        """Remove the finished studies idle for ``retention.keep_days`` (and folders a crash
-        left without rows); returns the removed Study Instance UIDs."""
-        if self.store is None or self.db is None:
-            raise RuntimeError("listener is not running")
-        keep_days = self.config.retention.keep_days
-        if keep_days <= 0:
-            return ()
-        cutoff = (time.time() if now is None else now) - keep_days * 86400.0
-        removed = tuple(
-            uid for uid in self.db.idle_studies(cutoff) if self.store.forget_study(uid, cutoff)
-        )
-        orphans = self.store.sweep_orphans(cutoff)
-        if removed or orphans:
-            log.info(
-                "studies_purged",
-                studies=len(removed),
-                orphan_folders=orphans,
-                keep_days=keep_days,
-                study_instance_uids=list(removed),
-            )
-        return removed
-
-    def seconds_to_next_stable(self, now: float | None = None) -> float | None:
-        """Seconds until the next study can be queued (0 if one can now; None: none waits)."""
-        if self.queue is None:
-            raise RuntimeError("listener is not running")
-        due = self.queue.next_stable_at()
-        if due is None:
-            return None
-        return max(0.0, due - (time.time() if now is None else now))
-
-    def assemble(self, now: float | None = None) -> tuple[str, ...]:
-        """Queue a job for every study quiet for ``stable_seconds``; returns their UIDs."""
-        if self.queue is None:
-            raise RuntimeError("listener is not running")
-        queued = self.queue.enqueue_stable_studies(now)
-        for study_uid in queued:
-            log.info("study_queued", study_instance_uid=study_uid)
-        return queued
 
     # -- event handlers (run in pynetdicom's association threads) -----------------------------
 
@@ -704,17 +660,14 @@ def run_listener(
     ready: Callable[[Listener], None] | None = None,
     heartbeat: Callable[[], None] | None = None,
 ) -> None:
-    """Serve until ``stop_event`` is set, assembling studies every poll; then shut down.
+    """Serve until ``stop_event`` is set, tending the receiving processes every second; then
+    shut down.
 
     ``ready`` is called once the port is bound and the receiver children serve too (e.g. to
-    notify systemd or learn the port when ``node.port = 0``). The loop wakes when the next
-    study becomes stable (from the state database, so it is queued at once) and at least every
-    quarter of ``stable_seconds`` (at most 1 s). ``heartbeat`` is called every poll (the
-    service's watchdog pings only while it is called). Raises RuntimeError when a receiver
-    child cannot start.
+    notify systemd or learn the port when ``node.port = 0``). ``heartbeat`` is called every
+    poll (the service's watchdog pings only while it is called). Raises RuntimeError when a
+    receiver child cannot start.
     """
-    poll = min(1.0, config.study.stable_seconds / 4)
-    next_purge = 0.0  # at start, then every PURGE_INTERVAL seconds
     announced = False
     with Listener(config) as listener:
         wait = 0.0
@@ -731,14 +684,4 @@ def run_listener(
                 break
             if heartbeat is not None:
                 heartbeat()
-            wait = poll
-            try:
-                listener.assemble()
-                if time.monotonic() >= next_purge:
-                    next_purge = time.monotonic() + PURGE_INTERVAL
-                    listener.purge()
-                due = listener.seconds_to_next_stable()
-                if due is not None:  # wake when it is stable, not up to a poll later
-                    wait = min(poll, max(MIN_WAIT_SECONDS, due))
-            except (sqlite3.Error, OSError) as exc:
-                log.error("study_housekeeping_failed", error=f"{type(exc).__name__}: {exc}")
+            wait = TEND_SECONDS if announced else ANNOUNCE_POLL_SECONDS

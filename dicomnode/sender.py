@@ -21,6 +21,7 @@ from dicomnode import metrics, scu, tls
 from dicomnode.config import Config, DeliveryConfig, TlsConfig
 from dicomnode.logging import get_logger
 from dicomnode.queue.protocol import JobQueue
+from dicomnode.queue.sqlite import open_queue
 from dicomnode.records import (
     IDLE_POLL_SECONDS,
     Delivery,
@@ -28,7 +29,6 @@ from dicomnode.records import (
     DeliveryState,
     EventLike,
 )
-from dicomnode.state import open_queue
 from dicomnode.storage import StateLayout
 
 log = get_logger(__name__)

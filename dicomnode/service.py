@@ -1,17 +1,18 @@
 """The long-running commands: ``listen``, ``work`` and ``serve``, with signals, readiness and
 the systemd watchdog.
 
-- ``listen``: the listener (C-ECHO, C-STORE, durable storage) and study assembly: every poll it
-  queues a job for each study quiet for ``study.stable_seconds``. Study assembly therefore
-  always runs where the listener runs, in ``listen`` or ``serve``, and nowhere else.
+- ``listen``: the listener (C-ECHO, C-STORE, durable storage) and study assembly with retention
+  (:mod:`dicomnode.assembly`: it queues a job for each study quiet for
+  ``study.stable_seconds``), two roles in two threads. Study assembly runs where the listener
+  runs, in ``listen`` or ``serve``, and nowhere else: it needs the listener's state directory.
 - ``work``: the worker (inference, result objects) and the sender (C-STORE to the
   destinations), each in a thread.
-- ``serve``: all three for a single machine. The listener and the sender run as threads of the
-  main process; the worker runs in a child process (``multiprocessing`` spawn), so that a crash
-  in inference (a segfault, the out-of-memory killer) never takes the listener down. The child
-  is restarted when it dies or stops giving signs of life for a whole lease period, with a delay
-  that doubles from 1 s to 60 s. A worker that dies before it ever loaded its weights (a bad
-  weights folder) stops the service instead: restarting cannot help.
+- ``serve``: all of them for a single machine. The listener, study assembly and the sender run
+  as threads of the main process; the worker runs in a child process (``multiprocessing``
+  spawn), so that a crash in inference (a segfault, the out-of-memory killer) never takes the
+  listener down. The child is restarted when it dies or stops giving signs of life for a whole
+  lease period, with a delay that doubles from 1 s to 60 s. A worker that dies before it ever
+  loaded its weights (a bad weights folder) stops the service instead: restarting cannot help.
 
 Every role calls a heartbeat from its loop. The main thread pings the systemd watchdog only while
 every role's heartbeat is fresh, sends ``READY=1`` once the port is bound and the weights are
@@ -33,6 +34,7 @@ import traceback
 from collections.abc import Callable, Sequence
 
 from dicomnode import health, metrics, sdnotify
+from dicomnode.assembly import run_assembler
 from dicomnode.children import ChildContext, ChildSupervisor, Heartbeat, signal_setter
 from dicomnode.config import Config, ConfigError, QueueBackend
 from dicomnode.httpd import HttpEndpoint, NodeEndpoints, url
@@ -296,6 +298,21 @@ def _listener_role(config: Config, bound: _Bound) -> Role:
     return role
 
 
+def _assembler_role(config: Config) -> Role:
+    def role(stop: EventLike, heartbeat: Callable[[], None]) -> None:
+        run_assembler(config, stop, heartbeat)
+
+    return role
+
+
+def _listening_roles(config: Config, bound: _Bound, stop: threading.Event) -> list[RoleThread]:
+    """The listener and the study assembly beside it (the listener first)."""
+    return [
+        RoleThread("listener", _listener_role(config, bound), stop),
+        RoleThread("assembler", _assembler_role(config), stop),
+    ]
+
+
 def _sender_role(config: Config) -> Role:
     def role(stop: EventLike, heartbeat: Callable[[], None]) -> None:
         run_delivery(config, stop, heartbeat)
@@ -334,11 +351,11 @@ def _facts(
 def run_listen(config: Config) -> ExitCode:
     """``dicomnode listen``: the listener and study assembly."""
     stop, bound = threading.Event(), _Bound()
-    listener = RoleThread("listener", _listener_role(config, bound), stop)
-    reporting = Reporting(config, "listen", lambda: _facts("listen", (bound, listener)))
+    roles = _listening_roles(config, bound, stop)
+    reporting = Reporting(config, "listen", lambda: _facts("listen", (bound, roles[0])))
     return run_roles(
         "listen",
-        [listener],
+        roles,
         stop,
         bound.event.is_set,
         lambda: _listening(config, bound),
@@ -401,7 +418,7 @@ def run_site(config: Config) -> ExitCode:
     site_checks(config)
     stop, bound = threading.Event(), _Bound()
     roles = [
-        RoleThread("listener", _listener_role(config, bound), stop),
+        *_listening_roles(config, bound, stop),
         RoleThread("sender", _sender_role(config), stop),
         RoleThread("broker", _site_broker_role(config), stop),
     ]
@@ -422,7 +439,7 @@ def run_serve(config: Config) -> ExitCode:
         return run_site(config)
     stop, bound = threading.Event(), _Bound()
     roles = [
-        RoleThread("listener", _listener_role(config, bound), stop),
+        *_listening_roles(config, bound, stop),
         RoleThread("sender", _sender_role(config), stop),
     ]
     supervisor = worker_supervisor(config)

@@ -404,7 +404,7 @@ class InstanceStore:
         between :meth:`forget_study`'s commit and its file removal); returns how many."""
         removed = 0
         with self._lock:
-            known = {str(r[0]) for r in self.db.query("SELECT study_uid FROM studies")}
+            known = self.db.study_uids()
             for folder in (self.layout.instances_dir, self.layout.results_dir):
                 for study in folder.iterdir():
                     if study.name not in known and study.stat().st_mtime < cutoff:

@@ -44,6 +44,7 @@ from dicomnode.config import Config, OutOfScope
 from dicomnode.logging import get_logger
 from dicomnode.pixels import PixelDataError, View, drop_unreadable, load_view, region_hints
 from dicomnode.queue.protocol import JobQueue, LeaseLostError
+from dicomnode.queue.sqlite import open_queue
 from dicomnode.records import (
     IDLE_POLL_SECONDS,
     EventLike,
@@ -53,7 +54,6 @@ from dicomnode.records import (
     StudyJob,
 )
 from dicomnode.scope import Scope
-from dicomnode.state import open_queue
 from dicomnode.storage import StateLayout, installation_uid
 from dicomnode.uids import ResultKind, SourceIdentity, derive_uid
 from dicomnode.writers import (

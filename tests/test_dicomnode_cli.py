@@ -3,6 +3,7 @@ retry, echo against a real listener, and systemd notifications through a real un
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -16,13 +17,13 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
-from dicomnode.cli import collect_status, main, status_text
+from dicomnode.cli import BrokerQueue, StatusReport, collect_status, main, status_json, status_text
 from dicomnode.config import Config, auto_receive_processes, load_config
 from dicomnode.demo import dx_from_image, free_port
 from dicomnode.pixels import load_view
-from dicomnode.records import DeliveryOutcome
+from dicomnode.queue.sqlite import SqliteJobQueue
+from dicomnode.records import DeliveryOutcome, QueueDepth, StudyState, StudyStatus
 from dicomnode.scp import Listener, read_header
-from dicomnode.state import SqliteJobQueue
 from dicomnode.storage import InstanceStore, StateLayout
 from dicomnode.worker import result_files
 from dicomnode.writers import ImageFinding, NodeIdentity, write_results
@@ -324,3 +325,36 @@ def test_serve_stops_when_the_worker_cannot_load_its_weights(tmp_path: Path) -> 
     names = [e["event"] for e in events]
     assert "worker_crashed" in names and "service_failed" in names
     assert "service_ready" not in names
+
+
+def test_status_shows_the_jobs_the_broker_redelivered() -> None:
+    """With the worker pool, ``status`` counts the jobs the broker delivered more than once and
+    names the count at each study (the site's result intake records it from each answer)."""
+    study = StudyStatus(
+        study_instance_uid="1.2.3",
+        state=StudyState.DELIVERED,
+        instance_count=2,
+        last_received_at=0.0,
+        version=1,
+        last_error=None,
+        next_attempt_at=None,
+        broker_deliveries=3,
+    )
+    once = dataclasses.replace(study, study_instance_uid="1.2.4", broker_deliveries=1)
+    report = StatusReport(
+        state_dir=Path("/state"),
+        generated_at=0.0,
+        depth=QueueDepth(0, 0, 0, 2, 0, 0, 0),
+        studies=(study, once),
+        deliveries=(),
+        broker=(BrokerQueue("dicomnode.jobs.0", 0, 0),),
+        redelivered_jobs=1,
+    )
+    text = status_text(report)
+    assert "jobs redelivered by the broker (a worker died or gave one back): 1" in text
+    lines = {line.split()[0]: line for line in text.splitlines() if line.startswith("1.2.")}
+    assert lines["1.2.3"].endswith("delivered 3 times by the broker")
+    assert "broker" not in lines["1.2.4"]
+    assert status_json(report)["broker"]["redelivered_jobs"] == 1
+    one_machine = dataclasses.replace(report, studies=(once,), broker=(), redelivered_jobs=0)
+    assert "broker" not in status_text(one_machine)

@@ -372,6 +372,8 @@ def test_studies_flow_through_the_pool_while_a_worker_dies_and_the_broker_restar
         assert not any(c["name"].startswith("worker") for c in status["checks"])
         assert broker_status["error"] is None
         assert {q["name"]: q["messages"] for q in broker_status["queues"]} == depths
+        # ... and the jobs the broker had to deliver again (the killed worker's at least)
+        assert broker_status["redelivered_jobs"] >= 1, broker_status
         # The killed worker's job was delivered again (to the other worker, or to the killed one
         # once it was back), and answered.
         takes = [e for w in (w1, w2) for e in w.events("job_taken") if e["job"] == killed_job]
@@ -396,6 +398,7 @@ def test_studies_flow_through_the_pool_while_a_worker_dies_and_the_broker_restar
                 "killed_job": killed_job,
                 "worker_kills": restarts,
                 "redeliveries": redeliveries,
+                "redelivered_jobs_in_status": broker_status["redelivered_jobs"],
                 "jobs_answered_w1": len(jobs_answered(w1)),
                 "jobs_answered_w2": len(jobs_answered(w2)),
                 "duplicate_outcomes": len(site.events("job_outcome_duplicate")),

@@ -48,8 +48,9 @@ from dicomnode.demo import (
     free_port,
     read_report,
 )
+from dicomnode.queue.sqlite import open_queue
 from dicomnode.records import DeliveryState, JobState
-from dicomnode.state import StateDB, open_queue
+from dicomnode.state import StateDB
 from dicomnode.writers.common import FRACTURE
 from dicomnode.writers.sc import MIN_SHOWN, TEXT_CARD, banner_height
 from inference.export import write_random_ensemble

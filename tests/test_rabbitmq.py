@@ -4,6 +4,7 @@ dead-letter reason, and messages that survive a broker restart."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,8 +149,9 @@ def test_a_job_whose_publication_fails_goes_back_to_the_site_queue_at_once(
     from dicomnode.config import DeliveryConfig, RetryPolicy
     from dicomnode.queue.rabbitmq import BrokerError
     from dicomnode.queue.remote import BROKER_OWNER, JobDispatcher
+    from dicomnode.queue.sqlite import SqliteJobQueue
     from dicomnode.records import JobState, StoredInstance
-    from dicomnode.state import SqliteJobQueue, StateDB
+    from dicomnode.state import StateDB
 
     s = settings(rabbit, "release")
     with StateDB(tmp_path / "state.sqlite") as db:
@@ -316,10 +318,14 @@ def test_a_job_longer_than_consumer_timeout_goes_to_another_worker_and_counts_on
             second.give_back(taken.delivery_tag)
             assert BrokerWorker(second, "fast", token, fast, scratch=tmp_path).run_once()
         with Broker(s) as site:
-            outcomes: list[str] = []
-            site.drain(s.results_queue("site-a"),
-                       lambda p, body: outcomes.append(decode_outcome(body).worker))
-            assert outcomes == ["fast"]
+            outcomes: list[tuple[str, int]] = []
+
+            def answered(properties: object, body: bytes) -> None:
+                outcome = decode_outcome(body)
+                outcomes.append((outcome.worker, outcome.deliveries))
+
+            site.drain(s.results_queue("site-a"), answered)
+            assert outcomes == [("fast", 3)]  # the answer says how often the broker delivered
     finally:
         server.stop()
         rabbit.stop()
@@ -339,8 +345,9 @@ def test_result_intake_records_one_outcome_and_drops_what_it_cannot_use(
 
     from dicomnode.config import DeliveryConfig, RetryPolicy
     from dicomnode.queue.remote import BROKER_OWNER, ResultIntake
+    from dicomnode.queue.sqlite import SqliteJobQueue
     from dicomnode.records import Destination, JobState, StoredInstance
-    from dicomnode.state import SqliteJobQueue, StateDB
+    from dicomnode.state import StateDB
 
     def result_bytes(uid: str) -> bytes:
         ds = Dataset()
@@ -378,12 +385,17 @@ def test_result_intake_records_one_outcome_and_drops_what_it_cannot_use(
         worker.publish_outcome(incomplete)
         assert intake.drain() == 3
         assert queue.job_state(1)[0] is JobState.LEASED  # waits to be published again
+        assert db.recent_studies()[0].broker_deliveries is None and db.redelivered_jobs() == 0
         worker.publish_result_file(header("1.2.9.1", good), good)
-        worker.publish_outcome(incomplete)
-        worker.publish_outcome(incomplete)  # the same job answered twice (run twice)
+        answer = dataclasses.replace(incomplete, deliveries=2)  # after a worker died with it
+        worker.publish_outcome(answer)
+        worker.publish_outcome(answer)  # the same job answered twice (run twice)
         assert intake.drain() == 3
         assert queue.job_state(1)[0] is JobState.RESULTS_WRITTEN
         assert intake.counts.duplicates == 1 and intake.counts.files == 1
+        # the broker's redelivery is recorded once, for status
+        assert intake.counts.redelivered == 1 and db.redelivered_jobs() == 1
+        assert db.recent_studies()[0].broker_deliveries == 2
         assert (tmp_path / "results" / "1.2.3" / "job-1" / "1.2.9.1.dcm").read_bytes() == good
         assert [d.destination for d in db.recent_deliveries()] == [pacs]
         assert site.drain(s.results_queue("site-a"), lambda p, b: None) == 0
@@ -397,8 +409,9 @@ def test_a_job_the_pool_gives_up_on_fails_at_its_site_with_the_reason_and_can_be
     `dicomnode retry` (JobQueue.retry) queues it again and it is published as a new attempt."""
     from dicomnode.config import DeliveryConfig, RetryPolicy
     from dicomnode.queue.remote import JobDispatcher, ResultIntake
+    from dicomnode.queue.sqlite import SqliteJobQueue
     from dicomnode.records import JobState, StoredInstance
-    from dicomnode.state import SqliteJobQueue, StateDB
+    from dicomnode.state import StateDB
 
     s = settings(rabbit, "giveup", delivery_limit=2)
     with StateDB(tmp_path / "state.sqlite") as db, Broker(s) as site, Broker(s) as worker:

@@ -33,11 +33,13 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config
 
+from dicomnode.assembly import run_assembler
 from dicomnode.config import Config, parse_config
 from dicomnode.logging import configure_logging
+from dicomnode.queue.sqlite import SqliteJobQueue
 from dicomnode.records import JobState
 from dicomnode.scp import Listener, StoreStatus, run_listener
-from dicomnode.state import SqliteJobQueue, StateDB
+from dicomnode.state import StateDB
 from dicomnode.storage import StateLayout
 from tests.conftest import DICOM_SAMPLES, STORESCU_SYNTAX
 
@@ -370,10 +372,14 @@ def test_study_is_queued_when_stable_and_requeued_by_a_late_instance(tmp_path: P
         ports.append(listener.port)
         bound.set()
 
-    thread = threading.Thread(target=run_listener, args=(config, stop, ready), daemon=True)
+    threads = [
+        threading.Thread(target=run_listener, args=(config, stop, ready), daemon=True),
+        threading.Thread(target=run_assembler, args=(config, stop), daemon=True),
+    ]
     first, late = sample("RG2_JPLL.dcm"), sample("RG2_JLSL.dcm")
     study = pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID
-    thread.start()
+    for thread in threads:
+        thread.start()
     try:
         assert bound.wait(timeout=30)
         (port,) = ports
@@ -393,5 +399,6 @@ def test_study_is_queued_when_stable_and_requeued_by_a_late_instance(tmp_path: P
             assert (again.study_instance_uid, again.version, len(again.instances)) == (study, 2, 2)
     finally:
         stop.set()
-        thread.join(timeout=30)
-    assert not thread.is_alive()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads)

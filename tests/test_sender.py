@@ -16,6 +16,7 @@ from dicomnode import scu
 from dicomnode.config import Config, parse_config
 from dicomnode.demo import StoreScpPacs, dx_from_image, free_port
 from dicomnode.pixels import load_view
+from dicomnode.queue.sqlite import SqliteJobQueue
 from dicomnode.records import (
     DeliveryOutcome,
     DeliveryState,
@@ -25,7 +26,6 @@ from dicomnode.records import (
 )
 from dicomnode.scp import read_header
 from dicomnode.sender import DeliveryLoop, batch_outcome, delivery_loop
-from dicomnode.state import SqliteJobQueue
 from dicomnode.storage import InstanceStore, StateLayout
 from dicomnode.worker import result_files
 from dicomnode.writers import ImageFinding, NodeIdentity, write_results

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from dicomnode.config import DeliveryConfig, RetryPolicy, parse_config
+from dicomnode.queue.protocol import LeaseLostError
+from dicomnode.queue.sqlite import SqliteJobQueue, open_queue
 from dicomnode.records import (
     DeliveryOutcome,
     DeliveryState,
@@ -26,7 +28,7 @@ from dicomnode.records import (
     StoredInstance,
     StudyState,
 )
-from dicomnode.state import SCHEMA_VERSION, LeaseLostError, SqliteJobQueue, StateDB, open_queue
+from dicomnode.state import SCHEMA_VERSION, StateDB
 from dicomnode.storage import InstanceStore, StateLayout, StoreOutcome, move_durably
 
 T0 = 1_800_000_000.0
@@ -293,16 +295,18 @@ def test_a_version_1_state_database_is_upgraded_in_place(db_path: Path) -> None:
         queue = make_queue(db)
         db.record_instance(instance("1.2.3.4.1"), now=T0)
         queue.enqueue_stable_studies(now=T0 + STABLE)
-    # the layout of version 1: the same tables without jobs.not_before (2) and jobs.note (3)
+    # the layout of version 1: the same tables without jobs.not_before (2), jobs.note (3) and
+    # jobs.broker_deliveries (4)
     with sqlite3.connect(db_path) as conn:
-        conn.execute("ALTER TABLE jobs DROP COLUMN not_before")
-        conn.execute("ALTER TABLE jobs DROP COLUMN note")
+        for column in ("not_before", "note", "broker_deliveries"):
+            conn.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
         conn.execute("PRAGMA user_version = 1")
     conn.close()
     with StateDB(db_path) as db:
-        assert db.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 3
+        assert db.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 4
         columns = [row["name"] for row in db.query("PRAGMA table_info(jobs)")]
-        assert {"not_before", "note"} <= set(columns)
+        assert {"not_before", "note", "broker_deliveries"} <= set(columns)
+        assert db.redelivered_jobs() == 0
         assert db.recent_studies()[0].state is StudyState.QUEUED
         job = make_queue(db).lease("w1", now=T0 + STABLE)
         assert job is not None and job.instances[0].sop_instance_uid == "1.2.3.4.1"

@@ -19,9 +19,10 @@ from pydicom.uid import generate_uid
 from dicomnode.config import Config, OutputsConfig, parse_config
 from dicomnode.demo import dx_from_image
 from dicomnode.pixels import View
+from dicomnode.queue.protocol import LeaseLostError
+from dicomnode.queue.sqlite import SqliteJobQueue
 from dicomnode.records import JobState, StudyJob
 from dicomnode.scp import read_header
-from dicomnode.state import LeaseLostError, SqliteJobQueue
 from dicomnode.storage import InstanceStore, StateLayout
 from dicomnode.uids import ResultKind, SourceIdentity, report_uid
 from dicomnode.worker import (

@@ -101,6 +101,9 @@ class OutcomeMessage:
     note: str | None = None
     reason: str | None = None
     worker: str = ""
+    deliveries: int = 1
+    """How often the broker had delivered the job to the pool when this answer was made (its
+    quorum queue's delivery count + 1)."""
     format: int = FORMAT
 
 

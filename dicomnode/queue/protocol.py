@@ -1,7 +1,7 @@
 """The queue protocol every role uses (listener: study assembly; worker; sender; the site's
 dispatcher and result intake), whatever the backend.
 
-Backends: :class:`dicomnode.state.SqliteJobQueue` (one machine, and each site's own queue in
+Backends: :class:`dicomnode.queue.sqlite.SqliteJobQueue` (one machine, and each site's own queue in
 a multi-host deployment) and the broker path (:mod:`dicomnode.queue.rabbitmq`,
 :mod:`dicomnode.queue.remote`), in which the site's SQLite queue leases ready jobs to the
 worker pool through RabbitMQ and records the pool's answers through this same protocol.
@@ -58,6 +58,11 @@ class JobQueue(Protocol):
     def release(self, job: StudyJob, now: float | None = None) -> bool:
         """Return a held job to the queue without counting its attempt (it never ran: e.g. the
         broker did not confirm its publication); True if it was still held."""
+        ...
+
+    def record_broker_deliveries(self, job: StudyJob, deliveries: int) -> None:
+        """Record how often the broker delivered ``job`` to the worker pool before its answer
+        (the site's result intake; 1: once, more: redelivered), shown by ``status``."""
         ...
 
     def renew(self, job: StudyJob, now: float | None = None) -> StudyJob:

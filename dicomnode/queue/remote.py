@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pydicom
@@ -155,6 +155,7 @@ class IntakeCounts:
     outcomes: int = 0
     duplicates: int = 0
     dead: int = 0
+    redelivered: int = 0
 
 
 @dataclass
@@ -229,6 +230,7 @@ class ResultIntake:
             log.info("job_outcome_duplicate", job_id=outcome.job_id, worker=outcome.worker)
             return
         if outcome.outcome == "failed":
+            self._record_deliveries(job, outcome)
             self.queue.fail(job, outcome.reason or "failed in the worker pool", retryable=False)
             metrics.pool_answer("failed")
             log.warning(
@@ -255,11 +257,20 @@ class ResultIntake:
                 hint="the job is published again after queue.dispatch_seconds",
             )
             return
+        self._record_deliveries(job, outcome)
         self.queue.complete(job, results, self.destinations if results else (), note=outcome.note)
         metrics.pool_answer("results")
         log.info(
             "job_results_written", job_id=job.job_id, results=len(results), worker=outcome.worker
         )
+
+    def _record_deliveries(self, job: StudyJob, outcome: OutcomeMessage) -> None:
+        """Record with the job how often the broker delivered it before this answer."""
+        deliveries = outcome.deliveries if isinstance(outcome.deliveries, int) else 1
+        self.queue.record_broker_deliveries(job, max(1, deliveries))
+        if deliveries > 1:
+            self.counts.redelivered += 1
+            metrics.pool_redelivered()
 
     def _dead(self, properties: BasicProperties, body: bytes) -> None:
         try:
@@ -331,7 +342,7 @@ class BrokerWorker:
                 return
             for header, path in outcome[1]:
                 self.broker.publish_result_file(header, path.read_bytes())
-            self.broker.publish_outcome(outcome[0])
+            self.broker.publish_outcome(replace(outcome[0], deliveries=received.deliveries))
             self.broker.ack(received.delivery_tag)
             bound.info("job_answered", outcome=outcome[0].outcome, files=len(outcome[1]))
         finally:

@@ -42,9 +42,9 @@ from dicomnode.queue.remote import (
     Processed,
     ResultIntake,
 )
+from dicomnode.queue.sqlite import open_queue
 from dicomnode.queue.transfer import InstanceServer, ServerTls, read_token
 from dicomnode.records import EventLike, StudyJob
-from dicomnode.state import open_queue
 from dicomnode.storage import StateLayout
 
 log = get_logger(__name__)

@@ -60,9 +60,9 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dicomnode.config import load_config
 from dicomnode.demo import free_port
 from dicomnode.logging import configure_logging
+from dicomnode.queue.sqlite import SqliteJobQueue
 from dicomnode.records import JobState, StudyJob
 from dicomnode.scp import CR_DX_SOP_CLASSES, TRANSFER_SYNTAXES
-from dicomnode.state import SqliteJobQueue
 from dicomnode.storage import StateLayout
 from dicomnode.worker import StudyOutcome, Worker, failure_reason, skipped_note
 from inference.ensemble import Ensemble
