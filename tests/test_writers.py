@@ -52,6 +52,7 @@ from dicomnode.writers.common import (
 from dicomnode.writers.sc import banner_height, dashed_segments
 from inference.records import AlgorithmInfo, Box, Decision, ImageResult, Thresholds
 from inference.regions import region_by_key
+from tests.dciodvfy_rules import INVALID_VALUES_SUMMARY, katakana_in_iso_ir_13
 
 SAMPLES = Path(__file__).resolve().parents[1].parent / "shared" / "dicom-samples"
 DCIODVFY = Path("/usr/bin/dciodvfy")
@@ -103,10 +104,15 @@ def _variant(tmp_path: Path, name: str, **attributes: str) -> View:
     return load_view(path)
 
 
+def _dciodvfy_lines(path: Path) -> list[str]:
+    run = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True,
+                         errors="replace", timeout=60)
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+
+
 def _dciodvfy(path: Path, accepted: tuple[str, ...] = (ACCEPTED_WARNING,)) -> list[str]:
     """dciodvfy's messages; asserts there is no error and no warning beyond ``accepted``."""
-    run = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True, timeout=60)
-    lines = [line for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+    lines = _dciodvfy_lines(path)
     errors = [line for line in lines if line.startswith("Error")]
     warnings = [line for line in lines if line.startswith("Warning")]
     assert errors == [], f"{path.name}: {errors}"
@@ -461,6 +467,56 @@ def test_non_ascii_patient_names_round_trip(charset: str, name: str, tmp_path: P
         assert ds.SpecificCharacterSet == charset
         assert str(ds.PatientName) == name
     assert str(hd.sr.srread(written.report.path).PatientName) == name
+
+
+KATAKANA_ID = "ﾈｯﾀﾚ"  # half-width katakana: bytes C8 AF C0 DA in JIS X 0201
+
+
+def _repertoire_errors(path: Path) -> list[str]:
+    return [line for line in _dciodvfy_lines(path) if "character repertoire" in line]
+
+
+def test_dciodvfy_refuses_katakana_in_iso_ir_13_only_and_the_rule_names_exactly_that(
+    tmp_path: Path,
+) -> None:
+    """The rule the fuzz harness uses for fuzz case 20261207:1647, checked on clean files: the
+    same characters are refused in ISO_IR 13 (where PS3.3 Table C.12-2 puts them in G1) and
+    accepted with code extensions, so the refusal is dciodvfy's limit, not the object's."""
+    _variant(tmp_path, "plain", SpecificCharacterSet="ISO_IR 13", PatientID=KATAKANA_ID)
+    assert pydicom.dcmread(tmp_path / "plain.dcm").PatientID == KATAKANA_ID
+    refused = _repertoire_errors(tmp_path / "plain.dcm")
+    assert refused and all(katakana_in_iso_ir_13(e, ["ISO_IR 13"]) for e in refused)
+    _variant(tmp_path, "extended", SpecificCharacterSet=["", "ISO 2022 IR 13"],
+             PatientID=KATAKANA_ID)
+    assert _repertoire_errors(tmp_path / "extended.dcm") == []
+    # the rule takes nothing else: another character set, or a byte outside the katakana range
+    assert not any(katakana_in_iso_ir_13(e, ["ISO_IR 100"]) for e in refused)
+    assert not katakana_in_iso_ir_13(refused[0].replace("(0xc8)", "(0x80)"), ["ISO_IR 13"])
+
+
+def test_results_keep_the_patient_id_bytes_of_an_iso_ir_13_source(tmp_path: Path) -> None:
+    """Fuzz case 20261207:1647: results of a source in ISO_IR 13 with a katakana Patient ID
+    declare ISO_IR 13 and keep the ID's bytes (the PACS matches the patient on them); dciodvfy
+    finds nothing else in them."""
+    view = _variant(tmp_path, "kana", SpecificCharacterSet="ISO_IR 13", PatientID=KATAKANA_ID)
+    written = _write(tmp_path, [ImageFinding(view, ONE_BOX, THORAX)])
+    source_bytes = _raw_patient_id(tmp_path / "kana.dcm")
+    assert source_bytes == bytes.fromhex("c8afc0da")
+    for item in written.all:
+        assert _raw_patient_id(item.path) == source_bytes
+        ds = pydicom.dcmread(item.path)
+        assert ds.SpecificCharacterSet == "ISO_IR 13"
+        assert ds.PatientID == KATAKANA_ID
+        errors = [line for line in _dciodvfy_lines(item.path) if line.startswith("Error")]
+        limits = [e for e in errors if katakana_in_iso_ir_13(e, ["ISO_IR 13"])]
+        assert limits, "the katakana bytes are no longer refused: drop the rule"
+        assert set(errors) - set(limits) <= {INVALID_VALUES_SUMMARY}, errors
+
+
+def _raw_patient_id(path: Path) -> bytes:
+    raw = pydicom.dcmread(path, stop_before_pixels=True).get_item(0x00100020)
+    assert raw is not None and isinstance(raw.value, bytes)
+    return raw.value.rstrip(b" ")
 
 
 def test_bad_input_is_refused(dx: View, tmp_path: Path) -> None:

@@ -66,6 +66,7 @@ from dicomnode.scp import CR_DX_SOP_CLASSES, TRANSFER_SYNTAXES
 from dicomnode.storage import StateLayout
 from dicomnode.worker import StudyOutcome, Worker, failure_reason, skipped_note
 from inference.ensemble import Ensemble
+from tests.dciodvfy_rules import INVALID_VALUES_SUMMARY, katakana_in_iso_ir_13
 from tests.faults.fuzz_corpus import Base, build_bases
 from tests.faults.fuzz_files import FileCase, build_file, draw_file_case
 from tests.faults.fuzz_pdus import PduCase, Reply, draw_pdu_case, exchange, request_bytes
@@ -149,6 +150,7 @@ class Tally:
     not_analysed: Counter[str] = field(default_factory=Counter)
     objects_validated: int = 0
     source_uid_findings: int = 0
+    dciodvfy_limit_findings: int = 0
     defects: list[dict[str, Any]] = field(default_factory=list)
     seconds: Counter[str] = field(default_factory=Counter)
 
@@ -180,6 +182,7 @@ class Tally:
             "instances_not_analysed": dict(sorted(self.not_analysed.items())),
             "objects_validated": self.objects_validated,
             "dciodvfy_source_uid_findings": self.source_uid_findings,
+            "dciodvfy_limit_findings": self.dciodvfy_limit_findings,
             "dciodvfy_errors": kinds["dciodvfy"],
             "defects": len(self.defects),
             "defects_by_kind": dict(sorted(kinds.items())),
@@ -387,6 +390,10 @@ class WorkerSide:
                       if line.startswith("Error")]
             accepted = [e for e in errors if names_source_uid(e, sources)]
             self.tally.source_uid_findings += len(accepted)
+            charset = character_set(result.path)
+            limits = [e for e in errors if katakana_in_iso_ir_13(e, charset)]
+            self.tally.dciodvfy_limit_findings += len(limits)
+            accepted += limits
             errors = [e for e in errors if e not in accepted]
             if accepted and all(e == INVALID_VALUES_SUMMARY for e in errors):
                 errors = []  # dciodvfy's summary line of the accepted findings alone
@@ -398,10 +405,14 @@ class WorkerSide:
         self.db.close()
 
 
-#: dciodvfy's summary line after any "Value invalid" error.
-INVALID_VALUES_SUMMARY = (
-    "Error - Dicom dataset contains invalid data values for Value Representations"
-)
+def character_set(path: Path) -> list[str]:
+    """The Specific Character Set terms a written object declares."""
+    value = pydicom.dcmread(path, stop_before_pixels=True,
+                            specific_tags=["SpecificCharacterSet"]).get("SpecificCharacterSet")
+    if value is None:
+        return []
+    return [str(term) for term in value] if isinstance(value, list | pydicom.multival.MultiValue) \
+        else [str(value)]
 
 
 def source_uids(job: StudyJob) -> set[str]:
