@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dicomnode.config import DeliveryConfig, RetryPolicy
 from dicomnode.queue.messages import (
     InstanceRef,
     JobMessage,
@@ -22,6 +23,9 @@ from dicomnode.queue.messages import (
     encode,
 )
 from dicomnode.queue.rabbitmq import Broker, BrokerSettings, death_reason
+from dicomnode.queue.sqlite import SqliteJobQueue
+from dicomnode.records import StoredInstance
+from dicomnode.state import StateDB
 
 from .brokers import SERVER, RabbitMQ
 
@@ -45,6 +49,17 @@ def job(job_id: int, priority: int = 1, site: str = "site-a") -> JobMessage:
     instance = InstanceRef("1.2.3.4", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3", "1.2.840.10008.1.2.1",
                            1234, "ab" * 32, "https://site-a:8443/instances/1.2.3.4")
     return JobMessage(site, job_id, 1, "1.2.3", 1, priority, (instance,), ())
+
+
+def site_queue(db: StateDB, tmp_path: Path, max_attempts: int = 3) -> SqliteJobQueue:
+    """A site's SQLite queue on ``db`` with one study of one instance queued (job 1)."""
+    queue = SqliteJobQueue(db, stable_seconds=1, lease_seconds=3600, max_attempts=max_attempts,
+                           delivery=DeliveryConfig(1, 2, 60, 10), job_retry=RetryPolicy(1, 2))
+    db.record_instance(StoredInstance("1.2.3.4", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3",
+                                      "1.2.3.9", "1.2.840.10008.1.2.1", tmp_path / "x.dcm",
+                                      10, "ab" * 32, "MODALITY"), now=0)
+    queue.enqueue_stable_studies(now=100)
+    return queue
 
 
 def test_messages_round_trip_and_refuse_what_they_do_not_know() -> None:
@@ -146,21 +161,13 @@ def test_a_job_whose_publication_fails_goes_back_to_the_site_queue_at_once(
 ) -> None:
     """The dispatcher leases a job, then the broker connection is gone: the publish raises and
     the job is queued again at once (not after dispatch_seconds), its attempt not counted."""
-    from dicomnode.config import DeliveryConfig, RetryPolicy
     from dicomnode.queue.rabbitmq import BrokerError
     from dicomnode.queue.remote import BROKER_OWNER, JobDispatcher
-    from dicomnode.queue.sqlite import SqliteJobQueue
-    from dicomnode.records import JobState, StoredInstance
-    from dicomnode.state import StateDB
+    from dicomnode.records import JobState
 
     s = settings(rabbit, "release")
     with StateDB(tmp_path / "state.sqlite") as db:
-        queue = SqliteJobQueue(db, stable_seconds=1, lease_seconds=3600, max_attempts=1,
-                               delivery=DeliveryConfig(1, 2, 60, 10), job_retry=RetryPolicy(1, 2))
-        db.record_instance(StoredInstance("1.2.3.4", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3",
-                                          "1.2.3.9", "1.2.840.10008.1.2.1", tmp_path / "x.dcm",
-                                          10, "ab" * 32, "MODALITY"), now=0)
-        queue.enqueue_stable_studies(now=100)
+        queue = site_queue(db, tmp_path, max_attempts=1)
         broker = Broker(s)
         broker.declare_site("site-a")
         dispatcher = JobDispatcher("site-a", queue, broker, "http://site-a:8080")
@@ -190,7 +197,7 @@ def test_priority_rules_send_emergency_studies_to_the_most_urgent_level(
     from dicomnode.config import BrokerConfig, PriorityRuleConfig
     from dicomnode.queue.remote import JobDispatcher
     from dicomnode.queue.roles import priority_rules
-    from dicomnode.records import StoredInstance, StudyJob
+    from dicomnode.records import StudyJob
 
     def stored(n: int, calling_ae: str, station: str) -> StoredInstance:
         ds = Dataset()
@@ -283,7 +290,7 @@ def test_a_job_longer_than_consumer_timeout_goes_to_another_worker_and_counts_on
     from dicomnode.queue.rabbitmq import BrokerError
     from dicomnode.queue.remote import BrokerWorker, Processed
     from dicomnode.queue.transfer import InstanceServer
-    from dicomnode.records import StoredInstance, StudyJob
+    from dicomnode.records import StudyJob
 
     data = b"DICM" * 64
     path = tmp_path / "instance.dcm"
@@ -343,11 +350,8 @@ def test_result_intake_records_one_outcome_and_drops_what_it_cannot_use(
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
 
-    from dicomnode.config import DeliveryConfig, RetryPolicy
     from dicomnode.queue.remote import BROKER_OWNER, ResultIntake
-    from dicomnode.queue.sqlite import SqliteJobQueue
-    from dicomnode.records import Destination, JobState, StoredInstance
-    from dicomnode.state import StateDB
+    from dicomnode.records import Destination, JobState
 
     def result_bytes(uid: str) -> bytes:
         ds = Dataset()
@@ -367,12 +371,7 @@ def test_result_intake_records_one_outcome_and_drops_what_it_cannot_use(
     s = settings(rabbit, "intake")
     pacs = Destination("PACS", "127.0.0.1", 104)
     with StateDB(tmp_path / "state.sqlite") as db, Broker(s) as site, Broker(s) as worker:
-        queue = SqliteJobQueue(db, stable_seconds=1, lease_seconds=3600, max_attempts=3,
-                               delivery=DeliveryConfig(1, 2, 60, 10), job_retry=RetryPolicy(1, 2))
-        db.record_instance(StoredInstance("1.2.3.4", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3",
-                                          "1.2.3.9", "1.2.840.10008.1.2.1", tmp_path / "x.dcm",
-                                          10, "ab" * 32, "MODALITY"), now=0)
-        queue.enqueue_stable_studies(now=100)
+        queue = site_queue(db, tmp_path, max_attempts=3)
         job_ = queue.lease(BROKER_OWNER)
         assert job_ is not None and job_.job_id == 1
         site.declare_site("site-a")
@@ -407,20 +406,12 @@ def test_a_job_the_pool_gives_up_on_fails_at_its_site_with_the_reason_and_can_be
     """Dispatcher, broker and intake together: a job given back at every delivery is
     dead-lettered at the delivery limit; the site marks it failed with the broker's reason;
     `dicomnode retry` (JobQueue.retry) queues it again and it is published as a new attempt."""
-    from dicomnode.config import DeliveryConfig, RetryPolicy
     from dicomnode.queue.remote import JobDispatcher, ResultIntake
-    from dicomnode.queue.sqlite import SqliteJobQueue
-    from dicomnode.records import JobState, StoredInstance
-    from dicomnode.state import StateDB
+    from dicomnode.records import JobState
 
     s = settings(rabbit, "giveup", delivery_limit=2)
     with StateDB(tmp_path / "state.sqlite") as db, Broker(s) as site, Broker(s) as worker:
-        queue = SqliteJobQueue(db, stable_seconds=1, lease_seconds=3600, max_attempts=3,
-                               delivery=DeliveryConfig(1, 2, 60, 10), job_retry=RetryPolicy(1, 2))
-        db.record_instance(StoredInstance("1.2.3.4", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3",
-                                          "1.2.3.9", "1.2.840.10008.1.2.1", tmp_path / "x.dcm",
-                                          10, "ab" * 32, "MODALITY"), now=0)
-        queue.enqueue_stable_studies(now=100)
+        queue = site_queue(db, tmp_path, max_attempts=3)
         site.declare_site("site-a")
         dispatcher = JobDispatcher("site-a", queue, site, "http://site-a:8080")
         intake = ResultIntake("site-a", queue, site, tmp_path / "results", [])

@@ -122,6 +122,49 @@ def start_instance_server(config: Config) -> InstanceServer:
     return server.start()
 
 
+def keep_connected(
+    settings: BrokerSettings,
+    role: str,
+    stop: EventLike,
+    declare: Callable[[Broker], None],
+    begin: Callable[[Broker], Callable[[], bool]],
+    idle_seconds: float,
+    heartbeat: Callable[[], None] | None = None,
+    errors: tuple[type[Exception], ...] = (BrokerError, AMQPError),
+) -> None:
+    """A broker role's loop until ``stop`` is set: connect, ``declare`` what the role needs,
+    ``begin`` its work on the connection (a step: True when it did something), and run the step
+    again and again, keeping the connection alive for ``idle_seconds`` after an idle one.
+    Whenever the broker goes away (``errors``), connect again after a back-off that grows with
+    each failure in a row (:func:`reconnect_wait`)."""
+    failures = 0
+    while not stop.is_set():
+        if heartbeat is not None:
+            heartbeat()
+        try:
+            with connected(settings) as broker:
+                declare(broker)
+                if failures:
+                    log.info("broker_connected", after_failures=failures)
+                failures = 0
+                step = begin(broker)
+                while not stop.is_set():
+                    if heartbeat is not None:
+                        heartbeat()
+                    if not step():
+                        broker.keep_alive(idle_seconds)
+        except errors as exc:
+            failures += 1
+            wait = reconnect_wait(failures)
+            log.warning(
+                "broker_unavailable",
+                role=role,
+                error=f"{type(exc).__name__}: {exc}",
+                retry_in_seconds=wait,
+            )
+            stop.wait(wait)
+
+
 def run_site_broker(
     config: Config, stop: EventLike, heartbeat: Callable[[], None] | None = None
 ) -> None:
@@ -131,61 +174,36 @@ def run_site_broker(
     site = broker_cfg.site
     instances = broker_cfg.instances
     assert site is not None and instances is not None
-    settings = broker_settings(broker_cfg)
     layout = StateLayout(config.node.state_dir)
     server = start_instance_server(config)
-    failures = 0
     try:
         with layout.open_db() as db:
             queue = open_queue(db, config)
-            while not stop.is_set():
-                if heartbeat is not None:
-                    heartbeat()
-                try:
-                    with connected(settings) as broker:
-                        broker.declare_site(site)
-                        if failures:
-                            log.info("broker_connected", after_failures=failures)
-                        failures = 0
-                        dispatcher = JobDispatcher(
-                            site,
-                            queue,
-                            broker,
-                            instances.url,
-                            priority_rules(broker_cfg),
-                            broker_cfg.default_priority,
-                        )
-                        intake = ResultIntake(
-                            site, queue, broker, layout.results_dir, config.destinations
-                        )
-                        _site_loop(dispatcher, intake, broker, stop, heartbeat)
-                except (BrokerError, AMQPError, MessageError, sqlite3.Error) as exc:
-                    failures += 1
-                    wait = reconnect_wait(failures)
-                    log.warning(
-                        "broker_unavailable",
-                        role="site",
-                        error=f"{type(exc).__name__}: {exc}",
-                        retry_in_seconds=wait,
-                    )
-                    stop.wait(wait)
+
+            def begin(broker: Broker) -> Callable[[], bool]:
+                dispatcher = JobDispatcher(
+                    site,
+                    queue,
+                    broker,
+                    instances.url,
+                    priority_rules(broker_cfg),
+                    broker_cfg.default_priority,
+                )
+                intake = ResultIntake(site, queue, broker, layout.results_dir, config.destinations)
+                return lambda: bool(intake.drain() + dispatcher.dispatch_ready())
+
+            keep_connected(
+                broker_settings(broker_cfg),
+                "site",
+                stop,
+                lambda broker: broker.declare_site(site),
+                begin,
+                SITE_POLL_SECONDS,
+                heartbeat,
+                errors=(BrokerError, AMQPError, MessageError, sqlite3.Error),
+            )
     finally:
         server.stop()
-
-
-def _site_loop(
-    dispatcher: JobDispatcher,
-    intake: ResultIntake,
-    broker: Broker,
-    stop: EventLike,
-    heartbeat: Callable[[], None] | None,
-) -> None:
-    while not stop.is_set():
-        if heartbeat is not None:
-            heartbeat()
-        busy = intake.drain() + dispatcher.dispatch_ready()
-        if not busy:
-            broker.keep_alive(SITE_POLL_SECONDS)
 
 
 def worker_name() -> str:
@@ -246,39 +264,20 @@ def run_pool_worker(
     log.info("worker_started", owner=name, backend="rabbitmq", device=device)
     if ready is not None:
         ready()
-    failures = 0
-    while not stop.is_set():
-        if heartbeat is not None:
-            heartbeat()
-        try:
-            with connected(settings) as broker:
-                broker.declare_pool()
-                if failures:
-                    log.info("broker_connected", after_failures=failures)
-                failures = 0
-                worker = BrokerWorker(
-                    broker,
-                    name,
-                    token,
-                    process,
-                    ca_certificates=broker_cfg.ca_certificates,
-                    scratch=scratch,
-                )
-                while not stop.is_set():
-                    if heartbeat is not None:
-                        heartbeat()
-                    if not worker.run_once():
-                        broker.keep_alive(worker.idle_seconds)
-        except (BrokerError, AMQPError) as exc:
-            failures += 1
-            wait = reconnect_wait(failures)
-            log.warning(
-                "broker_unavailable",
-                role="worker",
-                error=f"{type(exc).__name__}: {exc}",
-                retry_in_seconds=wait,
-            )
-            stop.wait(wait)
+
+    def begin(broker: Broker) -> Callable[[], bool]:
+        worker = BrokerWorker(
+            broker,
+            name,
+            token,
+            process,
+            ca_certificates=broker_cfg.ca_certificates,
+            scratch=scratch,
+        )
+        return worker.run_once
+
+    idle = BrokerWorker.idle_seconds
+    keep_connected(settings, "worker", stop, Broker.declare_pool, begin, idle, heartbeat)
     log.info("worker_stopped", owner=name)
 
 

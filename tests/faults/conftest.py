@@ -84,14 +84,16 @@ def dataset_sha256(path: Path) -> str:
         return hashlib.sha256(handle.read()).hexdigest()
 
 
-def scu(*, storage: bool = True, syntaxes: Sequence[str] = SEND_AS_STORED) -> AE:
+def scu(
+    *, storage: bool = True, syntaxes: Sequence[str] = SEND_AS_STORED, timeout: float = 30
+) -> AE:
     """A pynetdicom modality AE proposing Verification and (optionally) the storage classes.
 
     ``syntaxes``: the transfer syntaxes proposed for every storage class, preferred first. The
     default proposes Explicit VR Little Endian first, so files stored so are sent as they are
     (with Implicit VR first, pynetdicom re-encodes them)."""
     ae = AE(ae_title=MODALITY)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(Verification)
     if storage:
         for context in StoragePresentationContexts[:127]:
@@ -100,9 +102,10 @@ def scu(*, storage: bool = True, syntaxes: Sequence[str] = SEND_AS_STORED) -> AE
     return ae
 
 
-def echo_ok(port: int) -> bool:
-    """True if the node at ``port`` answers C-ECHO with success."""
-    ae = scu(storage=False)
+def echo_ok(port: int, timeout: float = 30) -> bool:
+    """True if the node at ``port`` answers C-ECHO with success (within ``timeout`` seconds for
+    each step of the exchange)."""
+    ae = scu(storage=False, timeout=timeout)
     assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
     try:
         if not assoc.is_established:

@@ -67,6 +67,7 @@ from dicomnode.storage import StateLayout
 from dicomnode.worker import StudyOutcome, Worker, failure_reason, skipped_note
 from inference.ensemble import Ensemble
 from tests.dciodvfy_rules import INVALID_VALUES_SUMMARY, katakana_in_iso_ir_13
+from tests.faults.conftest import echo_ok
 from tests.faults.fuzz_corpus import Base, build_bases
 from tests.faults.fuzz_files import FileCase, build_file, draw_file_case
 from tests.faults.fuzz_pdus import PduCase, Reply, draw_pdu_case, exchange, request_bytes
@@ -248,22 +249,6 @@ class FileSender:
         if self.assoc is not None and self.assoc.is_established:
             self.assoc.release()
         self.ae.shutdown()
-
-
-def echo_works(port: int) -> bool:
-    ae = AE(ae_title="FUZZ_ECHO")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
-    try:
-        if not assoc.is_established:
-            return False
-        status = assoc.send_c_echo()
-        return bool(status) and int(status.Status) == 0
-    finally:
-        if assoc.is_established:
-            assoc.release()
-        ae.shutdown()
 
 
 PDU_ANSWERS_OK = ("RJ", "ABORT", "RELEASE-RP", "status ")
@@ -592,7 +577,7 @@ class FuzzRun:
             self.tally.liveness_failures += 1
             self.tally.defect("listener_died", names[:1] + names[-1:], "the listener exited")
             raise RuntimeError("the listener died; cases of the batch: " + ", ".join(names))
-        if not echo_works(port):
+        if not echo_ok(port, timeout=10):
             self.tally.liveness_failures += 1
             self.tally.defect("listener_error", names[:1] + names[-1:], "C-ECHO failed")
 
