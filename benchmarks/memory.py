@@ -4,6 +4,7 @@
     python benchmarks/memory.py --long-side 2560         # the views resized to DX size first
     python benchmarks/memory.py --ensemble paper --views 1 3 --fixed 1   # random paper weights
     python benchmarks/memory.py --members                # what ACTIVATION_FACTOR rests on
+    python benchmarks/memory.py --device cuda --identity # chunks against one batch on a GPU
 
 Every case runs in a fresh process (this script with ``--case``): it loads the ensemble and the
 study's images (distinct FracAtlas radiographs as float32 in [0, 1], as the worker decodes
@@ -105,6 +106,8 @@ def run_study_case(case: dict[str, Any]) -> dict[str, Any]:
     chunk = ensemble.batch_size(len(images), max_batch)
     reset_peak(ensemble.device)
     baseline = status_mib("VmRSS")
+    cuda = ensemble.device.type == "cuda"
+    cuda_before = torch.cuda.memory_allocated() / MIB if cuda else 0.0
     t0 = time.perf_counter()
     ensemble.analyse(images, regions, max_batch=max_batch)
     seconds = time.perf_counter() - t0
@@ -118,8 +121,10 @@ def run_study_case(case: dict[str, Any]) -> dict[str, Any]:
         "available_mib": available_bytes(ensemble.device) / MIB,
         "speed": ensemble.speed.describe(),
     }
-    if ensemble.device.type == "cuda":
+    if cuda:  # allocated: tensors (weights included); reserved: the caching allocator's hold
+        result["cuda_before_mib"] = cuda_before
         result["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / MIB
+        result["cuda_reserved_peak_mib"] = torch.cuda.max_memory_reserved() / MIB
     return result
 
 
@@ -215,7 +220,12 @@ def studies(args: argparse.Namespace, weights: Path) -> None:
                 f"{r['seconds'] / views:.2f}",
             ]
             if "cuda_peak_mib" in r:
-                row.append(f"{r['cuda_peak_mib']:.0f}")
+                row += [
+                    f"{r['cuda_before_mib']:.0f}",
+                    f"{r['cuda_peak_mib']:.0f}",
+                    f"{r['cuda_peak_mib'] - r['cuda_before_mib']:.0f}",
+                    f"{r['cuda_reserved_peak_mib']:.0f}",
+                ]
             rows.append(row)
             print("| " + " | ".join(str(c) for c in row) + " |", file=sys.stderr, flush=True)
     print(f"# speed: {r['speed']}; auto's estimate per image: {r['estimate_mib']:.0f} MiB; "
@@ -233,8 +243,43 @@ def studies(args: argparse.Namespace, weights: Path) -> None:
         "s / view",
     ]
     if rows and len(rows[-1]) > len(header):
-        header.append("CUDA peak allocated MiB")
+        header += [
+            "CUDA before MiB",
+            "CUDA peak allocated MiB",
+            "CUDA peak - before MiB",
+            "CUDA peak reserved MiB",
+        ]
     print_table(header, rows)
+
+
+def identity(args: argparse.Namespace, weights: Path) -> None:
+    """Chunked analysis against one batch on the chosen device and precision: the largest score
+    difference over the study's views and how many decisions and box counts agree."""
+    ensemble = Ensemble.load(weights, args.device, precision=args.precision)
+    rows = []
+    for views in args.views:
+        images = study_images(args.data, views, args.long_side)
+        regions: list[str | None] = ["wrist"] * views
+        one_batch, _ = ensemble.analyse(images, regions, max_batch=views)
+        for max_batch in (None, args.fixed, 1):
+            if max_batch is not None and max_batch >= views:
+                continue
+            chunked, _ = ensemble.analyse(images, regions, max_batch=max_batch)
+            pairs = list(zip(chunked, one_batch, strict=True))
+            rows.append([
+                views,
+                "auto" if max_batch is None else max_batch,
+                ensemble.batch_size(views, max_batch),
+                f"{max(abs(a.score - b.score) for a, b in pairs):.1e}",
+                f"{sum(a.decision == b.decision for a, b in pairs)}/{views}",
+                f"{sum(len(a.boxes) == len(b.boxes) for a, b in pairs)}/{views}",
+            ])
+    print(f"# speed: {ensemble.speed.describe()}\n")
+    print_table(
+        ["views", "max_batch", "chunk", "max |score difference| to one batch",
+         "same decision", "same box count"],
+        rows,
+    )
 
 
 def members(args: argparse.Namespace) -> None:
@@ -294,6 +339,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ensemble", choices=("shipped", "paper", "both"), default="shipped")
     parser.add_argument("--views", type=int, nargs="+", default=[1, 3, 20, 60])
     parser.add_argument("--fixed", type=int, default=2, help="the small fixed max_batch")
+    parser.add_argument("--identity", action="store_true",
+                        help="compare chunked results with one batch instead of measuring memory")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     parser.add_argument("--data", type=Path, default=DATA, help="a FracAtlas folder")
@@ -331,11 +378,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.members:
         members(args)
         return
+    run = identity if args.identity else studies
     if args.ensemble == "paper":
         with tempfile.TemporaryDirectory(prefix="paper-weights-") as folder:
-            studies(args, paper_weights(Path(folder)))
+            run(args, paper_weights(Path(folder)))
     else:
-        studies(args, WEIGHTS)
+        run(args, WEIGHTS)
 
 
 if __name__ == "__main__":

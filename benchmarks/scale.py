@@ -53,9 +53,12 @@ from dicomnode.demo import StoreScpPacs, free_port  # noqa: E402
 
 NODE_AE = "FRACTURE_AI"
 TOKEN = "scale-benchmark-instance-token-0123456789"
-#: A GPU worker's rate with the paper ensemble (radiographs/s, bf16, one H200; from
-#: benchmarks/results/gpu-session-h200-2026-12-04.md).
-GPU_VIEWS_PER_SECOND = 38.5
+#: A GPU worker's rate with the paper ensemble: the worker's whole ``Ensemble.analyse``
+#: (pre-processing, the 10 members, post-processing; bf16, one H200 with 16 CPU cores), 0.17
+#: s per view in studies of 20 and 60 views (benchmarks/results/memory-cuda-h200-2026-12-04.md).
+#: The members alone run 38.5 radiographs/s (gpu-session-h200-2026-12-04.md): the rest is the
+#: pre- and post-processing on the CPU.
+GPU_VIEWS_PER_SECOND = 5.9
 
 
 # -- the no-op worker (a subprocess of this script) ----------------------------------------------
@@ -440,7 +443,8 @@ def report(args: argparse.Namespace, results: list[RunResult], facts: dict[str, 
             "of this size.",
             "",
             f"A GPU worker with the paper ensemble analyses {GPU_VIEWS_PER_SECOND} radiographs/s "
-            f"(H200, bf16, measured), {gpu:.1f} studies/s of {views} views. One listener core "
+            f"(H200, bf16, the worker's whole analysis measured; the members alone 38.5/s), "
+            f"{gpu:.1f} studies/s of {views} views. One listener core "
             f"feeds about {1 / site / gpu:.0f} such workers, one broker core about "
             f"{1 / broker / gpu:.0f}; the broker's result traffic grows with the result size, "
             "the site's with the instance size (pixels are pulled from it once per attempt).",

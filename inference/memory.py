@@ -26,9 +26,11 @@ has free at that moment (:func:`available_bytes`) and an estimate of what one im
   activation, rounded up with margin.
 - ``SAFETY``: only half of what is free is planned for: the estimate is of one process, while the
   listener's receivers, the sender and the page cache compete for the same memory.
-- ``AUTO_CAP``: beyond a few images a larger batch no longer runs faster on a CPU (measured, see
-  ``docs/memory.md``), so ``auto`` takes at most ``AUTO_CAP["cpu"]`` views there even on a machine
-  with plenty free; a GPU gains from larger batches, hence its higher cap.
+- ``AUTO_CAP``: beyond a few images a larger batch no longer runs faster, on a CPU nor on a GPU
+  (measured on an H200: the worker's analysis of 60 views took as long in chunks of 4 as in
+  chunks of 32 or in one batch, its pre- and post-processing running on the CPU; see
+  ``docs/memory.md``), while its memory keeps growing, so ``auto`` takes at most ``AUTO_CAP``
+  views even on a machine with plenty free.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ ACTIVATION_FACTOR = 10.0
 SAFETY = 0.5
 
 #: Largest chunk ``auto`` picks, per device type.
-AUTO_CAP: dict[str, int] = {"cpu": 8, "cuda": 32}
+AUTO_CAP: dict[str, int] = {"cpu": 8, "cuda": 8}
 
 #: Input size (px) of the probe pass that finds a member's largest activation.
 PROBE = 64
