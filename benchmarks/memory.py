@@ -5,6 +5,7 @@
     python benchmarks/memory.py --ensemble paper --views 1 3 --fixed 1   # random paper weights
     python benchmarks/memory.py --members                # what ACTIVATION_FACTOR rests on
     python benchmarks/memory.py --device cuda --identity # chunks against one batch on a GPU
+    python benchmarks/memory.py --worker --views 60 --long-side 2560   # the whole worker
 
 Every case runs in a fresh process (this script with ``--case``): it loads the ensemble and the
 study's images (distinct FracAtlas radiographs as float32 in [0, 1], as the worker decodes
@@ -126,6 +127,93 @@ def run_study_case(case: dict[str, Any]) -> dict[str, Any]:
         result["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / MIB
         result["cuda_reserved_peak_mib"] = torch.cuda.max_memory_reserved() / MIB
     return result
+
+
+def write_study(folder: Path, data: Path, views: int, long_side: int | None) -> list[Path]:
+    """``views`` distinct FracAtlas radiographs as 8-bit DX files of one study in ``folder``."""
+    from pydicom.uid import generate_uid
+
+    from dicomnode.demo import dx_from_image
+
+    study = generate_uid()
+    paths = []
+    for number, image in enumerate(study_images(data, views, long_side), start=1):
+        ds = dx_from_image(
+            np.round(image * 255).astype(np.uint8), body_part="HAND", study_uid=study,
+            instance_number=number,
+        )
+        path = folder / f"{number:03d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def run_worker_case(case: dict[str, Any]) -> dict[str, Any]:
+    """One study through the worker (``StudyProcessor.process``: decode, scope, analyse, write
+    the SR and a Secondary Capture per view) in this (fresh) process: peak memory and time."""
+    import hashlib
+
+    from dicomnode.config import parse_config
+    from dicomnode.records import StoredInstance, StudyJob
+    from dicomnode.scp import read_header
+    from dicomnode.worker import StudyProcessor, load_ensemble
+
+    state = Path(case["state"])
+    inference = {"weights": case["weights"], "device": case["device"],
+                 "precision": case["precision"], "max_batch": case["max_batch"]}
+    config = parse_config({"node": {"state_dir": str(state)}, "inference": inference}, state)
+    ensemble = load_ensemble(config)
+    processor = StudyProcessor(config, ensemble)
+
+    def job(paths: list[Path]) -> StudyJob:
+        instances = []
+        for path in paths:
+            header = read_header(path)
+            data = path.read_bytes()
+            instances.append(StoredInstance(
+                header.sop_instance_uid, header.sop_class_uid, header.study_instance_uid,
+                header.series_instance_uid, header.transfer_syntax_uid, path, len(data),
+                hashlib.sha256(data).hexdigest(), "BENCH"))
+        return StudyJob(1, instances[0].study_instance_uid, 1, 1, "bench", time.time() + 86400,
+                        tuple(instances), ())
+
+    paths = sorted(Path(case["study"]).glob("*.dcm"))
+    processor.process(job(paths[:1]), state / "warm-up")  # first-call costs are not the study's
+    reset_peak(ensemble.device)
+    baseline = status_mib("VmRSS")
+    t0 = time.perf_counter()
+    outcome = processor.process(job(paths), state / "results")
+    return {
+        "baseline_mib": baseline,
+        "peak_mib": status_mib("VmHWM"),
+        "seconds": time.perf_counter() - t0,
+        "results": len(outcome.results),
+        "analysed": outcome.analysed,
+    }
+
+
+def workers(args: argparse.Namespace) -> None:
+    """The whole worker on studies of ``--views`` DX files, one batch against chunks."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="worker-memory-") as tmp:
+        for views in args.views:
+            study = Path(tmp) / f"study-{views}"
+            study.mkdir()
+            write_study(study, args.data, views, args.long_side)
+            for max_batch in settings(views, args.fixed):
+                state = Path(tmp) / f"state-{views}-{max_batch}"
+                case = {"kind": "worker", "weights": str(WEIGHTS), "device": args.device,
+                        "precision": args.precision, "study": str(study), "state": str(state),
+                        "max_batch": max_batch if max_batch == "auto" else int(max_batch)}
+                r = in_fresh_process(case)
+                label = "one batch" if max_batch == str(views) else f"max_batch {max_batch}"
+                row = [views, label, f"{r['baseline_mib']:.0f}", f"{r['peak_mib']:.0f}",
+                       f"{r['peak_mib'] - r['baseline_mib']:.0f}", f"{r['seconds']:.1f}",
+                       r["analysed"], r["results"]]
+                rows.append(row)
+                print("| " + " | ".join(str(c) for c in row) + " |", file=sys.stderr, flush=True)
+    print_table(["views", "max_batch", "RSS before MiB", "peak RSS MiB", "peak - before MiB",
+                 "s / study", "analysed", "result objects"], rows)
 
 
 def member_builders(ensemble: str, size: int | None) -> list[tuple[str, int, int, Any]]:
@@ -339,6 +427,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ensemble", choices=("shipped", "paper", "both"), default="shipped")
     parser.add_argument("--views", type=int, nargs="+", default=[1, 3, 20, 60])
     parser.add_argument("--fixed", type=int, default=2, help="the small fixed max_batch")
+    parser.add_argument("--worker", action="store_true",
+                        help="the whole worker (decode, analyse, write) on DX files, shipped "
+                        "ensemble")
     parser.add_argument("--identity", action="store_true",
                         help="compare chunked results with one batch instead of measuring memory")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -359,7 +450,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.case:
         case = json.loads(args.case)
-        run = run_study_case if case["kind"] == "study" else run_member_case
+        run = {"study": run_study_case, "member": run_member_case, "worker": run_worker_case}[
+            case["kind"]
+        ]
         print(json.dumps(run(case)))
         return
     facts = machine_facts(
@@ -377,6 +470,9 @@ def main(argv: list[str] | None = None) -> None:
     print_facts("benchmarks/memory.py " + " ".join(sys.argv[1:] if argv is None else argv), facts)
     if args.members:
         members(args)
+        return
+    if args.worker:
+        workers(args)
         return
     run = identity if args.identity else studies
     if args.ensemble == "paper":

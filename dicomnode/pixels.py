@@ -15,7 +15,7 @@ view's header, so nothing downstream trips over them (:func:`drop_unreadable`).
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,9 @@ class PixelDataError(ValueError):
 class View:
     """One decoded radiograph: display-ready pixels plus the source header without pixel data.
 
-    ``pixels``: 2-D float32 in ``[0, 1]``, MONOCHROME2 polarity (bone bright), padding at 0.
+    ``pixels``: 2-D float32 in ``[0, 1]``, MONOCHROME2 polarity (bone bright), padding at 0, as
+    decoded for the analysis; once analysed, the worker keeps only its 8-bit display copy
+    (:meth:`compact`, uint8, what the result writers draw), a quarter of the memory.
     ``header``: the source data set with the pixel data removed (patient, study, series and
     image attributes, used by the result writers as evidence and reference).
     ``sha256``: the SHA-256 (hex) of the file the view was decoded from, i.e. of the stored
@@ -76,6 +78,10 @@ class View:
     @property
     def columns(self) -> int:
         return int(self.pixels.shape[1])
+
+    def compact(self) -> View:
+        """The view with its pixels as the 8-bit display copy (:func:`to_uint8`)."""
+        return replace(self, pixels=to_uint8(self.pixels))
 
 
 @dataclass(frozen=True)
@@ -247,7 +253,10 @@ def _unit_scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """A ``[0, 1]`` float image as 8-bit grey levels (for Secondary Capture and PNG)."""
+    """A ``[0, 1]`` float image as 8-bit grey levels (for Secondary Capture and PNG); an 8-bit
+    image (a compacted view's) as it is."""
+    if pixels.dtype == np.uint8:
+        return pixels
     return np.round(np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 

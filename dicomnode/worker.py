@@ -30,7 +30,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -42,7 +42,14 @@ from pydicom.uid import DigitalXRayImageStorageForPresentation
 from dicomnode import metrics
 from dicomnode.config import Config, OutOfScope
 from dicomnode.logging import get_logger
-from dicomnode.pixels import PixelDataError, View, drop_unreadable, load_view, region_hints
+from dicomnode.pixels import (
+    PixelDataError,
+    View,
+    drop_unreadable,
+    load_view,
+    region_hints,
+    to_uint8,
+)
 from dicomnode.queue.protocol import JobQueue, LeaseLostError
 from dicomnode.queue.sqlite import open_queue
 from dicomnode.records import (
@@ -66,6 +73,7 @@ from dicomnode.writers import (
     write_results,
 )
 from inference.ensemble import Ensemble
+from inference.memory import chunk_bounds
 from inference.records import AlgorithmInfo, Box, Decision, ImageResult, Thresholds
 from inference.regions import RegionMatch, match_other_anatomy, resolve_region
 
@@ -94,6 +102,23 @@ class DecodedStudy:
 
     views: tuple[View, ...]
     skipped: tuple[SkippedView, ...]
+
+
+@dataclass(frozen=True)
+class AnalysedChunk:
+    """One chunk of a study's instances, decoded and analysed; the views it keeps hold only
+    their 8-bit display pixels (what the result writers draw)."""
+
+    findings: tuple[ImageFinding, ...]
+    outside: tuple[NotAnalysedImage, ...]
+    """Views outside the intended use."""
+    unsuitable: tuple[NotAnalysedImage, ...]
+    """Views inference refused (too small, blank)."""
+    refused: tuple[SkippedView, ...]
+    """The same, as the status note and the log name them."""
+    undecoded: tuple[SkippedView, ...]
+    """Instances that did not decode."""
+    seconds: StepSeconds
 
 
 @dataclass(frozen=True)
@@ -226,7 +251,8 @@ def split_scope(scope: Scope, views: Sequence[View]) -> tuple[list[View], list[N
         if reason is None:
             inside.append(view)
         else:
-            outside.append(NotAnalysedImage(view.header, view.source, reason, view.pixels))
+            pixels = to_uint8(view.pixels)  # all a capture needs
+            outside.append(NotAnalysedImage(view.header, view.source, reason, pixels))
     return inside, outside
 
 
@@ -236,7 +262,7 @@ UNDECODABLE = "the image data could not be decoded"
 
 def unsuitable(view: View) -> NotAnalysedImage:
     """A view inference refused, as the radiologist is told of it."""
-    return NotAnalysedImage(view.header, view.source, UNSUITABLE, view.pixels)
+    return NotAnalysedImage(view.header, view.source, UNSUITABLE, to_uint8(view.pixels))
 
 
 def unreadable(
@@ -271,7 +297,7 @@ def withdrawn(job: StudyJob) -> list[Withdrawn]:
 def analyse_views(
     analyser: Ensemble, views: Sequence[View]
 ) -> tuple[list[ImageFinding], list[SkippedView]]:
-    """Run the ensemble once on all views (one batch) and pair each result with its view.
+    """Run the ensemble once on the views (it chunks them) and pair each result with its view.
 
     ``inference`` refuses images it cannot analyse with a ValueError (too small, constant...).
     Then each view is analysed alone, so that the refused ones are skipped with the reason
@@ -430,22 +456,23 @@ class StudyProcessor:
         decodable, refused by inference) a "not analysed" entry with the reason. Raises
         :class:`NoDecodableViewsError` only when not even the header of any instance can be read.
         """
-        t0 = time.perf_counter()
-        decoded = decode_study(job.instances)
-        self._beat()
-        t1 = time.perf_counter()
-        analysable, outside = split_scope(self.scope, decoded.views)
-        findings, refused = analyse_views(self.analyser, analysable) if analysable else ([], [])
-        self._beat()
+        chunks = []
+        size = self.analyser.batch_size(len(job.instances))
+        for start, stop in chunk_bounds(len(job.instances), size):
+            chunks.append(self.analyse_chunk(job.instances[start:stop]))
+            self._beat()
         t2 = time.perf_counter()
-        by_uid = {view.sop_instance_uid: view for view in analysable}
+        findings = [f for chunk in chunks for f in chunk.findings]
+        outside = [n for chunk in chunks for n in chunk.outside]
+        undecoded = [s for chunk in chunks for s in chunk.undecoded]
+        refused = [s for chunk in chunks for s in chunk.refused]
         not_analysed = [
             *outside,
-            *(unsuitable(by_uid[skip.sop_instance_uid]) for skip in refused),
-            *unreadable(job.instances, decoded.skipped),
+            *(n for chunk in chunks for n in chunk.unsuitable),
+            *unreadable(job.instances, undecoded),
         ]
         skipped = (
-            *decoded.skipped,
+            *undecoded,
             *refused,
             *(SkippedView(n.sop_instance_uid, n.reason) for n in outside),
         )
@@ -478,7 +505,11 @@ class StudyProcessor:
                 version=job.version,
                 withdraw=withdrawn(job) if self.config.outputs.withdraw_superseded else (),
             )
-        seconds = StepSeconds(t1 - t0, t2 - t1, time.perf_counter() - t2)
+        seconds = StepSeconds(
+            sum(chunk.seconds.decode for chunk in chunks),
+            sum(chunk.seconds.analyse for chunk in chunks),
+            time.perf_counter() - t2,
+        )
         return StudyOutcome(
             job_id=job.job_id,
             study_instance_uid=job.study_instance_uid,
@@ -490,6 +521,26 @@ class StudyProcessor:
             if previous is None or objects is None
             else previous.sop_instance_uid,
             seconds=seconds,
+        )
+
+    def analyse_chunk(self, instances: Sequence[StoredInstance]) -> AnalysedChunk:
+        """Decode and analyse some of a study's instances (at most one chunk of the ensemble's
+        ``max_batch``: only they are decoded in full precision at once), then keep only each
+        view's 8-bit display pixels: a study's memory grows by a quarter of its decoded size,
+        not by all of it."""
+        t0 = time.perf_counter()
+        decoded = decode_study(instances)
+        t1 = time.perf_counter()
+        analysable, outside = split_scope(self.scope, decoded.views)
+        findings, refused = analyse_views(self.analyser, analysable) if analysable else ([], [])
+        by_uid = {view.sop_instance_uid: view for view in analysable}
+        return AnalysedChunk(
+            findings=tuple(replace(f, view=f.view.compact()) for f in findings),
+            outside=tuple(outside),
+            unsuitable=tuple(unsuitable(by_uid[skip.sop_instance_uid]) for skip in refused),
+            refused=tuple(refused),
+            undecoded=decoded.skipped,
+            seconds=StepSeconds(t1 - t0, time.perf_counter() - t1, 0.0),
         )
 
     @property

@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import io
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
 from highdicom.sr.utils import find_content_items
@@ -16,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from dicomnode import worker as worker_module
 from dicomnode.config import Config, OutputsConfig, parse_config
 from dicomnode.demo import dx_from_image
 from dicomnode.pixels import View
@@ -32,7 +35,7 @@ from dicomnode.worker import (
     resolve_view_region,
     skipped_note,
 )
-from dicomnode.writers import write_results
+from dicomnode.writers import ImageFinding, write_results
 from inference.ensemble import Ensemble, EnsembleOutput
 from inference.imageio import read_grayscale
 from inference.preprocess import Preprocessed
@@ -564,3 +567,61 @@ def test_the_worker_analyses_a_study_in_chunks_of_the_configured_max_batch(
     assert node.worker.run_once()
     assert chunks == [2, 2, 1]
     assert len([kind for kind, _, _ in node.results(study, 1) if kind == "sc"]) == 5
+
+
+def counting(
+    run_members: Callable[[dict[int, list[Preprocessed]]], list[EnsembleOutput]],
+    events: list[str],
+) -> Callable[[dict[int, list[Preprocessed]]], list[EnsembleOutput]]:
+    """``run_members`` that notes each call in ``events``."""
+
+    def counted(prepared: dict[int, list[Preprocessed]]) -> list[EnsembleOutput]:
+        events.append("analyse")
+        return run_members(prepared)
+
+    return counted
+
+
+def test_a_study_is_decoded_chunk_by_chunk_keeping_only_8_bit_pixels(
+    tmp_path: Path, random_weights: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory bounded by the chunk, not the study: the worker decodes one chunk of views,
+    analyses it and keeps only each view's 8-bit display copy (what the writers draw) before it
+    decodes the next; the results are those of one batch."""
+    events: list[str] = []
+    load = worker_module.load_view
+
+    def loading(path: str | Path) -> View:
+        events.append("decode")
+        return load(path)
+
+    written: dict[int, list[ImageFinding]] = {}
+    write = worker_module.write_results
+
+    def writing(findings: list[ImageFinding], *args: object, **kwargs: object) -> object:
+        written[len(written)] = list(findings)
+        return write(findings, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(worker_module, "load_view", loading)
+    monkeypatch.setattr(worker_module, "write_results", writing)
+    study = generate_uid()
+    files = [dx(tmp_path, HAND if i % 2 else LEG, study, f"v{i}") for i in range(5)]
+    for max_batch in (2, 5):
+        folder = tmp_path / f"max-batch-{max_batch}"
+        folder.mkdir()
+        inference = {"weights": str(random_weights), "device": "cpu", "max_batch": max_batch}
+        config = make_config(folder, random_weights, inference=inference)
+        ensemble = load_ensemble(config)
+        monkeypatch.setattr(ensemble, "run_members", counting(ensemble.run_members, events))
+        node = Node(config, ensemble)
+        node.receive(*files)
+        assert node.worker.run_once()
+    chunked, one_batch = written[0], written[1]
+    assert events == [
+        *("decode", "decode", "analyse", "decode", "decode", "analyse", "decode", "analyse"),
+        *("decode",) * 5,
+        "analyse",
+    ]
+    assert all(f.view.pixels.dtype == np.uint8 for f in chunked + one_batch)
+    assert [f.view.pixels.shape for f in chunked] == [f.view.pixels.shape for f in one_batch]
+    assert [f.result for f in chunked] == [f.result for f in one_batch]
