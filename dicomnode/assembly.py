@@ -21,7 +21,6 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable
-from types import TracebackType
 
 from dicomnode.config import Config
 from dicomnode.logging import get_logger
@@ -42,8 +41,8 @@ MIN_WAIT_SECONDS = 0.01
 class StudyAssembler:
     """Study assembly and retention on the node's state directory.
 
-    Use as a context manager or call :meth:`start` and :meth:`stop`; ``now`` arguments are
-    seconds since the epoch (``None``: the current time)."""
+    Call :meth:`start`, then :meth:`stop` (idempotent); ``now`` arguments are seconds since
+    the epoch (``None``: the current time)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -62,17 +61,6 @@ class StudyAssembler:
         if self._db is not None:
             self._db.close()
         self._db = self._queue = self._store = None
-
-    def __enter__(self) -> StudyAssembler:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _running(self) -> tuple[StateDB, JobQueue, InstanceStore]:
         if self._db is None or self._queue is None or self._store is None:
@@ -134,7 +122,8 @@ def run_assembler(
     busy past its timeout, a full disk) is logged and tried again at the next poll."""
     poll = min(1.0, config.study.stable_seconds / 4)
     next_purge = 0.0  # at start, then every PURGE_INTERVAL seconds
-    with StudyAssembler(config) as assembler:
+    assembler = StudyAssembler(config).start()
+    try:
         wait = 0.0
         while not stop.wait(wait):
             if heartbeat is not None:
@@ -147,3 +136,5 @@ def run_assembler(
                 continue
             if due is not None:  # wake when it is stable, not up to a poll later
                 wait = min(poll, max(MIN_WAIT_SECONDS, due))
+    finally:
+        assembler.stop()

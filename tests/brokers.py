@@ -3,6 +3,7 @@ name, ports, data folder, Erlang cookie and epmd port, stopped by PID (and its e
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import pika
 
 from dicomnode.demo import free_port
+from dicomnode.records import StoredInstance
 
 SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 EPMD = Path("/usr/bin/epmd")
@@ -133,3 +135,13 @@ class RabbitMQ:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def stored_instance(tmp_path: Path, data: bytes) -> StoredInstance:
+    """A stored instance of ``data`` (SOP Instance UID 1.2.3.4 of study 1.2.3) written to
+    ``tmp_path``, as the instance server of a site would serve it."""
+    path = tmp_path / "instance.dcm"
+    path.write_bytes(data)
+    return StoredInstance("1.2.3.4", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3", "1.2.3.9",
+                          "1.2.840.10008.1.2.1", path, len(data),
+                          hashlib.sha256(data).hexdigest(), "MODALITY")

@@ -15,7 +15,7 @@ from dicomnode.queue.rabbitmq import Broker, BrokerError, BrokerSettings
 from dicomnode.queue.transfer import InstanceServer, ServerTls, TransferError, fetch_instances
 from dicomnode.records import StoredInstance
 
-from .brokers import PASSWORD, SERVER, USER, RabbitMQ
+from .brokers import PASSWORD, SERVER, USER, RabbitMQ, stored_instance
 from .faults.test_tls import make_ca, make_leaf
 from .test_rabbitmq import job
 
@@ -70,11 +70,8 @@ def test_pixels_are_fetched_over_https_only_with_the_trusted_certificate_and_the
     pki: Path, tmp_path: Path
 ) -> None:
     data = b"DICM" * 1000
-    path = tmp_path / "instance.dcm"
-    path.write_bytes(data)
-    digest = hashlib.sha256(data).hexdigest()
-    stored = StoredInstance("1.2.3.4", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3", "1.2.3.9",
-                            "1.2.840.10008.1.2.1", path, len(data), digest, "MODALITY")
+    stored = stored_instance(tmp_path, data)
+    digest = stored.sha256
     server = InstanceServer("127.0.0.1", 0, lambda uid: stored if uid == "1.2.3.4" else None,
                             TOKEN, ServerTls(pki / "site.crt", pki / "site.key")).start()
     try:

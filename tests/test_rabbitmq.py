@@ -27,7 +27,7 @@ from dicomnode.queue.sqlite import SqliteJobQueue
 from dicomnode.records import StoredInstance
 from dicomnode.state import StateDB
 
-from .brokers import SERVER, RabbitMQ
+from .brokers import SERVER, RabbitMQ, stored_instance
 
 pytestmark = [
     pytest.mark.skipif(not SERVER.is_file(), reason="rabbitmq-server is not installed"),
@@ -283,7 +283,6 @@ def test_a_job_longer_than_consumer_timeout_goes_to_another_worker_and_counts_on
     broker closes its channel and gives the job to another worker. The slow worker cannot
     answer on the closed channel (it raises and reconnects in the role loop), so the site sees
     one outcome. Why docs/multi-host.md says to set consumer_timeout above the longest job."""
-    import hashlib
     import time
 
     from dicomnode.queue.messages import decode_outcome
@@ -292,12 +291,9 @@ def test_a_job_longer_than_consumer_timeout_goes_to_another_worker_and_counts_on
     from dicomnode.queue.transfer import InstanceServer
     from dicomnode.records import StudyJob
 
-    data = b"DICM" * 64
-    path = tmp_path / "instance.dcm"
-    path.write_bytes(data)
-    digest = hashlib.sha256(data).hexdigest()
-    stored = StoredInstance("1.2.3.4", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.3", "1.2.3.9",
-                            "1.2.840.10008.1.2.1", path, len(data), digest, "MODALITY")
+    data = b"DICM" * 1000
+    stored = stored_instance(tmp_path, data)
+    digest = stored.sha256
     token = "consumer-timeout-test-token"
     rabbit = RabbitMQ(tmp_path / "rabbitmq", consumer_timeout_ms=1000, channel_tick_ms=500)
     server = InstanceServer("127.0.0.1", 0, lambda uid: stored, token).start()
