@@ -153,41 +153,9 @@ def storescp(workdir: Path, *, ignore: bool = False) -> Iterator[Receiver]:
         stop_process(process)
 
 
-#: Loaded by the node's interpreters when ``--pynetdicom-sleep`` puts its folder on PYTHONPATH:
-#: pynetdicom's association reactor and DUL loop sleep ``INGEST_PYNETDICOM_SLEEP`` seconds where
-#: they sleep 1 ms. An experiment on how much pynetdicom's polling costs; never part of the node.
-SLEEP_SHIM = """\
-import os
-import time as _time
-import types
-
-import pynetdicom.association
-import pynetdicom.dul
-
-_DELAY = float(os.environ["INGEST_PYNETDICOM_SLEEP"])
-
-
-def _sleep(seconds, _real=_time.sleep):
-    _real(_DELAY if seconds == 0.001 else seconds)
-
-
-_shim = types.SimpleNamespace(**{k: getattr(_time, k) for k in dir(_time) if k[0] != "_"})
-_shim.sleep = _sleep
-pynetdicom.association.time = _shim
-pynetdicom.dul.time = _shim
-"""
-
-
-def sleep_shim_env(workdir: Path, seconds: float | None) -> dict[str, str]:
-    """Environment for the node: ``seconds`` None leaves pynetdicom as it is."""
-    env = {**ENVIRONMENT, "PYTHONUNBUFFERED": "1"}
-    if seconds is not None:
-        folder = workdir / "pynetdicom-sleep"
-        folder.mkdir(exist_ok=True)
-        (folder / "sitecustomize.py").write_text(SLEEP_SHIM)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(folder), env.get("PYTHONPATH")]))
-        env["INGEST_PYNETDICOM_SLEEP"] = str(seconds)
-    return env
+def node_env() -> dict[str, str]:
+    """The node's environment: the senders' and receivers' (``TCP_NODELAY=1``), unbuffered."""
+    return {**ENVIRONMENT, "PYTHONUNBUFFERED": "1"}
 
 
 def node_config(state_dir: Path, port: int, receive_processes: int | None) -> str:
@@ -245,7 +213,6 @@ def node_listener(
     receive_processes: int | None = None,
     profile_out: Path | None = None,
     py_spy: str | None = None,
-    pynetdicom_sleep: float | None = None,
 ) -> Iterator[Receiver]:
     """``python -m dicomnode listen`` with a fresh state folder (``Receiver.out``)."""
     state = workdir / "node-state"
@@ -256,7 +223,7 @@ def node_listener(
     with log.open("wb") as handle:
         process = subprocess.Popen(
             listener_command(config, profile_out, py_spy), stdout=handle,
-            stderr=subprocess.STDOUT, env=sleep_shim_env(workdir, pynetdicom_sleep),
+            stderr=subprocess.STDOUT, env=node_env(),
         )
     try:
         deadline = time.monotonic() + 60
@@ -305,13 +272,12 @@ def measure(
     files: Sequence[Path],
     senders: int,
     processes: int | None,
-    pynetdicom_sleep: float | None,
 ) -> Measurement:
     run_dir = Path(tempfile.mkdtemp(prefix=f"{target}-", dir=workdir))
     try:
         receiver = (
             storescp(run_dir, ignore=target == "ceiling") if target != "node"
-            else node_listener(run_dir, processes, pynetdicom_sleep=pynetdicom_sleep)
+            else node_listener(run_dir, processes)
         )
         with receiver as running:
             cpu_before = tree_cpu_seconds(running.pid)
@@ -338,7 +304,7 @@ IDLE_SECONDS = 5.0
 
 
 def idle_cost(
-    workdir: Path, counts: Sequence[int], processes: int | None, pynetdicom_sleep: float | None
+    workdir: Path, counts: Sequence[int], processes: int | None
 ) -> list[list[object]]:
     """The node's CPU while ``n`` associations are open and idle, for each ``n`` in ``counts``:
     what pynetdicom's per-association polling costs when nothing arrives. The requestors are
@@ -349,7 +315,7 @@ def idle_cost(
     run_dir = Path(tempfile.mkdtemp(prefix="idle-", dir=workdir))
     rows: list[list[object]] = []
     try:
-        with node_listener(run_dir, processes, pynetdicom_sleep=pynetdicom_sleep) as running:
+        with node_listener(run_dir, processes) as running:
             ae = AE(ae_title=MODALITY_AE)
             ae.add_requested_context(DigitalXRayImageStorageForPresentation)
             for count in counts:
@@ -377,13 +343,19 @@ def idle_cost(
 #: Where a sample of an association thread is counted: the first pattern (leaf to root) that a
 #: frame of its stack contains.
 CATEGORIES = (
-    ("move_durably", "storage.move_durably: spool file into place (link, SHA-256 read, fsync)"),
+    ("SpoolFile.write", "spool write with SHA-256 as it arrives (datapath.SpoolFile)"),
+    ("start_writeback", "spool write with SHA-256 as it arrives (datapath.SpoolFile)"),
+    ("receive_exactly", "socket receive (limits.receive_exactly)"),
+    ("DataPath", "PDU reading and parsing (datapath.DataPath)"),
+    ("Waiter.wait", "waiting loops (reactor: select / event wait)"),
+    ("deepcopy", "association set-up (pynetdicom copies of presentation contexts)"),
+    ("move_durably", "storage.move_durably: spool file into place (link, fsync)"),
     ("copy_durably", "storage.copy_durably: copy spool -> state (read, SHA-256, write, fsync)"),
     ("fsync", "other fsync (directory)"),
     ("sqlite", "SQLite record"),
     ("state.py", "SQLite record"),
     ("pydicom/", "pydicom (header parse)"),
-    ("tempfile", "spool write (pynetdicom chunked receive)"),
+    ("tempfile", "spool write (pynetdicom's own chunked receive)"),
     ("AssociationSocket.ready", "pynetdicom polling loops (1 ms sleeps)"),
     ("Association._run_reactor", "pynetdicom polling loops (1 ms sleeps)"),
     ("DULServiceProvider.run_reactor", "pynetdicom polling loops (1 ms sleeps)"),
@@ -448,10 +420,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="node.receive_processes of the node (default: its auto)")
     parser.add_argument("--idle", action="store_true",
                         help="also measure the node's CPU with as many idle associations as "
-                             "--senders says (pynetdicom's polling)")
-    parser.add_argument("--pynetdicom-sleep", type=float, default=None, metavar="SECONDS",
-                        help="experiment: the node's pynetdicom loops sleep SECONDS where they "
-                             "sleep 0.001 (an injected sitecustomize; never part of the node)")
+                             "--senders says (what waiting costs)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one node run with py-spy (--py-spy)")
     parser.add_argument("--py-spy", default=shutil.which("py-spy"), help="py-spy executable")
@@ -493,8 +462,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             "node": f"dicomnode listen, max_pdu {PDU}, receive_processes "
             f"{args.receive_processes or 'auto'}, TCP_NODELAY on accepted sockets",
             "storescu": f"{STORESCU} -aec AE -aet {MODALITY_AE} HOST PORT FILES...",
-            "pynetdicom_sleep": "as shipped (0.001 s)" if args.pynetdicom_sleep is None
-            else f"{args.pynetdicom_sleep} s (experiment: --pynetdicom-sleep)",
         })
         print_facts("benchmarks/ingest.py " + " ".join(sys.argv[1:]), facts)
         results: list[Measurement] = []
@@ -503,7 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 order = TARGETS if run % 2 == 0 else TARGETS[::-1]
                 for target in order:
                     results.append(measure(target, workdir, files, senders,
-                                           args.receive_processes, args.pynetdicom_sleep))
+                                           args.receive_processes))
                     m = results[-1]
                     print(f"# {target:8s} senders {senders:2d} run {run + 1}: {m.seconds:.2f} s, "
                           f"receiver CPU {m.cpu_seconds:.2f} s", flush=True)
@@ -528,8 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"## The node's CPU with idle associations ({IDLE_SECONDS:.0f} s each, "
                   "pynetdicom requestors in the benchmark's process)")
             print_table(["idle associations", "node CPU (of one core)"],
-                        idle_cost(workdir, args.senders, args.receive_processes,
-                                  args.pynetdicom_sleep))
+                        idle_cost(workdir, args.senders, args.receive_processes))
         if args.profile:
             if not args.py_spy:
                 print("# --profile: py-spy not found (pip install py-spy, or --py-spy PATH)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import struct
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +17,11 @@ from pynetdicom import evt
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.events import EventHandlerType
 from pynetdicom.fsm import TRANSITION_TABLE
-from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ, P_DATA_TF
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
 
+from dicomnode import reactor
 from dicomnode.config import NodeConfig
+from dicomnode.datapath import DataPath
 from dicomnode.logging import get_logger
 
 log = get_logger(__name__)
@@ -52,24 +53,6 @@ _PDU_HEADER, _A_ASSOCIATE_RQ, _P_DATA_TF = 6, 0x01, 0x04
 #: next 6-byte header at once.
 _PDU_TYPES = frozenset(range(0x01, 0x08))
 _SOURCE_PROVIDER, _INVALID_PDU_PARAMETER_VALUE = 0x02, 0x06
-
-
-def count_dataset_bytes(pdu: P_DATA_TF, pending: int, limit: int) -> tuple[int, bool]:
-    """Add the data set fragments of ``pdu`` to the ``pending`` bytes of the message being
-    received; return the pending bytes after it and whether that unfinished message is already
-    over ``limit``.
-
-    PS3.8 E.2: bit 0 of a PDV's message control header marks a command fragment, bit 1 the
-    last fragment of the command or data set; a message ends with its last data set fragment.
-    A message that ends within ``pdu`` starts the count again: if it is over the limit, the
-    C-STORE handler refuses it with a status (aborting then would race with that response).
-    """
-    for item in pdu.presentation_data_value_items:
-        value = item.presentation_data_value or b""
-        if not value or value[0] & 0x01:
-            continue
-        pending = 0 if value[0] & 0x02 else pending + len(value) - 1
-    return pending, pending > limit
 
 
 def receive_exactly(sock: Any, nr_bytes: int) -> bytearray:
@@ -279,33 +262,33 @@ class InboundLimits:
       (pynetdicom leaves accepted sockets blocking, so a peer stopping in the middle of a PDU
       would hold its association, and a ``max_associations`` slot, for ever).
     - Data set size (disk): the data set fragments of each incoming message are counted as its
-      PDUs arrive; once an unfinished message exceeds ``max_instance_bytes`` (0: no limit) the
-      association is aborted (A-ABORT). The spool file is then removed on connection close
+      PDUs arrive (:class:`~dicomnode.datapath.DataPath`, which reads them); once an unfinished
+      message exceeds ``max_instance_bytes`` (0: no limit) the association is aborted
+      (A-ABORT). The spool file is then removed on connection close
       (:func:`discard_unfinished_spool`); it holds at most the limit plus one PDU. A message
       that completes in the PDU that takes it over the limit is refused by the C-STORE handler
       (0xA700) and its spool file deleted by pynetdicom.
 
-    The handlers run in pynetdicom's DUL thread of the association. Inside a notification
-    handler ``assoc.abort()`` is pynetdicom's non-blocking abort: it only queues the A-ABORT
+    The counting runs in pynetdicom's DUL thread of the association. There
+    ``assoc.abort()`` is pynetdicom's non-blocking abort: it only queues the A-ABORT
     primitive, which the same DUL thread sends on its next loop, so nothing waits on the thread
     that is running the handler (the blocking abort would wait for that thread: a deadlock).
-    Handlers never raise.
+    The handler never raises.
     """
 
     def __init__(self, max_pdu: int, max_instance_bytes: int, timeout: float | None) -> None:
         self.max_pdu = max_pdu
         self.max_instance_bytes = max_instance_bytes
         self.timeout = timeout
-        self._pending: dict[object, int] = {}
-        self._lock = threading.Lock()
 
     def handlers(self) -> list[EventHandlerType]:
         """The pynetdicom event handlers that enforce the limits."""
-        return [(evt.EVT_CONN_OPEN, self.on_conn_open), (evt.EVT_PDU_RECV, self.on_pdu_recv)]
+        return [(evt.EVT_CONN_OPEN, self.on_conn_open)]
 
     def on_conn_open(self, event: evt.Event) -> None:
-        """Install the PDU length guard, the receive timeout and :func:`guard_association`
-        (before the DUL thread runs)."""
+        """Install the PDU length guard, the receive timeout, :func:`guard_association`, the
+        data path and the waiting loops (:mod:`dicomnode.reactor`), before the association's
+        threads run."""
         try:
             sock = event.assoc.dul.socket
             if sock is None or sock.socket is None:
@@ -314,38 +297,10 @@ class InboundLimits:
             guard = PduLengthGuard(sock, self.max_pdu, event.assoc.requestor.address)
             setattr(sock, "recv", guard)  # noqa: B010 (an instance attribute over a method)
             guard_association(event.assoc)
+            DataPath(event.assoc, self.max_instance_bytes).install()
+            reactor.install(event.assoc)
         except Exception:
             log.exception("connection_setup_failed")
-
-    def on_pdu_recv(self, event: evt.Event) -> None:
-        """Count data set bytes; abort the association once a message exceeds the limit."""
-        pdu = getattr(event, "pdu", None)
-        assoc = event.assoc
-        if self.max_instance_bytes <= 0 or not isinstance(pdu, P_DATA_TF) or assoc.is_aborted:
-            return
-        try:
-            with self._lock:
-                pending = self._pending.get(assoc, 0)
-                pending, exceeded = count_dataset_bytes(pdu, pending, self.max_instance_bytes)
-                self._pending[assoc] = pending
-            if not exceeded:
-                return
-            log.warning(
-                "instance_too_large",
-                calling_ae=assoc.requestor.ae_title,
-                peer=assoc.requestor.address,
-                received_bytes=pending,
-                limit=self.max_instance_bytes,
-                outcome="association_aborted",
-            )
-            assoc.abort()
-        except Exception:
-            log.exception("instance_size_check_failed", peer=assoc.requestor.address)
-
-    def forget(self, assoc: object) -> None:
-        """Drop the count of a closed association."""
-        with self._lock:
-            self._pending.pop(assoc, None)
 
 
 def spooled_dataset_size(path: Path) -> int:

@@ -40,9 +40,11 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dicomnode import metrics, tls
 from dicomnode.children import ChildContext, ChildSupervisor
 from dicomnode.config import AllowedCaller, Config, OtherSopClasses
+from dicomnode.datapath import spool_files, spooled_fingerprint
 from dicomnode.health import LISTENER
 from dicomnode.limits import InboundLimits, space_shortfall, spooled_dataset_size
 from dicomnode.logging import configure_logging, get_logger
+from dicomnode.reactor import waiting_loops
 from dicomnode.receivers import AssociationSlots, SharedSocketServer
 from dicomnode.records import InstanceHeader
 from dicomnode.state import StateDB
@@ -298,6 +300,7 @@ class Listener:
         self._admitted_lock = threading.Lock()
         self._chunked_before = _config.STORE_RECV_CHUNKED_DATASET
         self._tempdir_before: str | None = tempfile.tempdir
+        self._patches = contextlib.ExitStack()
 
     @property
     def port(self) -> int:
@@ -322,6 +325,8 @@ class Listener:
         self.store = InstanceStore(self.layout, self.db)
         self._chunked_before = _config.STORE_RECV_CHUNKED_DATASET
         _config.STORE_RECV_CHUNKED_DATASET = True
+        self._patches.enter_context(spool_files())
+        self._patches.enter_context(waiting_loops())
         handlers: list[EventHandlerType] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open_spool),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -429,6 +434,7 @@ class Listener:
             self._server = None
             log.info("listener_stopped", ae_title=self.config.node.ae_title, receiver=self.index)
         _config.STORE_RECV_CHUNKED_DATASET = self._chunked_before
+        self._patches.close()
         tempfile.tempdir = self._tempdir_before
         if self.db is not None:
             self.db.close()
@@ -541,7 +547,6 @@ class Listener:
         """Remove the spool file of a C-STORE the peer never finished (an abort or a dropped
         connection mid-transfer): pynetdicom deletes it only after a complete message."""
         try:
-            self.limits.forget(event.assoc)
             with self._admitted_lock:
                 self._admitted.discard(event.assoc)
             running = self._running()
@@ -629,7 +634,13 @@ class Listener:
             "transfer_syntax_uid": header.transfer_syntax_uid,
         }
         try:
-            result = self.store.store(path, header, event.assoc.requestor.ae_title, move=True)
+            result = self.store.store(
+                path,
+                header,
+                event.assoc.requestor.ae_title,
+                move=True,
+                fingerprint=spooled_fingerprint(getattr(request, "_dataset_file", None), str(path)),
+            )
         except (OSError, sqlite3.Error) as exc:
             reason = f"{type(exc).__name__}: {exc}"
             return StoreStatus.OUT_OF_RESOURCES, {**ids, "outcome": "not_stored", "reason": reason}

@@ -83,9 +83,13 @@ def copy_durably(src: Path, dst: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def move_durably(src: Path, dst: Path) -> tuple[int, str]:
+def move_durably(
+    src: Path, dst: Path, fingerprint: tuple[int, str] | None = None
+) -> tuple[int, str]:
     """Give the file ``src`` the new name ``dst`` (which must not exist), fsync it, and return its
     size and SHA-256 hex digest: the received file is kept instead of written a second time.
+    ``fingerprint``, the size and digest already known (hashed as it was written), spares
+    reading the file back.
 
     ``src`` and ``dst`` should be on one file system; where they are not (``EXDEV``), ``src`` is
     copied with :func:`copy_durably` and left in place.
@@ -97,6 +101,13 @@ def move_durably(src: Path, dst: Path) -> tuple[int, str]:
             raise
         return copy_durably(src, dst)
     src.unlink(missing_ok=True)
+    if fingerprint is not None:
+        fd = os.open(dst, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return fingerprint
     digest = hashlib.sha256()
     size = 0
     with dst.open("rb") as handle:
@@ -351,18 +362,23 @@ class InstanceStore:
         now: float | None = None,
         *,
         move: bool = False,
+        fingerprint: tuple[int, str] | None = None,
     ) -> StoreResult:
         """Store the DICOM file ``received`` (File Meta + dataset as received) durably.
 
         With ``move`` the file itself is taken (the listener's spool file, which pynetdicom would
-        delete next): renamed into place instead of copied, so each instance is written once.
+        delete next): renamed into place instead of copied, so each instance is written once;
+        its ``fingerprint`` (size, SHA-256), when the listener hashed it as it arrived, spares
+        reading it back.
         Raises OSError (disk full, permissions) or sqlite3.Error; nothing is recorded then.
         """
         final = self.layout.instance_path(header.study_instance_uid, header.sop_instance_uid)
         partial = self.layout.tmp_dir / f"{uuid.uuid4().hex}.part"
-        keep = move_durably if move else copy_durably
         try:
-            size, sha256 = keep(received, partial)
+            if move:
+                size, sha256 = move_durably(received, partial, fingerprint)
+            else:
+                size, sha256 = copy_durably(received, partial)
             instance = StoredInstance(
                 sop_instance_uid=header.sop_instance_uid,
                 sop_class_uid=header.sop_class_uid,

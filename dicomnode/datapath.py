@@ -1,0 +1,272 @@
+"""The listener's receive data path: P-DATA-TF PDUs straight into a hashed spool file.
+
+pynetdicom (3.0) handles every PDU the same way: it copies the PDU into ``bytes``, decodes each
+presentation data value into new ``bytes``, builds a PDU object and a primitive, passes an event
+through its queue and state machine, and writes each data set fragment through a ``tempfile``
+wrapper; the C-STORE handler then read the whole spooled file back to hash it. That is four
+copies and a read-back of every byte, in Python, on the thread that also receives.
+
+On an association the listener accepted, :class:`DataPath` stands in for the DUL's
+``_read_pdu_data``. It reads each PDU as pynetdicom does (header, then body, through the
+socket's ``recv``, which is the listener's :class:`~dicomnode.limits.PduLengthGuard`), and:
+
+- counts the data set bytes of every P-DATA-TF PDU against ``node.max_instance_bytes``
+  (an unfinished message over the limit aborts the association, as before);
+- hands a P-DATA-TF PDU received while the association is established (state 6, nothing else
+  waiting in the DUL's event queue) to the DIMSE provider at once, as one P-DATA primitive
+  whose values are views of the received buffer: what action DT-2 of the state machine does,
+  without the copies and the round trip through the event queue;
+- passes every other PDU (and a P-DATA-TF it cannot parse, or one in any other state) to
+  pynetdicom's own decoding, so protocol errors are answered exactly as before.
+
+The data set then goes into a :class:`SpoolFile`, which pynetdicom's chunked receive creates
+instead of a ``NamedTemporaryFile`` while a listener runs (:func:`spool_files`): unbuffered
+writes, the SHA-256 computed as the bytes arrive (no read-back), and write-back to disk started
+every :data:`WRITEBACK_BYTES`, so the fsync before the C-STORE response waits for the tail of
+the file only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import hashlib
+import os
+import struct
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from pynetdicom import dimse_messages
+from pynetdicom.pdu_primitives import P_DATA
+
+from dicomnode.logging import get_logger
+
+log = get_logger(__name__)
+
+PDU_HEADER = 6
+"""PDU type (1 byte), reserved (1), length of the rest (4, big endian): PS3.8 9.3.1."""
+P_DATA_TF = 0x04
+PDU_TYPES = frozenset(range(0x01, 0x08))
+"""The PDU types of PS3.8 9.3; pynetdicom reads no body after any other type."""
+ESTABLISHED = "Sta6"
+"""PS3.8 Table 9-10: association established, ready for data transfer."""
+
+WRITEBACK_BYTES = 4 * 1024 * 1024
+"""A spool file starts writing to disk each time this many more bytes were written."""
+
+_SYNC_FILE_RANGE_WRITE = 2  # Linux <fcntl.h>: start write-out of dirty pages, do not wait
+
+
+def _sync_file_range() -> Callable[[int, int, int], None] | None:
+    """Linux's ``sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)``, or None where
+    the C library has none (the final fsync then does all the writing)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        function = ctypes.CDLL(name, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+
+    def start_writeback(fd: int, offset: int, nbytes: int) -> None:
+        function(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # a hint: failures change nothing
+
+    return start_writeback
+
+
+_START_WRITEBACK = _sync_file_range()
+
+
+class SpoolFile:
+    """The file one incoming data set is spooled into: what pynetdicom's chunked receive uses
+    of ``NamedTemporaryFile(delete=False)`` (``name``, ``write``, ``file.flush``, ``close``),
+    plus the size and SHA-256 of everything written (:meth:`fingerprint`).
+
+    Writes go straight to the descriptor (``os.write``, no buffer to flush). Created with
+    ``tempfile.mkstemp`` (mode 0600) in ``tempfile``'s folder, which the listener points at its
+    spool.
+    """
+
+    def __init__(self, *, suffix: str = "", **_: Any) -> None:
+        self._fd, self.name = tempfile.mkstemp(suffix=suffix)
+        self.file = self  # pynetdicom flushes ``file`` after each fragment
+        self._digest = hashlib.sha256()
+        self.size = 0
+        self._written_back = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Write all of ``data``, hash it, and start write-back of each full
+        :data:`WRITEBACK_BYTES`."""
+        view = memoryview(data)
+        self._digest.update(view)
+        done = 0
+        while done < len(view):
+            done += os.write(self._fd, view[done:])
+        self.size += done
+        if _START_WRITEBACK is not None and self.size - self._written_back >= WRITEBACK_BYTES:
+            _START_WRITEBACK(self._fd, self._written_back, self.size - self._written_back)
+            self._written_back = self.size
+        return done
+
+    def flush(self) -> None:
+        """Nothing is buffered."""
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def fingerprint(self) -> tuple[int, str]:
+        """Size and SHA-256 hex digest of everything written."""
+        return self.size, self._digest.hexdigest()
+
+
+def spooled_fingerprint(spool: object, path: str) -> tuple[int, str] | None:
+    """The size and SHA-256 of the spooled file at ``path`` as its :class:`SpoolFile` wrote it,
+    or None when it was not written by one or the file on disk is not that size any more."""
+    if not isinstance(spool, SpoolFile):
+        return None
+    size, digest = spool.fingerprint()
+    try:
+        if os.stat(path).st_size != size:
+            return None
+    except OSError:
+        return None
+    return size, digest
+
+
+@contextlib.contextmanager
+def spool_files() -> Iterator[None]:
+    """While inside, pynetdicom's chunked receive spools into :class:`SpoolFile` objects."""
+    before = dimse_messages.NamedTemporaryFile
+    dimse_messages.NamedTemporaryFile = SpoolFile  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        dimse_messages.NamedTemporaryFile = before
+
+
+def parse_pdvs(body: memoryview) -> list[tuple[int, memoryview]] | None:
+    """The presentation data values of a P-DATA-TF PDU's variable field ``body`` (PS3.8
+    9.3.5.1: each item is a 4-byte length, the presentation context ID, then the message
+    control header and the fragment), as (context ID, view of header + fragment); None if the
+    items do not tile ``body`` exactly or one has no control header."""
+    items: list[tuple[int, memoryview]] = []
+    offset, end = 0, len(body)
+    while offset < end:
+        if end - offset < 4:
+            return None
+        (length,) = struct.unpack_from(">I", body, offset)
+        start, stop = offset + 4, offset + 4 + length
+        if length < 2 or stop > end:
+            return None
+        items.append((body[start], body[start + 1 : stop]))
+        offset = stop
+    return items or None
+
+
+def count_dataset_bytes(
+    values: Sequence[tuple[int, memoryview | bytes]], pending: int, limit: int
+) -> tuple[int, bool]:
+    """Add the data set fragments among ``values`` (context ID, control header + fragment) to
+    the ``pending`` bytes of the message being received; return the pending bytes after them
+    and whether that unfinished message is already over ``limit``.
+
+    PS3.8 E.2: bit 0 of a PDV's message control header marks a command fragment, bit 1 the
+    last fragment of the command or data set; a message ends with its last data set fragment.
+    A message that ends within these values starts the count again: if it is over the limit,
+    the C-STORE handler refuses it with a status (aborting then would race with that response).
+    """
+    for _, value in values:
+        if not value or value[0] & 0x01:
+            continue
+        pending = 0 if value[0] & 0x02 else pending + len(value) - 1
+    return pending, pending > limit
+
+
+class DataPath:
+    """Reads the PDUs of one accepted association (installed as its DUL's
+    ``_read_pdu_data``; runs in the DUL thread). See the module's description."""
+
+    def __init__(self, assoc: Any, max_instance_bytes: int) -> None:
+        self.assoc = assoc
+        self.dul = assoc.dul
+        self.max_instance_bytes = max_instance_bytes
+        self.pending = 0  # data set bytes of the unfinished message
+
+    def install(self) -> None:
+        setattr(self.dul, "_read_pdu_data", self.read_pdu)  # noqa: B010 (instance attribute)
+
+    def read_pdu(self) -> None:
+        """Read one PDU; put its event in the DUL's event queue, or hand its data on."""
+        dul = self.dul
+        header = self._receive(PDU_HEADER)
+        if header is None or len(header) != PDU_HEADER:
+            dul.event_queue.put("Evt17")  # transport connection closed
+            return
+        pdu_type, _, length = struct.unpack(">BBI", header)
+        if pdu_type not in PDU_TYPES:
+            log.warning("pdu_unknown", peer=self.assoc.requestor.address, pdu_type=pdu_type)
+            dul.event_queue.put("Evt19")  # unrecognised PDU
+            return
+        body = self._receive(length)
+        if body is None or len(body) != length:
+            dul.event_queue.put("Evt17")
+            return
+        if pdu_type == P_DATA_TF and self._data(body):
+            return
+        self._decode(header + body)
+
+    def _receive(self, nr_bytes: int) -> bytearray | None:
+        try:
+            data = self.dul.socket.recv(nr_bytes)
+            return data if isinstance(data, bytearray) else bytearray(data)
+        except (OSError, TimeoutError):
+            return None
+
+    def _data(self, body: bytearray) -> bool:
+        """Count a P-DATA-TF's data set bytes and, on an established association, hand its
+        values to the DIMSE provider; True when the PDU needs nothing more."""
+        values = parse_pdvs(memoryview(body))
+        if values is None:
+            return False  # pynetdicom's decoding answers it (event 19)
+        if self.max_instance_bytes > 0 and self._over_limit(values):
+            return True
+        dul = self.dul
+        if dul.state_machine.current_state != ESTABLISHED or not dul.event_queue.empty():
+            return False
+        primitive = P_DATA()
+        # views of the buffer, which the setter (bytes only) would refuse
+        primitive._presentation_data_value_list = values  # type: ignore[assignment]
+        self.assoc.dimse.receive_primitive(primitive)
+        return True
+
+    def _over_limit(self, values: Sequence[tuple[int, memoryview]]) -> bool:
+        self.pending, exceeded = count_dataset_bytes(values, self.pending, self.max_instance_bytes)
+        if exceeded and not self.assoc.is_aborted:
+            log.warning(
+                "instance_too_large",
+                calling_ae=self.assoc.requestor.ae_title,
+                peer=self.assoc.requestor.address,
+                received_bytes=self.pending,
+                limit=self.max_instance_bytes,
+                outcome="association_aborted",
+            )
+            self.assoc.abort(block=False)  # queues the A-ABORT, which this DUL thread sends next
+        return exceeded
+
+    def _decode(self, pdu: bytearray) -> None:
+        """As pynetdicom: decode, then queue the PDU's event and the PDU."""
+        dul = self.dul
+        try:
+            decoded, event = dul._decode_pdu(pdu)
+        except Exception as exc:
+            log.warning("pdu_invalid", peer=self.assoc.requestor.address, error=type(exc).__name__)
+            dul.event_queue.put("Evt19")
+            return
+        dul.event_queue.put(event)
+        dul._recv_pdu.put(decoded)

@@ -1,0 +1,288 @@
+"""The listener's receive data path (dicomnode.datapath), its waiting loops (dicomnode.reactor)
+and the cheap copy of the presentation contexts (dicomnode.receivers.SupportedContexts).
+
+The fault suite (tests/faults/) sends malformed PDUs and oversized data sets through the same
+path; here: the parsing, the spool file's hash, that a real sender's instances take the path,
+and that idle associations wait instead of polling.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import struct
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, dimse_messages
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from dicomnode import reactor, storage
+from dicomnode.datapath import (
+    SpoolFile,
+    count_dataset_bytes,
+    parse_pdvs,
+    spool_files,
+    spooled_fingerprint,
+)
+from dicomnode.reactor import AssociationWaiter, DulWaiter, PollingClock
+from dicomnode.receivers import SupportedContexts
+from dicomnode.scp import build_ae
+from tests.test_scp import NODE_AE, instance_rows, listening, make_config, storescu
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def pdv(context_id: int, control: int, fragment: bytes) -> bytes:
+    """One presentation data value item (PS3.8 9.3.5.1)."""
+    return struct.pack(">IBB", len(fragment) + 2, context_id, control) + fragment
+
+
+# -- parsing and counting ------------------------------------------------------------------
+
+
+def test_parse_pdvs_returns_views_of_each_item() -> None:
+    body = pdv(1, 0x03, b"command") + pdv(1, 0x00, b"data") + pdv(3, 0x02, b"last")
+    values = parse_pdvs(memoryview(body))
+    assert values is not None
+    assert [(cid, bytes(value)) for cid, value in values] == [
+        (1, b"\x03command"),
+        (1, b"\x00data"),
+        (3, b"\x02last"),
+    ]
+    assert all(isinstance(value, memoryview) for _, value in values)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",  # no item
+        b"\x00\x00\x00",  # a length field cut short
+        struct.pack(">IB", 1, 1),  # an item with no message control header
+        pdv(1, 0, b"data")[:-1],  # an item longer than the PDU
+        pdv(1, 0, b"data") + b"\x00",  # trailing bytes that are no item
+    ],
+)
+def test_parse_pdvs_refuses_items_that_do_not_tile_the_pdu(body: bytes) -> None:
+    assert parse_pdvs(memoryview(body)) is None
+
+
+def test_count_dataset_bytes_counts_data_fragments_of_the_unfinished_message() -> None:
+    values = parse_pdvs(memoryview(pdv(1, 0x03, b"c" * 50) + pdv(1, 0x00, b"d" * 40)))
+    assert values is not None
+    assert count_dataset_bytes(values, 0, 100) == (40, False)
+    assert count_dataset_bytes(values, 70, 100) == (110, True)
+    last = parse_pdvs(memoryview(pdv(1, 0x02, b"d" * 500)))
+    assert last is not None
+    assert count_dataset_bytes(last, 70, 100) == (0, False)  # complete: the handler decides
+
+
+# -- the spool file --------------------------------------------------------------------------
+
+
+def test_spool_file_hashes_what_it_writes_and_starts_write_back(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    chunks = [rng.bytes(size) for size in (132, 3 * 1024 * 1024, 2 * 1024 * 1024 + 17, 1)]
+    with spool_files():
+        assert dimse_messages.NamedTemporaryFile is SpoolFile
+        spool = dimse_messages.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm", dir=None)
+    try:
+        for chunk in chunks:
+            spool.write(memoryview(chunk))
+            spool.file.flush()
+        assert spool._written_back == 3 * 1024 * 1024 + 132 + 2 * 1024 * 1024 + 17
+    finally:
+        spool.close()
+    assert dimse_messages.NamedTemporaryFile is not SpoolFile  # restored
+    content = Path(spool.name).read_bytes()
+    assert content == b"".join(chunks)
+    expected = (len(content), hashlib.sha256(content).hexdigest())
+    assert spool.fingerprint() == expected
+    assert spooled_fingerprint(spool, spool.name) == expected
+    with open(spool.name, "ab") as handle:  # changed behind the spool's back
+        handle.write(b"x")
+    assert spooled_fingerprint(spool, spool.name) is None
+    assert spooled_fingerprint(object(), spool.name) is None  # pynetdicom's own temporary file
+    os.unlink(spool.name)
+
+
+def test_move_durably_takes_a_known_fingerprint_without_reading(tmp_path: Path) -> None:
+    src, dst = tmp_path / "spooled.dcm", tmp_path / "kept.dcm"
+    src.write_bytes(b"content")
+    known = (7, "ab" * 32)  # not the file's digest: proves it was not recomputed
+    assert storage.move_durably(src, dst, known) == known
+    assert dst.read_bytes() == b"content" and not src.exists()
+
+
+# -- a real sender through the listener ------------------------------------------------------
+
+
+def large_dx(path: Path, rows: int = 2048, cols: int = 2048) -> Path:
+    """A DX instance of ``rows`` x ``cols`` 16-bit pixels: many PDUs, several write-backs."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality, ds.PatientID = "DX", "DATAPATH"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = rows, cols, 1
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    pixels = np.random.default_rng(1).integers(0, 4096, (rows, cols), dtype=np.uint16)
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.dicom_peers
+def test_storescu_instance_is_spooled_hashed_and_not_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An 8 MiB instance from DCMTK storescu (64 PDUs of 128 KiB) goes through the data path
+    into a SpoolFile; the recorded SHA-256 is the stored file's, taken from the spool."""
+    fingerprints: list[tuple[int, str] | None] = []
+    move = storage.move_durably
+
+    def spy(src: Path, dst: Path, fingerprint: tuple[int, str] | None = None) -> tuple[int, str]:
+        fingerprints.append(fingerprint)
+        return move(src, dst, fingerprint)
+
+    monkeypatch.setattr(storage, "move_durably", spy)
+    sent = large_dx(tmp_path / "large.dcm")
+    config = make_config(tmp_path, max_pdu=131072)
+    with listening(config) as listener:
+        done = storescu(listener.port, sent)
+        assert done.returncode == 0, done.stderr
+        rows = instance_rows(listener)
+    assert len(fingerprints) == 1 and fingerprints[0] is not None
+    (row,) = rows.values()
+    stored = Path(row["path"]).read_bytes()
+    assert pydicom.dcmread(Path(row["path"])).PixelData == pydicom.dcmread(sent).PixelData
+    assert fingerprints[0] == (len(stored), hashlib.sha256(stored).hexdigest())
+    assert row["sha256"] == hashlib.sha256(stored).hexdigest()
+
+
+# -- waiting loops ---------------------------------------------------------------------------
+
+
+def test_polling_clock_waits_only_for_pynetdicoms_poll_delay_on_threads_with_a_waiter() -> None:
+    clock = PollingClock()
+    assert clock.monotonic is time.monotonic  # everything else is the time module's
+    waiter = AssociationWaiter()
+    woken: list[float] = []
+
+    def loop() -> None:
+        start = time.monotonic()
+        clock.sleep(reactor.POLL_DELAY)  # waits for the wake, not 1 ms
+        woken.append(time.monotonic() - start)
+
+    thread = threading.Thread(target=loop)
+    setattr(thread, reactor.WAITER, waiter)
+    thread.start()
+    time.sleep(0.02)
+    assert not woken  # still waiting after 20 ms, where it slept 1 ms before
+    waiter.wake()
+    thread.join(1)
+    assert woken and woken[0] < reactor.MAX_WAIT + 0.5
+    start = time.monotonic()
+    clock.sleep(reactor.POLL_DELAY)  # this thread has no waiter: a plain 1 ms sleep
+    assert time.monotonic() - start < reactor.MAX_WAIT
+
+
+class _FakeDul:
+    def __init__(self, sock: Any) -> None:
+        self.socket = type("Transport", (), {"socket": sock, "_is_connected": True})()
+        self.artim_timer = type("Timer", (), {"remaining": 10.0})()
+
+
+def test_dul_waiter_returns_on_data_or_a_wake_and_drains_the_wakes() -> None:
+    import socket
+
+    ours, theirs = socket.socketpair()
+    waiter = DulWaiter(_FakeDul(ours))
+    try:
+        start = time.monotonic()
+        waiter.wait()  # nothing: bounded by MAX_WAIT
+        assert reactor.MAX_WAIT * 0.8 <= time.monotonic() - start < reactor.MAX_WAIT + 0.5
+        for _ in range(3):
+            waiter.wake()
+        start = time.monotonic()
+        waiter.wait()  # woken at once, all three wakes drained
+        assert time.monotonic() - start < reactor.MAX_WAIT
+        theirs.send(b"PDU")
+        start = time.monotonic()
+        waiter.wait()  # data on the socket
+        assert time.monotonic() - start < reactor.MAX_WAIT
+    finally:
+        waiter.close()
+        waiter.wake()  # after close: ignored, never a stray write to a reused descriptor
+        ours.close()
+        theirs.close()
+
+
+def test_idle_associations_wait_instead_of_polling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four associations held open and idle for 0.5 s: their loops passed at most a few
+    dozen times (pynetdicom's polling passed about 500 times per thread), and C-ECHO and the
+    release still answer at once."""
+    passes = {"dul": 0, "association": 0}
+
+    def counting(kind: str, wait: Any) -> Any:
+        def counted(self: Any) -> None:
+            passes[kind] += 1
+            wait(self)
+
+        return counted
+
+    monkeypatch.setattr(DulWaiter, "wait", counting("dul", DulWaiter.wait))
+    monkeypatch.setattr(AssociationWaiter, "wait", counting("association", AssociationWaiter.wait))
+    config = make_config(tmp_path)
+    with listening(config) as listener:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(Verification)
+        assocs = [ae.associate("127.0.0.1", listener.port, ae_title=NODE_AE) for _ in range(4)]
+        assert all(a.is_established for a in assocs)
+        time.sleep(0.2)
+        before = dict(passes)
+        time.sleep(0.5)
+        idle = {kind: passes[kind] - before[kind] for kind in passes}
+        start = time.monotonic()
+        assert all(int(a.send_c_echo().Status) == 0 for a in assocs)
+        for a in assocs:
+            a.release()
+        answered = time.monotonic() - start
+    # 4 associations x 0.5 s / MAX_WAIT (0.05 s) = 40 passes per kind; polling would be 2,000
+    # (none at all would mean pynetdicom's own sleeps ran: the clock was not in place)
+    assert all(4 <= count <= 80 for count in idle.values()), idle
+    assert answered < 2.0
+
+
+# -- presentation contexts -------------------------------------------------------------------
+
+
+def test_supported_contexts_copy_is_independent_and_equal(tmp_path: Path) -> None:
+    contexts = SupportedContexts(build_ae(make_config(tmp_path)).supported_contexts)
+    copies = copy.deepcopy(contexts)
+    assert [(c.abstract_syntax, c.transfer_syntax) for c in copies] == [
+        (c.abstract_syntax, c.transfer_syntax) for c in contexts
+    ]
+    assert all(
+        a is not b and a._transfer_syntax is not b._transfer_syntax
+        for a, b in zip(copies, contexts, strict=True)
+    )
+    copies[0].result = 0
+    copies[0]._transfer_syntax.append("1.2.3")
+    assert contexts[0].result is None and "1.2.3" not in contexts[0].transfer_syntax
