@@ -233,7 +233,8 @@ def node_listener(
             time.sleep(0.1)
         yield Receiver(port, NODE_AE, state, process.pid)
     finally:
-        under_py_spy = children(process.pid)
+        # under py-spy the node is py-spy's child; otherwise its children are receivers
+        under_py_spy = children(process.pid) if profile_out is not None else []
         for child in under_py_spy:  # stop the node; py-spy then writes its profile and exits
             os.kill(child, signal.SIGTERM)
         if under_py_spy:
