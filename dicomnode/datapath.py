@@ -1,10 +1,10 @@
-"""The listener's receive data path: P-DATA-TF PDUs straight into a hashed spool file.
+"""The listener's receive data path: P-DATA-TF PDUs straight into the spool file.
 
 pynetdicom (3.0) handles every PDU the same way: it copies the PDU into ``bytes``, decodes each
 presentation data value into new ``bytes``, builds a PDU object and a primitive, passes an event
 through its queue and state machine, and writes each data set fragment through a ``tempfile``
-wrapper; the C-STORE handler then read the whole spooled file back to hash it. That is four
-copies and a read-back of every byte, in Python, on the thread that also receives.
+wrapper; the C-STORE handler then read the whole spooled file back to hash it. That was four
+copies, a read-back and a SHA-256 of every byte, in Python, on the thread that also receives.
 
 On an association the listener accepted, :class:`DataPath` stands in for the DUL's
 ``_read_pdu_data``. It reads each PDU as pynetdicom does (header, then body, through the
@@ -21,9 +21,10 @@ socket's ``recv``, which is the listener's :class:`~dicomnode.limits.PduLengthGu
 
 The data set then goes into a :class:`SpoolFile`, which pynetdicom's chunked receive creates
 instead of a ``NamedTemporaryFile`` while a listener runs (:func:`spool_files`): unbuffered
-writes, the SHA-256 computed as the bytes arrive (no read-back), and write-back to disk started
-every :data:`WRITEBACK_BYTES`, so the fsync before the C-STORE response waits for the tail of
-the file only.
+writes, and write-back to disk started every :data:`WRITEBACK_BYTES`, so the fsync before the
+C-STORE response waits for the tail of the file only. Nothing on this path hashes: the
+SHA-256 that identifies a source image in the results is computed by the worker as it decodes
+(it reads every byte anyway), and by a site for the jobs it hands to a worker pool.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import hashlib
 import os
 import struct
 import tempfile
@@ -83,8 +83,7 @@ _START_WRITEBACK = _sync_file_range()
 
 class SpoolFile:
     """The file one incoming data set is spooled into: what pynetdicom's chunked receive uses
-    of ``NamedTemporaryFile(delete=False)`` (``name``, ``write``, ``file.flush``, ``close``),
-    plus the size and SHA-256 of everything written (:meth:`fingerprint`).
+    of ``NamedTemporaryFile(delete=False)`` (``name``, ``write``, ``file.flush``, ``close``).
 
     Writes go straight to the descriptor (``os.write``, no buffer to flush). Created with
     ``tempfile.mkstemp`` (mode 0600) in ``tempfile``'s folder, which the listener points at its
@@ -94,15 +93,12 @@ class SpoolFile:
     def __init__(self, *, suffix: str = "", **_: Any) -> None:
         self._fd, self.name = tempfile.mkstemp(suffix=suffix)
         self.file = self  # pynetdicom flushes ``file`` after each fragment
-        self._digest = hashlib.sha256()
         self.size = 0
         self._written_back = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        """Write all of ``data``, hash it, and start write-back of each full
-        :data:`WRITEBACK_BYTES`."""
+        """Write all of ``data``; start write-back of each further :data:`WRITEBACK_BYTES`."""
         view = memoryview(data)
-        self._digest.update(view)
         done = 0
         while done < len(view):
             done += os.write(self._fd, view[done:])
@@ -119,24 +115,6 @@ class SpoolFile:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
-
-    def fingerprint(self) -> tuple[int, str]:
-        """Size and SHA-256 hex digest of everything written."""
-        return self.size, self._digest.hexdigest()
-
-
-def spooled_fingerprint(spool: object, path: str) -> tuple[int, str] | None:
-    """The size and SHA-256 of the spooled file at ``path`` as its :class:`SpoolFile` wrote it,
-    or None when it was not written by one or the file on disk is not that size any more."""
-    if not isinstance(spool, SpoolFile):
-        return None
-    size, digest = spool.fingerprint()
-    try:
-        if os.stat(path).st_size != size:
-            return None
-    except OSError:
-        return None
-    return size, digest
 
 
 @contextlib.contextmanager

@@ -102,6 +102,9 @@ class StoredInstance:
     path: Path
     size: int
     sha256: str
+    """SHA-256 (hex) of the file, or ``""`` where it was not hashed when stored: the listener
+    does not hash what it receives (the worker hashes what it decodes, the site hashes what it
+    hands to a worker pool, :func:`dicomnode.storage.file_sha256`)."""
     calling_ae: str
 
 

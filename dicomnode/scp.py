@@ -40,7 +40,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dicomnode import metrics, tls
 from dicomnode.children import ChildContext, ChildSupervisor
 from dicomnode.config import AllowedCaller, Config, OtherSopClasses
-from dicomnode.datapath import spool_files, spooled_fingerprint
+from dicomnode.datapath import spool_files
 from dicomnode.health import LISTENER
 from dicomnode.limits import InboundLimits, space_shortfall, spooled_dataset_size
 from dicomnode.logging import configure_logging, get_logger
@@ -639,7 +639,6 @@ class Listener:
                 header,
                 event.assoc.requestor.ae_title,
                 move=True,
-                fingerprint=spooled_fingerprint(getattr(request, "_dataset_file", None), str(path)),
             )
         except (OSError, sqlite3.Error) as exc:
             reason = f"{type(exc).__name__}: {exc}"
@@ -648,7 +647,6 @@ class Listener:
             **ids,
             "outcome": str(result.outcome),
             "size": result.instance.size,
-            "sha256": result.instance.sha256,
         }
         return StoreStatus.SUCCESS, fields
 

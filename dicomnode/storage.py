@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import filecmp
 import hashlib
 import os
 import re
@@ -83,16 +84,24 @@ def copy_durably(src: Path, dst: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def move_durably(
-    src: Path, dst: Path, fingerprint: tuple[int, str] | None = None
-) -> tuple[int, str]:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 hex digest of the file ``path``."""
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def same_bytes(a: Path, b: Path) -> bool:
+    """Whether files ``a`` and ``b`` hold the same bytes."""
+    return a.stat().st_size == b.stat().st_size and filecmp.cmp(a, b, shallow=False)
+
+
+def move_durably(src: Path, dst: Path) -> tuple[int, str]:
     """Give the file ``src`` the new name ``dst`` (which must not exist), fsync it, and return its
-    size and SHA-256 hex digest: the received file is kept instead of written a second time.
-    ``fingerprint``, the size and digest already known (hashed as it was written), spares
-    reading the file back.
+    size and ``""``: the received file is kept instead of written a second time, and not read
+    back to hash it (:attr:`~dicomnode.records.StoredInstance.sha256`).
 
     ``src`` and ``dst`` should be on one file system; where they are not (``EXDEV``), ``src`` is
-    copied with :func:`copy_durably` and left in place.
+    copied with :func:`copy_durably` (which hashes what it copies) and left in place.
     """
     try:
         os.link(src, dst)
@@ -101,21 +110,12 @@ def move_durably(
             raise
         return copy_durably(src, dst)
     src.unlink(missing_ok=True)
-    if fingerprint is not None:
-        fd = os.open(dst, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return fingerprint
-    digest = hashlib.sha256()
-    size = 0
-    with dst.open("rb") as handle:
-        while chunk := handle.read(COPY_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-        os.fsync(handle.fileno())
-    return size, digest.hexdigest()
+    fd = os.open(dst, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        return os.fstat(fd).st_size, ""
+    finally:
+        os.close(fd)
 
 
 def _canonical(value: object) -> object:
@@ -341,10 +341,11 @@ class StoreLock:
 class InstanceStore:
     """Writes received instances durably and records them, one row per SOP Instance UID.
 
-    Same SOP Instance UID again: identical bytes (same SHA-256), or the same dataset in another
-    encoding (:func:`same_content`, e.g. re-sent in another transfer syntax), are a duplicate
-    and change nothing (the first copy is kept); different content replaces the stored file
-    and row and makes the study run again (a corrected re-send). The check-rename-record step
+    Same SOP Instance UID again: identical bytes (:func:`same_bytes`), or the same dataset in
+    another encoding (:func:`same_content`, e.g. re-sent in another transfer syntax), are a
+    duplicate and change nothing (the first copy is kept); different content replaces the
+    stored file and row and makes the study run again (a corrected re-send). The
+    check-rename-record step
     runs under a lock (:class:`StoreLock`, across threads and processes) so two associations
     sending the same instance at once cannot leave a row that disagrees with its file.
     """
@@ -362,23 +363,19 @@ class InstanceStore:
         now: float | None = None,
         *,
         move: bool = False,
-        fingerprint: tuple[int, str] | None = None,
     ) -> StoreResult:
         """Store the DICOM file ``received`` (File Meta + dataset as received) durably.
 
         With ``move`` the file itself is taken (the listener's spool file, which pynetdicom would
-        delete next): renamed into place instead of copied, so each instance is written once;
-        its ``fingerprint`` (size, SHA-256), when the listener hashed it as it arrived, spares
-        reading it back.
+        delete next): renamed into place instead of copied, so each instance is written once,
+        and not hashed (its ``sha256`` is then ``""``).
         Raises OSError (disk full, permissions) or sqlite3.Error; nothing is recorded then.
         """
         final = self.layout.instance_path(header.study_instance_uid, header.sop_instance_uid)
         partial = self.layout.tmp_dir / f"{uuid.uuid4().hex}.part"
         try:
-            if move:
-                size, sha256 = move_durably(received, partial, fingerprint)
-            else:
-                size, sha256 = copy_durably(received, partial)
+            keep = move_durably if move else copy_durably
+            size, sha256 = keep(received, partial)
             instance = StoredInstance(
                 sop_instance_uid=header.sop_instance_uid,
                 sop_class_uid=header.sop_class_uid,
@@ -395,7 +392,7 @@ class InstanceStore:
                 if (
                     existing is not None
                     and existing.path.exists()
-                    and (existing.sha256 == sha256 or same_content(existing.path, partial))
+                    and (same_bytes(existing.path, partial) or same_content(existing.path, partial))
                 ):
                     return StoreResult(existing, StoreOutcome.DUPLICATE)
                 self._publish(partial, final)

@@ -52,7 +52,6 @@ row could be written is a failure (exit status 1).
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import multiprocessing
 import os
@@ -71,7 +70,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from dicomnode.pixels import View, load_view
-from dicomnode.storage import check_uid
+from dicomnode.storage import check_uid, file_sha256
 from dicomnode.worker import decode_reason, resolve_view_region
 from inference.preprocess import MIN_SIDE, preprocess
 from inference.regions import CALIBRATION_GROUPS, GLOBAL_GROUP, REGIONS
@@ -373,11 +372,6 @@ def scan_folder(root: Path, mapper: Mapper) -> FolderScan:
         else:
             found.setdefault(uid, []).append(path)
     return FolderScan({uid: tuple(p) for uid, p in found.items()}, not_dicom)
-
-
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def choose_source(paths: Sequence[Path]) -> Path | None:

@@ -9,7 +9,7 @@ batch; the result objects (SR, Secondary Capture, GSPS as ``[outputs]`` asks) ar
 ``results/<StudyUID>/job-<id>/`` and handed to the queue, which creates one delivery per
 destination. A re-run of a study (a late or corrected instance) writes a new SR naming the
 previous one as predecessor; result UIDs follow each source image's SOP Instance UID and bytes
-(``View.sha256``, the SHA-256 of the stored instance the listener recorded), see
+(``View.sha256``, the SHA-256 of the stored file as decoded: the listener does not hash), see
 :mod:`dicomnode.uids`.
 
 The lease is renewed in the background while a job runs, so a slow study on a slow machine is
@@ -61,7 +61,7 @@ from dicomnode.records import (
     StudyJob,
 )
 from dicomnode.scope import Scope
-from dicomnode.storage import StateLayout, installation_uid
+from dicomnode.storage import StateLayout, file_sha256, installation_uid
 from dicomnode.uids import ResultKind, SourceIdentity, derive_uid
 from dicomnode.writers import (
     ImageFinding,
@@ -206,9 +206,10 @@ def decode_study(instances: Sequence[StoredInstance]) -> DecodedStudy:
                 )
             skipped.append(SkippedView(instance.sop_instance_uid, decode_reason(exc)))
             continue
-        if view.sha256 != instance.sha256:
-            # A corrected re-send replaced the file after the job was leased; the results
-            # follow the bytes decoded (view.sha256), and the study runs again for the change.
+        if instance.sha256 and view.sha256 != instance.sha256:
+            # Where the job carries a hash (a pool's job; a row written by copy_durably): a
+            # corrected re-send replaced the file after the job was leased; the results follow
+            # the bytes decoded (view.sha256), and the study runs again for the change.
             log.warning(
                 "instance_replaced_during_job",
                 sop_instance_uid=instance.sop_instance_uid,
@@ -279,7 +280,9 @@ def unreadable(
         except Exception:  # the reason is already logged and in the note
             continue
         drop_unreadable(header)  # as for a decoded view: the writers read this header
-        source = SourceIdentity(instance.sop_instance_uid, instance.sha256)
+        source = SourceIdentity(
+            instance.sop_instance_uid, instance.sha256 or file_sha256(instance.path)
+        )
         images.append(NotAnalysedImage(header, source, UNDECODABLE))
     return images
 

@@ -9,7 +9,6 @@ and that idle associations wait instead of polling.
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import struct
 import threading
@@ -26,13 +25,7 @@ from pynetdicom import AE, dimse_messages
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode import reactor, storage
-from dicomnode.datapath import (
-    SpoolFile,
-    count_dataset_bytes,
-    parse_pdvs,
-    spool_files,
-    spooled_fingerprint,
-)
+from dicomnode.datapath import DataPath, SpoolFile, count_dataset_bytes, parse_pdvs, spool_files
 from dicomnode.reactor import AssociationWaiter, DulWaiter, PollingClock
 from dicomnode.receivers import SupportedContexts
 from dicomnode.scp import build_ae
@@ -88,7 +81,7 @@ def test_count_dataset_bytes_counts_data_fragments_of_the_unfinished_message() -
 # -- the spool file --------------------------------------------------------------------------
 
 
-def test_spool_file_hashes_what_it_writes_and_starts_write_back(tmp_path: Path) -> None:
+def test_spool_file_writes_everything_and_starts_write_back(tmp_path: Path) -> None:
     rng = np.random.default_rng(7)
     chunks = [rng.bytes(size) for size in (132, 3 * 1024 * 1024, 2 * 1024 * 1024 + 17, 1)]
     with spool_files():
@@ -96,30 +89,36 @@ def test_spool_file_hashes_what_it_writes_and_starts_write_back(tmp_path: Path) 
         spool = dimse_messages.NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm", dir=None)
     try:
         for chunk in chunks:
-            spool.write(memoryview(chunk))
+            assert spool.write(memoryview(chunk)) == len(chunk)
             spool.file.flush()
+        # write-back starts once 4 MiB are pending: after the third chunk, not the fourth
         assert spool._written_back == 3 * 1024 * 1024 + 132 + 2 * 1024 * 1024 + 17
+        assert spool.size == sum(map(len, chunks))
     finally:
         spool.close()
+        spool.close()  # twice: harmless, as for a file object
     assert dimse_messages.NamedTemporaryFile is not SpoolFile  # restored
-    content = Path(spool.name).read_bytes()
-    assert content == b"".join(chunks)
-    expected = (len(content), hashlib.sha256(content).hexdigest())
-    assert spool.fingerprint() == expected
-    assert spooled_fingerprint(spool, spool.name) == expected
-    with open(spool.name, "ab") as handle:  # changed behind the spool's back
-        handle.write(b"x")
-    assert spooled_fingerprint(spool, spool.name) is None
-    assert spooled_fingerprint(object(), spool.name) is None  # pynetdicom's own temporary file
+    assert Path(spool.name).read_bytes() == b"".join(chunks)
+    assert spool.name.endswith(".dcm") and Path(spool.name).stat().st_mode & 0o077 == 0
     os.unlink(spool.name)
 
 
-def test_move_durably_takes_a_known_fingerprint_without_reading(tmp_path: Path) -> None:
+def test_move_durably_keeps_the_file_without_hashing_it(tmp_path: Path) -> None:
     src, dst = tmp_path / "spooled.dcm", tmp_path / "kept.dcm"
     src.write_bytes(b"content")
-    known = (7, "ab" * 32)  # not the file's digest: proves it was not recomputed
-    assert storage.move_durably(src, dst, known) == known
-    assert dst.read_bytes() == b"content" and not src.exists()
+    inode = src.stat().st_ino
+    assert storage.move_durably(src, dst) == (7, "")
+    assert dst.read_bytes() == b"content" and not src.exists() and dst.stat().st_ino == inode
+
+
+def test_same_bytes_compares_content(tmp_path: Path) -> None:
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    a.write_bytes(b"x" * 5000)
+    b.write_bytes(b"x" * 5000)
+    c.write_bytes(b"x" * 4999 + b"y")
+    assert storage.same_bytes(a, b) and not storage.same_bytes(a, c)
+    c.write_bytes(b"x" * 4999)
+    assert not storage.same_bytes(a, c)  # another size
 
 
 # -- a real sender through the listener ------------------------------------------------------
@@ -147,31 +146,38 @@ def large_dx(path: Path, rows: int = 2048, cols: int = 2048) -> Path:
 
 
 @pytest.mark.dicom_peers
-def test_storescu_instance_is_spooled_hashed_and_not_read_back(
+def test_storescu_instance_takes_the_data_path_into_a_spool_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An 8 MiB instance from DCMTK storescu (64 PDUs of 128 KiB) goes through the data path
-    into a SpoolFile; the recorded SHA-256 is the stored file's, taken from the spool."""
-    fingerprints: list[tuple[int, str] | None] = []
-    move = storage.move_durably
+    """An 8 MiB instance from DCMTK storescu (64 PDUs of 128 KiB) is handed to the DIMSE
+    provider PDU by PDU (not through pynetdicom's event queue), spooled into a SpoolFile and
+    stored as sent, without a hash."""
+    handed: list[bool] = []
+    spools: list[SpoolFile] = []
+    data, init = DataPath._data, SpoolFile.__init__
 
-    def spy(src: Path, dst: Path, fingerprint: tuple[int, str] | None = None) -> tuple[int, str]:
-        fingerprints.append(fingerprint)
-        return move(src, dst, fingerprint)
+    def counted_data(self: DataPath, body: bytearray) -> bool:
+        handed.append(data(self, body))
+        return handed[-1]
 
-    monkeypatch.setattr(storage, "move_durably", spy)
+    def counted_init(self: SpoolFile, **kwargs: Any) -> None:
+        init(self, **kwargs)
+        spools.append(self)
+
+    monkeypatch.setattr(DataPath, "_data", counted_data)
+    monkeypatch.setattr(SpoolFile, "__init__", counted_init)
     sent = large_dx(tmp_path / "large.dcm")
-    config = make_config(tmp_path, max_pdu=131072)
-    with listening(config) as listener:
+    with listening(make_config(tmp_path, max_pdu=131072)) as listener:
         done = storescu(listener.port, sent)
         assert done.returncode == 0, done.stderr
         rows = instance_rows(listener)
-    assert len(fingerprints) == 1 and fingerprints[0] is not None
+    assert len(handed) >= 64 and all(handed)  # every P-DATA-TF PDU took the data path
+    assert len(spools) == 1 and spools[0].size > 8 * 1024 * 1024
     (row,) = rows.values()
-    stored = Path(row["path"]).read_bytes()
-    assert pydicom.dcmread(Path(row["path"])).PixelData == pydicom.dcmread(sent).PixelData
-    assert fingerprints[0] == (len(stored), hashlib.sha256(stored).hexdigest())
-    assert row["sha256"] == hashlib.sha256(stored).hexdigest()
+    stored = pydicom.dcmread(Path(row["path"]))
+    assert stored.PixelData == pydicom.dcmread(sent).PixelData
+    assert row["size"] == Path(row["path"]).stat().st_size == spools[0].size
+    assert row["sha256"] == ""
 
 
 # -- waiting loops ---------------------------------------------------------------------------

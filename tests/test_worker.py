@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -24,16 +25,18 @@ from dicomnode.demo import dx_from_image
 from dicomnode.pixels import View
 from dicomnode.queue.protocol import LeaseLostError
 from dicomnode.queue.sqlite import SqliteJobQueue
-from dicomnode.records import JobState, StudyJob
+from dicomnode.records import JobState, StoredInstance, StudyJob
 from dicomnode.scp import read_header
 from dicomnode.storage import InstanceStore, StateLayout
 from dicomnode.uids import ResultKind, SourceIdentity, report_uid
 from dicomnode.worker import (
+    SkippedView,
     Worker,
     lease_kept,
     load_ensemble,
     resolve_view_region,
     skipped_note,
+    unreadable,
 )
 from dicomnode.writers import ImageFinding, write_results
 from inference.ensemble import Ensemble, EnsembleOutput
@@ -68,9 +71,13 @@ class Node:
         self.worker = Worker(config, ensemble, self.queue, owner="test-worker")
 
     def receive(self, *files: Path) -> None:
-        """Store files as the listener does, received long enough ago to be stable."""
+        """Store files as the listener does (a spooled copy moved into place, not hashed),
+        received long enough ago to be stable."""
         for path in files:
-            self.store.store(path, read_header(path), "MODALITY", now=time.time() - 60)
+            spooled = self.layout.spool_dir / f"{path.name}.{time.monotonic_ns()}"
+            shutil.copyfile(path, spooled)
+            received = time.time() - 60
+            self.store.store(spooled, read_header(path), "MODALITY", now=received, move=True)
         self.queue.enqueue_stable_studies()
 
     def jobs(self, study_uid: str) -> list[tuple[int, JobState, str | None, int]]:
@@ -148,6 +155,20 @@ def test_a_broken_instance_is_skipped_and_the_rest_of_the_study_analysed(
     (status,) = [s for s in node.db.recent_studies() if s.study_instance_uid == study]
     assert status.last_error is None and status.note is not None
     assert status.note.startswith(f"1 of 2 views skipped: {skipped.sop_instance_uid}: cannot")
+
+
+def test_an_unreadable_view_is_identified_by_the_hash_of_its_file(tmp_path: Path) -> None:
+    """The listener stores without hashing (sha256 ""): a view that does not decode is then
+    identified in the results by the SHA-256 of its stored file, computed by the worker."""
+    broken = DICOM_SAMPLES / "RG2_JPLY_BROKEN.dcm"
+    header = read_header(broken)
+    instance = StoredInstance(
+        header.sop_instance_uid, header.sop_class_uid, header.study_instance_uid,
+        header.series_instance_uid, header.transfer_syntax_uid, broken,
+        broken.stat().st_size, "", "MODALITY",
+    )
+    (image,) = unreadable([instance], [SkippedView(header.sop_instance_uid, "cannot decode")])
+    assert image.source.sha256 == hashlib.sha256(broken.read_bytes()).hexdigest()
 
 
 def whole_image_groups(sr: hd.sr.Comprehensive3DSR) -> list[object]:

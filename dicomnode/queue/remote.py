@@ -51,6 +51,7 @@ from dicomnode.queue.protocol import JobQueue
 from dicomnode.queue.rabbitmq import Broker, ReceivedJob, death_reason
 from dicomnode.queue.transfer import TransferError, fetch_instances
 from dicomnode.records import Destination, ResultFile, StoredInstance, StudyJob
+from dicomnode.storage import file_sha256
 
 log = get_logger(__name__)
 
@@ -117,7 +118,7 @@ class JobDispatcher:
                     i.series_instance_uid,
                     i.transfer_syntax_uid,
                     i.size,
-                    i.sha256,
+                    i.sha256 or file_sha256(i.path),  # the listener does not hash
                     f"{base}/instances/{i.sop_instance_uid}",
                 )
                 for i in job.instances

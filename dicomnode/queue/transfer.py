@@ -121,7 +121,8 @@ def _handler(
             self.send_response(200)
             self.send_header("Content-Type", "application/dicom")
             self.send_header("Content-Length", str(stored.path.stat().st_size))
-            self.send_header("ETag", f'"{stored.sha256}"')
+            if stored.sha256:  # "" where the listener stored it without hashing
+                self.send_header("ETag", f'"{stored.sha256}"')
             self.end_headers()
             with stored.path.open("rb") as handle:
                 if isinstance(self.connection, ssl.SSLSocket):
