@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from pynetdicom import dimse_messages
+from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import P_DATA
 
 from dicomnode.logging import get_logger
@@ -51,8 +52,13 @@ P_DATA_TF = 0x04
 PDU_TYPES = frozenset(range(0x01, 0x08))
 """The PDU types of PS3.8 9.3; pynetdicom reads no body after any other type."""
 ESTABLISHED = "Sta6"
+_SOURCE_PROVIDER, _INVALID_PDU_PARAMETER_VALUE = 0x02, 0x06
 """PS3.8 Table 9-10: association established, ready for data transfer."""
 
+BURST_PDUS = 64
+"""Most PDUs one pass of the DUL's loop reads: pynetdicom's loop (timer checks, its queues, a
+readiness check) runs between bursts instead of between PDUs, and a primitive to send (a
+response) waits for at most the burst in progress."""
 WRITEBACK_BYTES = 4 * 1024 * 1024
 """A spool file starts writing to disk each time this many more bytes were written."""
 
@@ -166,6 +172,40 @@ def count_dataset_bytes(
     return pending, pending > limit
 
 
+def association_request_problem(pdu: A_ASSOCIATE_RQ) -> str | None:
+    """What makes the decoded A-ASSOCIATE-RQ ``pdu`` one pynetdicom cannot negotiate, or None.
+
+    PS3.8 9.3.2: every presentation context has an odd ID from 1 to 255, one abstract syntax
+    and at least one transfer syntax, and the request has a User Information item. pynetdicom
+    (3.0) fails on a context without a transfer syntax in its acceptor thread (IndexError), so
+    the connection stayed open with nobody serving it, for ever; on an even ID or a missing User
+    Information item it closed the connection without a word. Such a request gets an A-ABORT
+    (as any invalid PDU, PS3.8 9.2 action AA-1)."""
+    for context in pdu.presentation_context:
+        cid = context.context_id
+        if cid is None or not (1 <= cid <= 255 and cid % 2 == 1):
+            return f"presentation context ID {cid} is not an odd number from 1 to 255"
+        if not context.abstract_syntax:
+            return f"presentation context {cid} has no abstract syntax"
+        if not context.transfer_syntax or not all(context.transfer_syntax):
+            return f"presentation context {cid} has no transfer syntax"
+    user_information = pdu.user_information
+    if user_information is None or not user_information.implementation_class_uid:
+        return "no User Information item with an Implementation Class UID"
+    return None
+
+
+def refuse_pdu(sock: Any, peer: str, pdu_type: int, reason: str, **fields: int) -> None:
+    """Log a refused PDU and send an A-ABORT (service provider, invalid PDU parameter value)
+    straight to the socket of the association's transport ``sock`` (pynetdicom's send would
+    queue a second close event on failure)."""
+    log.warning("pdu_refused", peer=peer, pdu_type=f"0x{pdu_type:02X}", reason=reason, **fields)
+    abort = A_ABORT_RQ()
+    abort.source, abort.reason_diagnostic = _SOURCE_PROVIDER, _INVALID_PDU_PARAMETER_VALUE
+    with contextlib.suppress(OSError, AttributeError):
+        sock.socket.sendall(abort.encode())
+
+
 class DataPath:
     """Reads the PDUs of one accepted association (installed as its DUL's
     ``_read_pdu_data``; runs in the DUL thread). See the module's description."""
@@ -180,24 +220,38 @@ class DataPath:
         setattr(self.dul, "_read_pdu_data", self.read_pdu)  # noqa: B010 (instance attribute)
 
     def read_pdu(self) -> None:
-        """Read one PDU; put its event in the DUL's event queue, or hand its data on."""
+        """Read PDUs while P-DATA-TF PDUs can be handed on at once and more data is waiting
+        (at most :data:`BURST_PDUS`, and never while the DUL has a primitive to send); stop at
+        the first PDU that goes to pynetdicom's state machine, its event queued."""
+        for _ in range(BURST_PDUS):
+            if not self._read_one() or not self._more_waiting():
+                return
+
+    def _more_waiting(self) -> bool:
+        dul = self.dul
+        return bool(dul.to_provider_queue.empty() and dul.event_queue.empty() and dul.socket.ready)
+
+    def _read_one(self) -> bool:
+        """Read one PDU; True when it was handed on without an event (read on), False when its
+        event is queued (or the connection failed)."""
         dul = self.dul
         header = self._receive(PDU_HEADER)
         if header is None or len(header) != PDU_HEADER:
             dul.event_queue.put("Evt17")  # transport connection closed
-            return
+            return False
         pdu_type, _, length = struct.unpack(">BBI", header)
         if pdu_type not in PDU_TYPES:
             log.warning("pdu_unknown", peer=self.assoc.requestor.address, pdu_type=pdu_type)
             dul.event_queue.put("Evt19")  # unrecognised PDU
-            return
+            return False
         body = self._receive(length)
         if body is None or len(body) != length:
             dul.event_queue.put("Evt17")
-            return
+            return False
         if pdu_type == P_DATA_TF and self._data(body):
-            return
+            return True
         self._decode(header + body)
+        return False
 
     def _receive(self, nr_bytes: int) -> bytearray | None:
         try:

@@ -1,8 +1,9 @@
 """Limits on what a peer may make the listener hold: PDU length (memory), data set size and free
 space (disk), a stalled transfer (an association slot); and guards for the malformed requests
-on which pynetdicom (3.0) fails with an exception instead of an answer (an association request
-with a presentation context it cannot negotiate, a command set it cannot decode, a local event
-in the state that closes the association). Used by :mod:`dicomnode.scp`.
+on which pynetdicom (3.0) fails with an exception instead of an answer (a command set it cannot
+decode, a local event in the state that closes the association; an association request it
+cannot negotiate is refused where PDUs are read, :mod:`dicomnode.datapath`). Used by
+:mod:`dicomnode.scp`.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from pynetdicom import evt
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.events import EventHandlerType
 from pynetdicom.fsm import TRANSITION_TABLE
-from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
+from pynetdicom.pdu import A_ABORT_RQ
 
 from dicomnode import reactor
 from dicomnode.config import NodeConfig
-from dicomnode.datapath import DataPath
+from dicomnode.datapath import DataPath, refuse_pdu
 from dicomnode.logging import get_logger
 
 log = get_logger(__name__)
@@ -48,11 +49,11 @@ MAX_OTHER_PDU = 1024 * 1024
 """Longest PDU other than P-DATA-TF the listener reads (an A-ASSOCIATE-RQ with every storage
 SOP class and transfer syntax is some tens of kB)."""
 
-_PDU_HEADER, _A_ASSOCIATE_RQ, _P_DATA_TF = 6, 0x01, 0x04
+_PDU_HEADER, _P_DATA_TF = 6, 0x04
 #: The PDU types pynetdicom reads a body for (PS3.8 9.3); after any other type it reads the
 #: next 6-byte header at once.
 _PDU_TYPES = frozenset(range(0x01, 0x08))
-_SOURCE_PROVIDER, _INVALID_PDU_PARAMETER_VALUE = 0x02, 0x06
+_SOURCE_PROVIDER = 0x02
 
 
 def receive_exactly(sock: Any, nr_bytes: int) -> bytearray:
@@ -133,56 +134,10 @@ class PduLengthGuard:
             pdu_type, _, length = struct.unpack(">BBI", bytes(data))
             if pdu_type in _PDU_TYPES:  # pynetdicom reads no body after an unknown type
                 self._declared = (pdu_type, length)
-        elif declared is not None and declared[0] == _A_ASSOCIATE_RQ and len(data) == nr_bytes:
-            problem = association_request_problem(bytes(data))
-            if problem is not None:
-                self._refuse(_A_ASSOCIATE_RQ, problem, length=nr_bytes)
-                return bytearray()
         return data
 
     def _refuse(self, pdu_type: int, reason: str, **fields: int) -> None:
-        log.warning(
-            "pdu_refused",
-            peer=self._peer,
-            pdu_type=f"0x{pdu_type:02X}",
-            reason=reason,
-            **fields,
-        )
-        abort = A_ABORT_RQ()
-        abort.source, abort.reason_diagnostic = _SOURCE_PROVIDER, _INVALID_PDU_PARAMETER_VALUE
-        # straight to the socket: pynetdicom's send would queue a second close event on failure
-        with contextlib.suppress(OSError, AttributeError):
-            self._sock.socket.sendall(abort.encode())
-
-
-def association_request_problem(body: bytes) -> str | None:
-    """What makes the A-ASSOCIATE-RQ with variable field ``body`` one pynetdicom cannot
-    negotiate, or None (also when it does not decode: pynetdicom then answers A-ABORT itself).
-
-    PS3.8 9.3.2: every presentation context has an odd ID from 1 to 255, one abstract syntax
-    and at least one transfer syntax, and the request has a User Information item. pynetdicom
-    (3.0) fails on a context without a transfer syntax in its acceptor thread (IndexError), so
-    the connection stayed open with nobody serving it, for ever; on an even ID or a missing User
-    Information item it closed the connection without a word. Such a request gets an A-ABORT
-    (as any invalid PDU, PS3.8 9.2 action AA-1)."""
-    pdu = A_ASSOCIATE_RQ()
-    try:
-        pdu.decode(struct.pack(">BBI", _A_ASSOCIATE_RQ, 0, len(body)) + body)
-        contexts = pdu.presentation_context
-        user_information = pdu.user_information
-    except Exception:
-        return None
-    for context in contexts:
-        cid = context.context_id
-        if cid is None or not (1 <= cid <= 255 and cid % 2 == 1):
-            return f"presentation context ID {cid} is not an odd number from 1 to 255"
-        if not context.abstract_syntax:
-            return f"presentation context {cid} has no abstract syntax"
-        if not context.transfer_syntax or not all(context.transfer_syntax):
-            return f"presentation context {cid} has no transfer syntax"
-    if user_information is None or not user_information.implementation_class_uid:
-        return "no User Information item with an Implementation Class UID"
-    return None
+        refuse_pdu(self._sock, self._peer, pdu_type, reason, **fields)
 
 
 #: Local service primitives (PS3.8 9.2 Table 9-6): requests and responses of our own side.

@@ -49,6 +49,7 @@ from dicomnode.receivers import AssociationSlots, SharedSocketServer
 from dicomnode.records import InstanceHeader
 from dicomnode.state import StateDB
 from dicomnode.storage import InstanceStore, StateLayout, check_uid
+from dicomnode.uidcache import cached_uids
 
 CR_DX_SOP_CLASSES = frozenset(
     {
@@ -327,6 +328,7 @@ class Listener:
         _config.STORE_RECV_CHUNKED_DATASET = True
         self._patches.enter_context(spool_files())
         self._patches.enter_context(waiting_loops())
+        self._patches.enter_context(cached_uids())
         handlers: list[EventHandlerType] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open_spool),
             (evt.EVT_REQUESTED, self._on_requested),

@@ -292,3 +292,28 @@ def test_supported_contexts_copy_is_independent_and_equal(tmp_path: Path) -> Non
     copies[0].result = 0
     copies[0]._transfer_syntax.append("1.2.3")
     assert contexts[0].result is None and "1.2.3" not in contexts[0].transfer_syntax
+
+
+# -- UID parsing -----------------------------------------------------------------------------
+
+
+def test_cached_set_uid_gives_pynetdicoms_answers_and_still_refuses(tmp_path: Path) -> None:
+    from pynetdicom import pdu_items, utils
+
+    from dicomnode.uidcache import cached_set_uid
+
+    for value in ("1.2.840.10008.1.2.1", b"1.2.840.10008.1.2.1\x00", ""):
+        assert cached_set_uid(value, "Transfer Syntax Name") == utils.set_uid(
+            value, "Transfer Syntax Name"
+        )
+    first = cached_set_uid("1.2.840.10008.5.1.4.1.1.1.1", "Abstract Syntax Name")
+    assert cached_set_uid("1.2.840.10008.5.1.4.1.1.1.1", "Abstract Syntax Name") is first
+    for _ in range(2):  # a UID that is too long raises every time: errors are not remembered
+        with pytest.raises(ValueError, match="must not exceed 64"):
+            cached_set_uid("1." * 40, "Abstract Syntax Name")
+    with pytest.raises(ValueError):
+        cached_set_uid("", "Abstract Syntax Name", allow_empty=False)
+    assert pdu_items.set_uid is utils.set_uid
+    with listening(make_config(tmp_path)):
+        assert pdu_items.set_uid is cached_set_uid  # in place while a listener runs
+    assert pdu_items.set_uid is utils.set_uid
