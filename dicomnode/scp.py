@@ -23,7 +23,7 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -255,6 +255,17 @@ def spooled_size(event: evt.Event) -> int | None:
         return None
 
 
+@contextlib.contextmanager
+def pynetdicom_setting(name: str, value: object) -> Iterator[None]:
+    """While inside, ``pynetdicom._config.<name>`` is ``value``."""
+    before = getattr(_config, name)
+    setattr(_config, name, value)
+    try:
+        yield
+    finally:
+        setattr(_config, name, before)
+
+
 @dataclass(frozen=True)
 class ReceiverSeat:
     """What a receiver child needs from the listener: its index (1 and up; the listener is 0),
@@ -299,7 +310,6 @@ class Listener:
         self.receivers: list[ChildSupervisor] = []
         self._admitted: set[Any] = set()
         self._admitted_lock = threading.Lock()
-        self._chunked_before = _config.STORE_RECV_CHUNKED_DATASET
         self._tempdir_before: str | None = tempfile.tempdir
         self._patches = contextlib.ExitStack()
 
@@ -324,8 +334,10 @@ class Listener:
         self._tempdir_before = tempfile.tempdir
         tempfile.tempdir = str(spool)
         self.store = InstanceStore(self.layout, self.db)
-        self._chunked_before = _config.STORE_RECV_CHUNKED_DATASET
-        _config.STORE_RECV_CHUNKED_DATASET = True
+        self._patches.enter_context(pynetdicom_setting("STORE_RECV_CHUNKED_DATASET", True))
+        # pynetdicom's own debug handlers format every PDU and message for a logger that the
+        # node's logging keeps at WARNING: they would only cost time
+        self._patches.enter_context(pynetdicom_setting("LOG_HANDLER_LEVEL", "none"))
         self._patches.enter_context(spool_files())
         self._patches.enter_context(waiting_loops())
         self._patches.enter_context(cached_uids())
@@ -435,7 +447,6 @@ class Listener:
             self._server.shutdown()
             self._server = None
             log.info("listener_stopped", ae_title=self.config.node.ae_title, receiver=self.index)
-        _config.STORE_RECV_CHUNKED_DATASET = self._chunked_before
         self._patches.close()
         tempfile.tempdir = self._tempdir_before
         if self.db is not None:
