@@ -292,13 +292,24 @@ class DataPath:
         return exceeded
 
     def _decode(self, pdu: bytearray) -> None:
-        """As pynetdicom: decode, then queue the PDU's event and the PDU."""
+        """As pynetdicom: decode, then queue the PDU's event and the PDU; an association
+        request pynetdicom cannot negotiate is refused instead (A-ABORT, connection closed)."""
         dul = self.dul
+        peer = self.assoc.requestor.address
         try:
             decoded, event = dul._decode_pdu(pdu)
+            problem = (
+                association_request_problem(decoded)
+                if isinstance(decoded, A_ASSOCIATE_RQ)
+                else None
+            )
         except Exception as exc:
-            log.warning("pdu_invalid", peer=self.assoc.requestor.address, error=type(exc).__name__)
+            log.warning("pdu_invalid", peer=peer, error=type(exc).__name__)
             dul.event_queue.put("Evt19")
+            return
+        if problem is not None:
+            refuse_pdu(dul.socket, peer, pdu[0], problem, length=len(pdu) - PDU_HEADER)
+            dul.event_queue.put("Evt17")  # as for a connection closed: nothing is negotiated
             return
         dul.event_queue.put(event)
         dul._recv_pdu.put(decoded)

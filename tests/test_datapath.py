@@ -317,3 +317,23 @@ def test_cached_set_uid_gives_pynetdicoms_answers_and_still_refuses(tmp_path: Pa
     with listening(make_config(tmp_path)):
         assert pdu_items.set_uid is cached_set_uid  # in place while a listener runs
     assert pdu_items.set_uid is utils.set_uid
+
+
+def test_an_association_request_pynetdicom_cannot_negotiate_is_refused(tmp_path: Path) -> None:
+    """Fuzz case 7:186: a presentation context whose transfer syntax is empty. Checked on the
+    request as pynetdicom decoded it (one decode): A-ABORT, source 2 (service provider), reason
+    6 (invalid PDU parameter value), where pynetdicom alone failed in its acceptor thread and
+    left the connection open."""
+    import socket
+
+    from tests.faults.fuzz_pdus import Request, apply_rq_op
+
+    request = Request()
+    apply_rq_op(request, {"op": "syntax", "r": 947853512, "f": 0.6950149441666224})
+    with (
+        listening(make_config(tmp_path)) as listener,
+        socket.create_connection(("127.0.0.1", listener.port), timeout=10) as peer,
+    ):
+        peer.sendall(request.encode())
+        answer = peer.recv(10)
+    assert answer == b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x06"
