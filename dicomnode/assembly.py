@@ -91,7 +91,9 @@ class StudyAssembler:
         if keep_days <= 0:
             return ()
         cutoff = (time.time() if now is None else now) - keep_days * 86400.0
-        removed = tuple(uid for uid in db.idle_studies(cutoff) if store.forget_study(uid, cutoff))
+        removed = tuple(
+            uid for uid in db.idle_studies(cutoff) if store.forget_study(uid, cutoff)
+        )
         orphans = store.sweep_orphans(cutoff)
         if removed or orphans:
             log.info(

@@ -754,11 +754,9 @@ def _broker(t: _Table, base_dir: Path) -> BrokerConfig:
     default_priority = t.integer("default_priority", min(1, levels - 1), 0, levels - 1)
     return BrokerConfig(
         url=url,
-        credentials_file=_private_key(t, "credentials_file")
-        if "credentials_file" in t._raw
+        credentials_file=_private_key(t, "credentials_file") if "credentials_file" in t._raw
         else None,
-        ca_certificates=_existing_file(t, "ca_certificates")
-        if "ca_certificates" in t._raw
+        ca_certificates=_existing_file(t, "ca_certificates") if "ca_certificates" in t._raw
         else None,
         certificate=_existing_file(t, "certificate") if has_cert else None,
         private_key=_private_key(t) if has_key else None,

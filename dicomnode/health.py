@@ -68,7 +68,6 @@ def node_components(config: Config) -> frozenset[str]:
         return POOL_ROLE_COMPONENTS["serve"]
     return ALL_COMPONENTS
 
-
 FACTS_STALE_SECONDS = 10.0
 """A role's facts file older than this is ignored (the role writes it every second)."""
 LISTENER_SILENT_SECONDS = 60.0

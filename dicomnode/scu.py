@@ -158,7 +158,9 @@ def send_files(
         context = dicom_tls.client_context(destination.tls) if destination.tls else None
     except dicom_tls.TlsError as exc:
         reason = f"TLS configuration: {exc}"
-        return BatchOutcome(tuple(FileOutcome(f, FileStatus.PERMANENT, reason) for f in files))
+        return BatchOutcome(
+            tuple(FileOutcome(f, FileStatus.PERMANENT, reason) for f in files)
+        )
     ae = _application_entity(destination, timeouts)
     watch = _AssociationWatch()
     assoc = ae.associate(
@@ -269,7 +271,9 @@ def _association_failure(
 def _send_one(assoc: Association, path: Path) -> FileOutcome:
     """C-STORE one file over an established association."""
     if not assoc.is_established:
-        return FileOutcome(path, FileStatus.TRANSIENT, "association lost before this file was sent")
+        return FileOutcome(
+            path, FileStatus.TRANSIENT, "association lost before this file was sent"
+        )
     try:
         dataset = pydicom.dcmread(path)
     except (InvalidDicomError, OSError) as exc:

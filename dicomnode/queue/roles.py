@@ -116,7 +116,9 @@ def start_instance_server(config: Config) -> InstanceServer:
     server = InstanceServer(
         instances.bind, instances.port, db.instance, read_token(instances.token_file), tls
     )
-    log.info("instance_server_started", bind=instances.bind, port=server.port, tls=tls is not None)
+    log.info(
+        "instance_server_started", bind=instances.bind, port=server.port, tls=tls is not None
+    )
     return server.start()
 
 
@@ -288,3 +290,4 @@ def pool_stats(config: Config) -> tuple[QueueStats, ...]:
         names += [settings.results_queue(broker_cfg.site), settings.dead_queue(broker_cfg.site)]
     with connected(settings) as broker:
         return broker.stats(names)
+

@@ -190,7 +190,9 @@ class SqliteJobQueue:
                 self._held(conn, job, now)
             except LeaseLostError:
                 return False
-            conn.execute("UPDATE jobs SET attempt = attempt - 1 WHERE job_id = ?", (job.job_id,))
+            conn.execute(
+                "UPDATE jobs SET attempt = attempt - 1 WHERE job_id = ?", (job.job_id,)
+            )
             _set_job_state(conn, job.job_id, JobState.QUEUED, None, now)
             return True
 
@@ -462,6 +464,8 @@ def study_job(conn: sqlite3.Connection, job_id: int) -> StudyJob:
         instances=tuple(read_instance(r) for r in instances),
         predecessors=tuple(read_result(r) for r in predecessors),
     )
+
+
 
 
 def open_queue(db: StateDB, config: Config) -> JobQueue:

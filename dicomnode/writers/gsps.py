@@ -132,13 +132,8 @@ def build_presentation_state(
     return gsps
 
 
-_VOI = (
-    "VOILUTSequence",
-    "WindowCenter",
-    "WindowWidth",
-    "WindowCenterWidthExplanation",
-    "VOILUTFunction",
-)
+_VOI = ("VOILUTSequence", "WindowCenter", "WindowWidth", "WindowCenterWidthExplanation",
+        "VOILUTFunction")
 _RESCALE = ("RescaleSlope", "RescaleIntercept", "RescaleType")
 _VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")
 
