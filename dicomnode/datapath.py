@@ -52,8 +52,8 @@ P_DATA_TF = 0x04
 PDU_TYPES = frozenset(range(0x01, 0x08))
 """The PDU types of PS3.8 9.3; pynetdicom reads no body after any other type."""
 ESTABLISHED = "Sta6"
-_SOURCE_PROVIDER, _INVALID_PDU_PARAMETER_VALUE = 0x02, 0x06
 """PS3.8 Table 9-10: association established, ready for data transfer."""
+_SOURCE_PROVIDER, _INVALID_PDU_PARAMETER_VALUE = 0x02, 0x06  # A-ABORT fields, PS3.8 9.3.8
 
 BURST_PDUS = 64
 """Most PDUs one pass of the DUL's loop reads: pynetdicom's loop (timer checks, its queues, a

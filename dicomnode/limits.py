@@ -22,7 +22,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 
 from dicomnode import reactor
 from dicomnode.config import NodeConfig
-from dicomnode.datapath import DataPath, refuse_pdu
+from dicomnode.datapath import P_DATA_TF, PDU_HEADER, PDU_TYPES, DataPath, refuse_pdu
 from dicomnode.logging import get_logger
 
 log = get_logger(__name__)
@@ -49,10 +49,6 @@ MAX_OTHER_PDU = 1024 * 1024
 """Longest PDU other than P-DATA-TF the listener reads (an A-ASSOCIATE-RQ with every storage
 SOP class and transfer syntax is some tens of kB)."""
 
-_PDU_HEADER, _P_DATA_TF = 6, 0x04
-#: The PDU types pynetdicom reads a body for (PS3.8 9.3); after any other type it reads the
-#: next 6-byte header at once.
-_PDU_TYPES = frozenset(range(0x01, 0x08))
 _SOURCE_PROVIDER = 0x02
 
 
@@ -114,7 +110,7 @@ class PduLengthGuard:
 
     def limit(self, pdu_type: int) -> int:
         """The longest variable field accepted for a PDU of ``pdu_type`` (0: unbounded)."""
-        return self._max_pdu if pdu_type == _P_DATA_TF else MAX_OTHER_PDU
+        return self._max_pdu if pdu_type == P_DATA_TF else MAX_OTHER_PDU
 
     def __call__(self, nr_bytes: int) -> bytearray:
         declared, self._declared = self._declared, None
@@ -130,9 +126,9 @@ class PduLengthGuard:
                 )
                 return bytearray()
         data = self._recv(nr_bytes)
-        if declared is None and nr_bytes == _PDU_HEADER and len(data) == _PDU_HEADER:
+        if declared is None and nr_bytes == PDU_HEADER and len(data) == PDU_HEADER:
             pdu_type, _, length = struct.unpack(">BBI", bytes(data))
-            if pdu_type in _PDU_TYPES:  # pynetdicom reads no body after an unknown type
+            if pdu_type in PDU_TYPES:  # pynetdicom reads no body after an unknown type
                 self._declared = (pdu_type, length)
         return data
 

@@ -647,12 +647,7 @@ class Listener:
             "transfer_syntax_uid": header.transfer_syntax_uid,
         }
         try:
-            result = self.store.store(
-                path,
-                header,
-                event.assoc.requestor.ae_title,
-                move=True,
-            )
+            result = self.store.store(path, header, event.assoc.requestor.ae_title, move=True)
         except (OSError, sqlite3.Error) as exc:
             reason = f"{type(exc).__name__}: {exc}"
             return StoreStatus.OUT_OF_RESOURCES, {**ids, "outcome": "not_stored", "reason": reason}

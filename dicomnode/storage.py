@@ -345,9 +345,9 @@ class InstanceStore:
     another encoding (:func:`same_content`, e.g. re-sent in another transfer syntax), are a
     duplicate and change nothing (the first copy is kept); different content replaces the
     stored file and row and makes the study run again (a corrected re-send). The
-    check-rename-record step
-    runs under a lock (:class:`StoreLock`, across threads and processes) so two associations
-    sending the same instance at once cannot leave a row that disagrees with its file.
+    check-rename-record step runs under a lock (:class:`StoreLock`, across threads and
+    processes) so two associations sending the same instance at once cannot leave a row that
+    disagrees with its file.
     """
 
     def __init__(self, layout: StateLayout, db: StateDB) -> None:
