@@ -33,6 +33,8 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import select
+import ssl
 import struct
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -48,6 +50,7 @@ log = get_logger(__name__)
 
 PDU_HEADER = 6
 """PDU type (1 byte), reserved (1), length of the rest (4, big endian): PS3.8 9.3.1."""
+_HEADER = struct.Struct(">BBI")
 P_DATA_TF = 0x04
 PDU_TYPES = frozenset(range(0x01, 0x08))
 """The PDU types of PS3.8 9.3; pynetdicom reads no body after any other type."""
@@ -59,6 +62,12 @@ BURST_PDUS = 64
 """Most PDUs one pass of the DUL's loop reads: pynetdicom's loop (timer checks, its queues, a
 readiness check) runs between bursts instead of between PDUs, and a primitive to send (a
 response) waits for at most the burst in progress."""
+RECEIVE_BYTES = 1024 * 1024
+"""Size of an association's receive buffer (larger while a longer PDU arrives): one read takes
+whatever the socket holds, up to this, whatever the PDU size the peer sends."""
+MAX_OTHER_PDU = 1024 * 1024
+"""Longest PDU other than P-DATA-TF the listener reads (an A-ASSOCIATE-RQ with every storage
+SOP class and transfer syntax is some tens of kB)."""
 WRITEBACK_BYTES = 4 * 1024 * 1024
 """A spool file starts writing to disk each time this many more bytes were written."""
 
@@ -87,6 +96,18 @@ def _sync_file_range() -> Callable[[int, int, int], None] | None:
 _START_WRITEBACK = _sync_file_range()
 
 
+_IOV_MAX = 1024  # Linux: most buffers one writev takes
+
+
+def _after_written(views: list[memoryview], count: int) -> list[memoryview]:
+    """What of ``views`` is left to write after ``count`` of their bytes were written."""
+    for index, view in enumerate(views):
+        if count < len(view):
+            return [view[count:], *views[index + 1 :]]
+        count -= len(view)
+    return []
+
+
 class SpoolFile:
     """The file one incoming data set is spooled into: what pynetdicom's chunked receive uses
     of ``NamedTemporaryFile(delete=False)`` (``name``, ``write``, ``file.flush``, ``close``).
@@ -104,10 +125,17 @@ class SpoolFile:
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         """Write all of ``data``; start write-back of each further :data:`WRITEBACK_BYTES`."""
-        view = memoryview(data)
+        return self.write_views([memoryview(data)])
+
+    def write_views(self, views: Sequence[memoryview]) -> int:
+        """Write all of ``views``, in order, with as few ``writev`` calls as the kernel allows;
+        start write-back of each further :data:`WRITEBACK_BYTES`."""
+        pending = [view for view in views if len(view)]
         done = 0
-        while done < len(view):
-            done += os.write(self._fd, view[done:])
+        while pending:
+            count = os.writev(self._fd, pending[:_IOV_MAX])
+            done += count
+            pending = _after_written(pending, count)
         self.size += done
         if _START_WRITEBACK is not None and self.size - self._written_back >= WRITEBACK_BYTES:
             _START_WRITEBACK(self._fd, self._written_back, self.size - self._written_back)
@@ -207,63 +235,173 @@ def refuse_pdu(sock: Any, peer: str, pdu_type: int, reason: str, **fields: int) 
 
 
 class DataPath:
-    """Reads the PDUs of one accepted association (installed as its DUL's
-    ``_read_pdu_data``; runs in the DUL thread). See the module's description."""
+    """Reads the PDUs of one accepted association (installed as its DUL's ``_read_pdu_data``
+    and ``_is_transport_event``; runs in the DUL thread). See the module's description."""
 
-    def __init__(self, assoc: Any, max_instance_bytes: int) -> None:
+    def __init__(self, assoc: Any, max_instance_bytes: int, max_pdu: int = 0) -> None:
         self.assoc = assoc
         self.dul = assoc.dul
         self.max_instance_bytes = max_instance_bytes
+        self.max_pdu = max_pdu
         self.pending = 0  # data set bytes of the unfinished message
+        self._buffer = bytearray()
+        self._view = memoryview(self._buffer)
+        self._start = self._end = 0  # the bytes received and not yet handled
+        self._closed = False  # the peer closed the connection, or a PDU was refused
+        self._writes: list[memoryview] = []  # data set fragments not yet written ...
+        self._writes_to: SpoolFile | None = None  # ... to this spool file
 
     def install(self) -> None:
-        setattr(self.dul, "_read_pdu_data", self.read_pdu)  # noqa: B010 (instance attribute)
+        dul = self.dul
+        setattr(dul, "_read_pdu_data", self.read_pdu)  # noqa: B010 (instance attribute)
+        setattr(dul, "_is_transport_event", self.transport_event)  # noqa: B010
+
+    def limit(self, pdu_type: int) -> int:
+        """The longest variable field accepted for a PDU of ``pdu_type`` (0: unbounded)."""
+        return self.max_pdu if pdu_type == P_DATA_TF else MAX_OTHER_PDU
+
+    # -- what pynetdicom's DUL loop calls ---------------------------------------------------
+
+    def transport_event(self) -> bool:
+        """pynetdicom's ``_is_transport_event``: read and handle what arrived; True when
+        something did (which restarts the DUL's idle timer). In state 13 (awaiting the close of
+        the connection), nothing more to read closes the socket, as in pynetdicom."""
+        if self.has_pdu() or self._fill():
+            self.read_pdu()
+            return True
+        if self.dul.state_machine.current_state == "Sta13":
+            self.dul.socket.close()
+            return True
+        return False
 
     def read_pdu(self) -> None:
-        """Read PDUs while P-DATA-TF PDUs can be handed on at once and more data is waiting
-        (at most :data:`BURST_PDUS`, and never while the DUL has a primitive to send); stop at
-        the first PDU that goes to pynetdicom's state machine, its event queued."""
-        for _ in range(BURST_PDUS):
-            if not self._read_one() or not self._more_waiting():
-                return
+        """Handle the buffered PDUs, reading on while P-DATA-TF PDUs can be handed on at once and
+        more data is waiting (at most :data:`BURST_PDUS`, and never while the DUL has a
+        primitive to send); stop at the first PDU that goes to pynetdicom's state machine, its
+        event queued."""
+        try:
+            for _ in range(BURST_PDUS):
+                while not self.has_pdu():
+                    if not self._fill():
+                        return
+                if not self._handle_next() or not self._may_go_on():
+                    return
+        finally:
+            self._flush()
 
-    def _more_waiting(self) -> bool:
-        dul = self.dul
-        return bool(dul.to_provider_queue.empty() and dul.event_queue.empty() and dul.socket.ready)
-
-    def _read_one(self) -> bool:
-        """Read one PDU; True when it was handed on without an event (read on), False when its
-        event is queued (or the connection failed)."""
-        dul = self.dul
-        header = self._receive(PDU_HEADER)
-        if header is None or len(header) != PDU_HEADER:
-            dul.event_queue.put("Evt17")  # transport connection closed
+    def has_pdu(self) -> bool:
+        """Whether a PDU can be handled without reading: a whole one is buffered, or a header
+        that is handled on its own (an unknown type, a length over the limit)."""
+        if self._end - self._start < PDU_HEADER:
             return False
-        pdu_type, _, length = struct.unpack(">BBI", header)
+        pdu_type, _, length = _HEADER.unpack_from(self._buffer, self._start)
+        if pdu_type not in PDU_TYPES or 0 < self.limit(pdu_type) < length:
+            return True
+        return self._end - self._start >= PDU_HEADER + length
+
+    def _may_go_on(self) -> bool:
+        dul = self.dul
+        return bool(dul.to_provider_queue.empty() and dul.event_queue.empty())
+
+    # -- receiving --------------------------------------------------------------------------
+
+    def _fill(self) -> bool:
+        """Read what the socket has now into the buffer: True when bytes came; False when
+        none are waiting, or the connection is closed (event 17 queued)."""
+        self._flush()  # queued writes are views of the buffer, which is about to move
+        if self._closed:
+            self.dul.event_queue.put("Evt17")
+            return False
+        self._make_room()
+        count = self._receive(self._view[self._end :])
+        if count is None:
+            return False
+        if count == 0:
+            self._closed = True
+            self.dul.event_queue.put("Evt17")  # transport connection closed
+            return False
+        self._end += count
+        return True
+
+    def _make_room(self) -> None:
+        """Move the unhandled bytes to the buffer's start; grow it to hold the next PDU."""
+        start, end = self._start, self._end
+        needed = PDU_HEADER
+        if end - start >= PDU_HEADER:
+            needed += _HEADER.unpack_from(self._buffer, start)[2]
+        capacity = max(RECEIVE_BYTES, needed)
+        if capacity > len(self._buffer):
+            grown = bytearray(capacity)
+            grown[: end - start] = self._view[start:end]
+            self._view.release()
+            self._buffer, self._view = grown, memoryview(grown)
+        elif start > 0 and (start == end or len(self._buffer) - start < needed):
+            self._view[: end - start] = self._view[start:end]
+        else:
+            return
+        self._start, self._end = 0, end - start
+
+    def _receive(self, into: memoryview) -> int | None:
+        """Bytes read from the socket into ``into`` (0: closed), or None if none are waiting.
+        One ``readv`` on a plain socket in non-blocking mode (what a socket with a timeout is):
+        Python's ``recv`` would first ``poll`` it."""
+        raw = getattr(self.dul.socket, "socket", None)
+        if raw is None:
+            return 0
+        try:
+            if isinstance(raw, ssl.SSLSocket) or raw.gettimeout() is None:
+                if not _readable(raw):
+                    return None
+                return int(raw.recv_into(into))
+            return os.readv(raw.fileno(), [into])
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return None
+        except (OSError, ValueError):
+            return 0  # reset, timed out, closed meanwhile: as a connection closed
+
+    # -- handling ---------------------------------------------------------------------------
+
+    def _handle_next(self) -> bool:
+        """Handle the PDU at the buffer's start; True when it was handed on without an event
+        (read on), False when its event is queued."""
+        dul, start = self.dul, self._start
+        pdu_type, _, length = _HEADER.unpack_from(self._buffer, start)
         if pdu_type not in PDU_TYPES:
+            self._start += PDU_HEADER  # pynetdicom reads no body after an unknown type
             log.warning("pdu_unknown", peer=self.assoc.requestor.address, pdu_type=pdu_type)
             dul.event_queue.put("Evt19")  # unrecognised PDU
             return False
-        body = self._receive(length)
-        if body is None or len(body) != length:
-            dul.event_queue.put("Evt17")
+        limit = self.limit(pdu_type)
+        if 0 < limit < length:
+            self._refuse_length(pdu_type, length, limit)
             return False
-        if pdu_type == P_DATA_TF and self._data(body):
+        stop = start + PDU_HEADER + length
+        self._start = stop
+        if pdu_type == P_DATA_TF and self._data(self._view[start + PDU_HEADER : stop]):
             return True
-        self._decode(header + body)
+        self._flush()
+        self._decode(bytearray(self._view[start:stop]))
         return False
 
-    def _receive(self, nr_bytes: int) -> bytearray | None:
-        try:
-            data = self.dul.socket.recv(nr_bytes)
-            return data if isinstance(data, bytearray) else bytearray(data)
-        except (OSError, TimeoutError):
-            return None
+    def _refuse_length(self, pdu_type: int, length: int, limit: int) -> None:
+        """A PDU longer than the listener accepts is refused before its body is read: A-ABORT,
+        and the association ends as for a closed connection (PS3.8 9.2, event 19, AA-8)."""
+        refuse_pdu(
+            self.dul.socket,
+            self.assoc.requestor.address,
+            pdu_type,
+            "PDU longer than the maximum length (node.max_pdu for P-DATA-TF)",
+            length=length,
+            limit=limit,
+        )
+        self._start = self._end
+        self._closed = True
+        self.dul.event_queue.put("Evt17")
 
-    def _data(self, body: bytearray) -> bool:
+    def _data(self, body: memoryview) -> bool:
         """Count a P-DATA-TF's data set bytes and, on an established association, hand its
-        values to the DIMSE provider; True when the PDU needs nothing more."""
-        values = parse_pdvs(memoryview(body))
+        values on; True when the PDU needs nothing more."""
+        values = parse_pdvs(body)
         if values is None:
             return False  # pynetdicom's decoding answers it (event 19)
         if self.max_instance_bytes > 0 and self._over_limit(values):
@@ -271,11 +409,45 @@ class DataPath:
         dul = self.dul
         if dul.state_machine.current_state != ESTABLISHED or not dul.event_queue.empty():
             return False
+        spool = self._spool_for(values)
+        if spool is not None:
+            self._queue_writes(spool, values)
+            return True
+        self._flush()
         primitive = P_DATA()
         # views of the buffer, which the setter (bytes only) would refuse
         primitive._presentation_data_value_list = values  # type: ignore[assignment]
         self.assoc.dimse.receive_primitive(primitive)
         return True
+
+    def _spool_for(self, values: Sequence[tuple[int, memoryview]]) -> SpoolFile | None:
+        """The spool file of the C-STORE request being received, if every value is a data set
+        fragment that does not end it: what pynetdicom's ``decode_msg`` would only write there."""
+        message = self.assoc.dimse.message
+        spool = getattr(message, "_data_set_file", None)
+        if not isinstance(spool, SpoolFile) or any(value[0] & 0x03 for _, value in values):
+            return None
+        return spool
+
+    def _queue_writes(self, spool: SpoolFile, values: Sequence[tuple[int, memoryview]]) -> None:
+        self._writes_to = spool
+        self._writes.extend(value[1:] for _, value in values)
+
+    def _flush(self) -> None:
+        """Write the queued data set fragments to their spool file (one ``writev``)."""
+        if not self._writes or self._writes_to is None:
+            return
+        writes, self._writes = self._writes, []
+        try:
+            self._writes_to.write_views(writes)
+        except OSError as exc:
+            log.warning(
+                "spool_write_failed",
+                peer=self.assoc.requestor.address,
+                error=type(exc).__name__,
+                outcome="association_aborted",
+            )
+            self.dul.event_queue.put("Evt19")
 
     def _over_limit(self, values: Sequence[tuple[int, memoryview]]) -> bool:
         self.pending, exceeded = count_dataset_bytes(values, self.pending, self.max_instance_bytes)
@@ -313,3 +485,12 @@ class DataPath:
             return
         dul.event_queue.put(event)
         dul._recv_pdu.put(decoded)
+
+
+def _readable(sock: Any) -> bool:
+    """Whether a read of ``sock`` returns at once (TLS data already decrypted, or the socket
+    is readable)."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    ready, _, _ = select.select([sock], [], [], 0)
+    return bool(ready)

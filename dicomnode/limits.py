@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import struct
 from pathlib import Path
 from typing import Any
 
+from pydicom.filereader import read_dataset, read_preamble
+from pydicom.tag import BaseTag
 from pynetdicom import evt
-from pynetdicom.dsutils import split_dataset
 from pynetdicom.events import EventHandlerType
 from pynetdicom.fsm import TRANSITION_TABLE
 from pynetdicom.pdu import A_ABORT_RQ
 
 from dicomnode import reactor
 from dicomnode.config import NodeConfig
-from dicomnode.datapath import P_DATA_TF, PDU_HEADER, PDU_TYPES, DataPath, refuse_pdu
+from dicomnode.datapath import DataPath
 from dicomnode.logging import get_logger
+from dicomnode.storage import mapped
 
 log = get_logger(__name__)
 
@@ -45,96 +46,7 @@ def space_shortfall(state_dir: Path, incoming: int, node: NodeConfig) -> str | N
     return None
 
 
-MAX_OTHER_PDU = 1024 * 1024
-"""Longest PDU other than P-DATA-TF the listener reads (an A-ASSOCIATE-RQ with every storage
-SOP class and transfer syntax is some tens of kB)."""
-
 _SOURCE_PROVIDER = 0x02
-
-
-def receive_exactly(sock: Any, nr_bytes: int) -> bytearray:
-    """Read ``nr_bytes`` from the socket ``sock`` into one buffer; fewer if the peer closes the
-    connection first (what pynetdicom's ``AssociationSocket.recv`` returns then too).
-
-    pynetdicom reads in 4096-byte ``recv`` calls, each appended to a growing ``bytearray``: a
-    4 MiB PDU took 1024 calls of the interpreter, and that loop was the largest share of the
-    listener's time under load. ``recv_into`` fills a buffer of the PDU's size directly, as
-    much as the kernel has per call. Timeouts and errors propagate as from ``socket.recv``.
-    """
-    buffer = bytearray(nr_bytes)
-    read = 0
-    with memoryview(buffer) as view:
-        while read < nr_bytes:
-            count = sock.recv_into(view[read:])
-            if count == 0:
-                break
-            read += count
-    if read < nr_bytes:
-        del buffer[read:]
-    return buffer
-
-
-class PduLengthGuard:
-    """Stands in for an accepted association's ``AssociationSocket.recv``: a PDU longer than
-    the listener accepts is refused before its body is read, and PDUs are read with
-    :func:`receive_exactly`.
-
-    pynetdicom (3.0) reads a PDU's 6-byte header and then as many bytes as its length field
-    says into memory, whatever maximum PDU length was negotiated, so one peer could make it
-    buffer up to 4 GiB. The Maximum Length Sub-Item (PS3.8 D.1) bounds the variable field of
-    the P-DATA-TF PDUs the peer may send to ``node.max_pdu`` (0: no bound); other PDUs are
-    bounded by :data:`MAX_OTHER_PDU`. A longer PDU is a protocol error: as for an invalid PDU
-    (PS3.8 9.2, event 19, action AA-8) an A-ABORT (source: service provider, reason: invalid
-    PDU parameter value) is sent and the connection closed (the short read makes pynetdicom end
-    the association as a closed transport connection).
-
-    The guard follows pynetdicom's reads: a 6-byte read after a whole PDU is the next header,
-    and the read after a header of a known type is its body. After an unknown PDU type
-    pynetdicom reads no body (event 19) but the next header: the guard once took that header
-    for the unknown PDU's body, so the PDU after it went unchecked, and a peer sending one
-    unknown type and then a header declaring 4 GiB made the listener allocate 4 GiB (found
-    by the fuzz harness, ``fuzz_regressions.json``).
-    """
-
-    def __init__(self, sock: Any, max_pdu: int, peer: str) -> None:
-        self._sock = sock
-        self._max_pdu = max_pdu
-        self._peer = peer
-        self._declared: tuple[int, int] | None = None  # (type, length) of the header just read
-
-    def _recv(self, nr_bytes: int) -> bytearray:
-        raw = self._sock.socket
-        if raw is None:  # closed meanwhile: as a connection closed by the peer
-            return bytearray()
-        return receive_exactly(raw, nr_bytes)
-
-    def limit(self, pdu_type: int) -> int:
-        """The longest variable field accepted for a PDU of ``pdu_type`` (0: unbounded)."""
-        return self._max_pdu if pdu_type == P_DATA_TF else MAX_OTHER_PDU
-
-    def __call__(self, nr_bytes: int) -> bytearray:
-        declared, self._declared = self._declared, None
-        if declared is not None:
-            pdu_type, length = declared
-            limit = self.limit(pdu_type)
-            if nr_bytes == length and 0 < limit < length:
-                self._refuse(
-                    pdu_type,
-                    "PDU longer than the maximum length (node.max_pdu for P-DATA-TF)",
-                    length=length,
-                    limit=limit,
-                )
-                return bytearray()
-        data = self._recv(nr_bytes)
-        if declared is None and nr_bytes == PDU_HEADER and len(data) == PDU_HEADER:
-            pdu_type, _, length = struct.unpack(">BBI", bytes(data))
-            if pdu_type in PDU_TYPES:  # pynetdicom reads no body after an unknown type
-                self._declared = (pdu_type, length)
-        return data
-
-    def _refuse(self, pdu_type: int, reason: str, **fields: int) -> None:
-        refuse_pdu(self._sock, self._peer, pdu_type, reason, **fields)
-
 
 #: Local service primitives (PS3.8 9.2 Table 9-6): requests and responses of our own side.
 _LOCAL_EVENTS = frozenset(("Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"))
@@ -208,7 +120,9 @@ def abort_now(assoc: Any) -> None:
 class InboundLimits:
     """Bounds on what a peer sends on an accepted association, enforced while it arrives.
 
-    - PDU length (memory): :class:`PduLengthGuard`, installed when the connection opens.
+    - PDU length (memory): a PDU longer than ``max_pdu`` (P-DATA-TF) or
+      :data:`~dicomnode.datapath.MAX_OTHER_PDU` is refused from its header, before its body
+      is read (:class:`~dicomnode.datapath.DataPath`).
     - A stalled transfer: the accepted socket gets ``network_timeout`` as its receive timeout
       (pynetdicom leaves accepted sockets blocking, so a peer stopping in the middle of a PDU
       would hold its association, and a ``max_associations`` slot, for ever).
@@ -237,23 +151,30 @@ class InboundLimits:
         return [(evt.EVT_CONN_OPEN, self.on_conn_open)]
 
     def on_conn_open(self, event: evt.Event) -> None:
-        """Install the PDU length guard, the receive timeout, :func:`guard_association`, the
-        data path and the waiting loops (:mod:`dicomnode.reactor`), before the association's
-        threads run."""
+        """Install the receive timeout, :func:`guard_association`, the data path (which
+        reads the PDUs and checks their length) and the waiting loops
+        (:mod:`dicomnode.reactor`), before the association's threads run."""
         try:
             sock = event.assoc.dul.socket
             if sock is None or sock.socket is None:
                 return
             sock.socket.settimeout(self.timeout)
-            guard = PduLengthGuard(sock, self.max_pdu, event.assoc.requestor.address)
-            setattr(sock, "recv", guard)  # noqa: B010 (an instance attribute over a method)
             guard_association(event.assoc)
-            DataPath(event.assoc, self.max_instance_bytes).install()
-            reactor.install(event.assoc)
+            data_path = DataPath(event.assoc, self.max_instance_bytes, self.max_pdu)
+            data_path.install()
+            reactor.install(event.assoc, buffered=data_path.has_pdu)
         except Exception:
             log.exception("connection_setup_failed")
 
 
 def spooled_dataset_size(path: Path) -> int:
-    """Bytes of the data set in the spooled file ``path`` (after its File Meta)."""
-    return path.stat().st_size - split_dataset(path)[1]
+    """Bytes of the data set in the spooled file ``path`` (after its File Meta): what
+    pynetdicom's ``split_dataset`` finds, read from a memory map."""
+    with mapped(path) as handle:
+        read_preamble(handle, False)
+        read_dataset(handle, is_implicit_VR=False, is_little_endian=True, stop_when=_not_meta)
+        return path.stat().st_size - handle.tell()
+
+
+def _not_meta(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return bool(tag.group != 2)

@@ -63,10 +63,12 @@ class AssociationWaiter:
 
 
 class DulWaiter:
-    """What the DUL thread waits for: its socket, or :meth:`wake` from any thread."""
+    """What the DUL thread waits for: its socket, or :meth:`wake` from any thread; not at all
+    while ``buffered()`` says a PDU already received waits to be handled."""
 
-    def __init__(self, dul: Any) -> None:
+    def __init__(self, dul: Any, buffered: Callable[[], bool] = lambda: False) -> None:
         self._dul = dul
+        self._buffered = buffered
         self._read, self._write = socket.socketpair()
         self._read.setblocking(False)
         self._write.setblocking(False)
@@ -76,6 +78,8 @@ class DulWaiter:
             self._write.send(b"\0")
 
     def wait(self) -> None:
+        if self._buffered():
+            return
         readers: list[Any] = [self._read]
         transport = self._dul.socket
         raw = getattr(transport, "socket", None)
@@ -107,11 +111,12 @@ def _after(function: Callable[..., Any], then: Callable[[], None]) -> Callable[.
     return wrapped
 
 
-def install(assoc: Any) -> None:
+def install(assoc: Any, buffered: Callable[[], bool] = lambda: False) -> None:
     """Give an accepted association's two threads their waiters and the wake-ups that end
-    them (instance attributes; before either thread runs)."""
+    them (instance attributes; before either thread runs). ``buffered``: whether the DUL's
+    reader holds a PDU it has not handled yet (its thread then does not wait)."""
     dul = assoc.dul
-    association_waiter, dul_waiter = AssociationWaiter(), DulWaiter(dul)
+    association_waiter, dul_waiter = AssociationWaiter(), DulWaiter(dul, buffered)
     setattr(assoc, WAITER, association_waiter)
     setattr(dul, WAITER, dul_waiter)
     for queue_ in (assoc.dimse.msg_queue, dul.to_user_queue):

@@ -48,7 +48,7 @@ from dicomnode.reactor import waiting_loops
 from dicomnode.receivers import AssociationSlots, SharedSocketServer
 from dicomnode.records import InstanceHeader
 from dicomnode.state import StateDB
-from dicomnode.storage import InstanceStore, StateLayout, check_uid
+from dicomnode.storage import InstanceStore, StateLayout, check_uid, mapped
 from dicomnode.uidcache import cached_uids
 
 CR_DX_SOP_CLASSES = frozenset(
@@ -135,7 +135,8 @@ def read_header(path: Path) -> InstanceHeader:
     parsed and ValueError if a UID is missing, unusable or not encoded as a UID (VR UI).
     """
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        with mapped(path) as handle:
+            ds = pydicom.dcmread(handle, stop_before_pixels=True)
         elements = {tag: ds.data_element(tag) if tag in ds else None for tag in _HEADER_TAGS}
         values = {
             tag: str(element.value or "").strip() if element is not None else ""

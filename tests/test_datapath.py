@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import queue
 import struct
 import threading
 import time
@@ -121,6 +122,125 @@ def test_same_bytes_compares_content(tmp_path: Path) -> None:
     assert not storage.same_bytes(a, c)  # another size
 
 
+# -- reading PDUs from the socket -------------------------------------------------------------
+
+
+def p_data(*values: bytes) -> bytes:
+    """A P-DATA-TF PDU of the presentation data value items ``values``."""
+    body = b"".join(values)
+    return struct.pack(">BBI", 0x04, 0, len(body)) + body
+
+
+class _Dimse:
+    """The DIMSE provider as the data path sees it: a C-STORE in progress (its spool file),
+    and what reached ``receive_primitive`` (copied: the values are views of the buffer)."""
+
+    def __init__(self, spool: SpoolFile | None) -> None:
+        self.message = type("Message", (), {"_data_set_file": spool})()
+        self.received: list[list[tuple[int, bytes]]] = []
+
+    def receive_primitive(self, primitive: Any) -> None:
+        self.received.append([(c, bytes(v)) for c, v in primitive.presentation_data_value_list])
+
+
+class _Association:
+    """What :class:`DataPath` uses of pynetdicom's Association and DUL, on a real socket."""
+
+    def __init__(self, sock: Any, spool: SpoolFile | None) -> None:
+        self.dimse = _Dimse(spool)
+        self.requestor = type("Requestor", (), {"address": "127.0.0.1", "ae_title": "PEER"})()
+        self.is_aborted = False
+        self.dul = type("Dul", (), {})()
+        self.dul.socket = type("Transport", (), {"socket": sock, "_is_connected": True})()
+        self.dul.state_machine = type("Machine", (), {"current_state": "Sta6"})()
+        self.dul.event_queue, self.dul.to_provider_queue = queue.Queue(), queue.Queue()
+
+
+def read_until(path: DataPath, done: Any, timeout: float = 10.0) -> None:
+    """Run the DUL loop's part of the data path until ``done()``."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "the data path did not finish"
+        if not path.transport_event():
+            time.sleep(0.001)
+
+
+def test_data_path_writes_the_fragments_of_many_pdus_with_one_writev(tmp_path: Path) -> None:
+    """Eight P-DATA-TF PDUs waiting on the socket: one read takes them all; the fragments of the
+    unfinished data set go to the spool file in one ``writev``; the PDU with the last fragment
+    goes to the DIMSE provider, which completes the message (pynetdicom writes that one)."""
+    import socket
+
+    rng = np.random.default_rng(3)
+    fragments = [rng.bytes(5000 + 7 * i) for i in range(7)]
+    last = rng.bytes(99)
+    ours, theirs = socket.socketpair()
+    ours.settimeout(5)  # as the listener's accepted sockets: non-blocking underneath
+    spool = SpoolFile(dir=str(tmp_path))
+    writes: list[int] = []
+    write_views = spool.write_views
+
+    def counted(views: Any) -> int:
+        writes.append(len(views))
+        return write_views(views)
+
+    spool.write_views = counted  # type: ignore[method-assign]
+    assoc = _Association(ours, spool)
+    path = DataPath(assoc, max_instance_bytes=0, max_pdu=16384)
+    try:
+        theirs.sendall(b"".join(p_data(pdv(1, 0x00, f)) for f in fragments))
+        theirs.sendall(p_data(pdv(1, 0x02, last)))
+        read_until(path, lambda: assoc.dimse.received)
+    finally:
+        spool.close()
+        ours.close()
+        theirs.close()
+    assert writes == [7]  # one writev for the seven fragments
+    assert Path(spool.name).read_bytes() == b"".join(fragments)
+    assert assoc.dimse.received == [[(1, b"\x02" + last)]]
+    assert assoc.dul.event_queue.empty()
+
+
+def test_data_path_reads_pdus_split_anyhow_grows_for_a_long_one_and_sees_a_close(
+    tmp_path: Path,
+) -> None:
+    """PDUs arriving in 7001-byte pieces, one of them 3 MiB (longer than the receive buffer):
+    every fragment is spooled in order; a command PDU goes to the DIMSE provider as it came;
+    the peer closing half-way through a PDU is a closed connection (event 17), after what
+    arrived whole was handled."""
+    import socket
+
+    rng = np.random.default_rng(4)
+    fragments = [rng.bytes(n) for n in (70_000, 3 * 1024 * 1024, 1, 130_000)]
+    stream = p_data(pdv(3, 0x03, b"command")) + b"".join(
+        p_data(pdv(1, 0x00, f)) for f in fragments
+    )
+    ours, theirs = socket.socketpair()
+    ours.settimeout(5)
+    spool = SpoolFile(dir=str(tmp_path))
+    assoc = _Association(ours, spool)
+    path = DataPath(assoc, max_instance_bytes=0, max_pdu=0)
+
+    def send() -> None:
+        for start in range(0, len(stream), 7001):
+            theirs.sendall(stream[start : start + 7001])
+        theirs.sendall(p_data(pdv(1, 0x02, b"cut short"))[:-3])
+        theirs.close()
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        read_until(path, lambda: not assoc.dul.event_queue.empty())
+        sender.join()
+    finally:
+        spool.close()
+        ours.close()
+    assert assoc.dul.event_queue.get_nowait() == "Evt17"
+    assert Path(spool.name).read_bytes() == b"".join(fragments)
+    assert assoc.dimse.received == [[(3, b"\x03command")]]
+    assert len(path._buffer) > 3 * 1024 * 1024  # grown to hold the long PDU
+
+
 # -- a real sender through the listener ------------------------------------------------------
 
 
@@ -217,10 +337,19 @@ def test_dul_waiter_returns_on_data_or_a_wake_and_drains_the_wakes() -> None:
     import socket
 
     ours, theirs = socket.socketpair()
-    waiter = DulWaiter(_FakeDul(ours))
+    buffered = [False]
+    waiter = DulWaiter(_FakeDul(ours), buffered=lambda: buffered[0])
     try:
         start = time.monotonic()
         waiter.wait()  # nothing: bounded by MAX_WAIT
+        assert reactor.MAX_WAIT * 0.8 <= time.monotonic() - start < reactor.MAX_WAIT + 0.5
+        buffered[0] = True
+        start = time.monotonic()
+        waiter.wait()  # a PDU already read waits to be handled: no wait at all
+        assert time.monotonic() - start < reactor.MAX_WAIT * 0.5
+        buffered[0] = False
+        start = time.monotonic()
+        waiter.wait()
         assert reactor.MAX_WAIT * 0.8 <= time.monotonic() - start < reactor.MAX_WAIT + 0.5
         for _ in range(3):
             waiter.wake()
@@ -317,6 +446,37 @@ def test_cached_set_uid_gives_pynetdicoms_answers_and_still_refuses(tmp_path: Pa
     with listening(make_config(tmp_path)):
         assert pdu_items.set_uid is cached_set_uid  # in place while a listener runs
     assert pdu_items.set_uid is utils.set_uid
+
+
+def test_transfer_syntaxes_taken_before_skip_validation_and_the_rest_still_warn_or_raise(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from pynetdicom.presentation import PresentationContext
+
+    from dicomnode.uidcache import cached_uids, plain_transfer_syntax
+
+    values: list[str | bytes] = ["1.2.840.10008.1.2.1", b"1.2.840.10008.1.2", "1.2.3.4"]
+    plain = PresentationContext()
+    for value in values:
+        plain.add_transfer_syntax(value)
+    with cached_uids():
+        cached = PresentationContext()
+        for value in [*values, "1.2.840.10008.1.2.1"]:
+            cached.add_transfer_syntax(value)
+        assert cached.transfer_syntax == plain.transfer_syntax  # same UIDs, no repeat
+        first = plain_transfer_syntax("1.2.840.10008.1.2.1")
+        assert first is not None and plain_transfer_syntax("1.2.840.10008.1.2.1") is first
+        assert plain_transfer_syntax("1.2.3.4") == "1.2.3.4"  # private: taken without a word
+        storage_class = "1.2.840.10008.5.1.4.1.1.1"  # a SOP class, not a transfer syntax
+        assert plain_transfer_syntax(storage_class) is None
+        caplog.clear()
+        cached.add_transfer_syntax(storage_class)
+        assert "not a transfer syntax" in caplog.text  # pynetdicom's own warning, each time
+        assert storage_class in cached.transfer_syntax
+        for bad in ("", b"\xff\xfe", "1." * 40):
+            with pytest.raises((ValueError, UnicodeDecodeError)):
+                cached.add_transfer_syntax(bad)
+    assert PresentationContext.add_transfer_syntax.__module__ == "pynetdicom.presentation"
 
 
 def test_an_association_request_pynetdicom_cannot_negotiate_is_refused(tmp_path: Path) -> None:
