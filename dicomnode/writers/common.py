@@ -605,6 +605,29 @@ def box_polyline(box: Box, view: View) -> np.ndarray:
     return np.array([*corners, corners[0]], dtype=np.float32)
 
 
+_EQUIPMENT = (
+    "Manufacturer",
+    "ManufacturerModelName",
+    "StationName",
+    "DeviceSerialNumber",
+    "InstitutionName",
+    "SoftwareVersions",
+)
+
+
+def _equipment_fits(header: Dataset, terms: list[str]) -> bool:
+    """Whether the acquisition equipment of ``header`` encodes, within its VRs' lengths, in the
+    character set ``terms`` of the result object."""
+    equipment = Dataset()
+    for keyword in _EQUIPMENT:
+        if keyword in header:
+            equipment[keyword] = copy.deepcopy(header[keyword])
+    codec = "ascii" if terms in ([], ["ISO_IR 6"]) else python_encoding.get(terms[0])
+    return _encodable(equipment, codec if len(terms) < 2 else None) and not (
+        too_long_when_encoded(equipment, terms or [UTF8])
+    )
+
+
 def algorithm_identification(
     algorithm: AlgorithmInfo, result: ImageResult
 ) -> hd.sr.AlgorithmIdentification:
@@ -628,10 +651,18 @@ def contributing_equipment(
 ) -> list[hd.ContributingEquipment]:
     """This node as Processing Equipment (DCM 109102, CID 7005) of the result object, after the
     equipment that acquired its sources as Acquisition Equipment (DCM 109101), so the result
-    keeps the General Equipment context of the images it describes."""
+    keeps the General Equipment context of the images it describes.
+
+    The result declares the character set of its first source; the equipment of another source
+    whose text that character set cannot encode, or encodes longer than its VR allows, is left
+    out (fuzz cases 20261206:228 and :484: a study of three sources, Latin-1 and UTF-8 names in
+    the equipment of the second and third, an SR in the default repertoire)."""
     acquisition = []
     seen: set[tuple[str, ...]] = set()
+    terms = [str(v) for v in _values(sources[0].get("SpecificCharacterSet"))] if sources else []
     for header in sources:
+        if not _equipment_fits(header, terms):
+            continue
         manufacturer = str(header.get("Manufacturer", "") or "")
         key = tuple(
             str(header.get(k, "") or "")
