@@ -643,6 +643,39 @@ def test_a_value_too_long_once_encoded_is_left_out_of_the_results(tmp_path: Path
         assert pydicom.dcmread(item.path).AccessionNumber == ""
 
 
+def test_equipment_the_reports_character_set_cannot_encode_is_left_out(tmp_path: Path) -> None:
+    """A study of three sources: the first in the default repertoire, the second Latin-1 and
+    the third UTF-8 text in their equipment (fuzz cases 20261206:228 and :484). The SR declares
+    the first source's character set, so it lists the first source's equipment only, and
+    dciodvfy accepts it."""
+    views = []
+    sources = [
+        (None, "Plain Modality Co"),
+        ("ISO_IR 100", "Gon\u00e7alves^Zo\u00eb"),
+        ("ISO_IR 192", "\u022f"),
+    ]
+    for index, (charset, manufacturer) in enumerate(sources):
+        ds = pydicom.dcmread(SAMPLES / "DX_highdicom_small.dcm")
+        if charset is None:
+            ds.pop("SpecificCharacterSet", None)
+        else:
+            ds.SpecificCharacterSet = charset
+        ds.Manufacturer = manufacturer
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(tmp_path / f"{index}.dcm")
+        views.append(load_view(tmp_path / f"{index}.dcm"))
+    written = _write(tmp_path, [ImageFinding(view, ONE_BOX, THORAX) for view in views])
+    assert written.report is not None
+    sr = pydicom.dcmread(written.report.path)
+    assert "SpecificCharacterSet" not in sr
+    listed = [item.Manufacturer for item in sr.ContributingEquipmentSequence]
+    assert "Plain Modality Co" in listed
+    assert not any(not str(name).isascii() for name in listed)
+    for item in written.all:  # each capture declares its own source's character set
+        _dciodvfy(item.path)
+
+
 def _all_items(ds: pydicom.Dataset) -> list[pydicom.Dataset]:
     items = []
     for item in ds.get("ContentSequence", []):
