@@ -344,10 +344,10 @@ def idle_cost(
 #: Where a sample of an association thread is counted: the first pattern (leaf to root) that a
 #: frame of its stack contains.
 CATEGORIES = (
-    ("SpoolFile.write", "spool write with SHA-256 as it arrives (datapath.SpoolFile)"),
-    ("start_writeback", "spool write with SHA-256 as it arrives (datapath.SpoolFile)"),
-    ("receive_exactly", "socket receive (limits.receive_exactly)"),
-    ("DataPath", "PDU reading and parsing (datapath.DataPath)"),
+    ("SpoolFile.write", "spool write (datapath.SpoolFile, writev)"),
+    ("start_writeback", "spool write-back started (datapath.SpoolFile, sync_file_range)"),
+    ("DataPath._receive", "socket receive (datapath.DataPath, readv)"),
+    ("DataPath", "PDU parsing and hand-over (datapath.DataPath)"),
     ("Waiter.wait", "waiting loops (reactor: select / event wait)"),
     ("deepcopy", "association set-up (pynetdicom copies of presentation contexts)"),
     ("move_durably", "storage.move_durably: spool file into place (link, fsync)"),
@@ -357,9 +357,9 @@ CATEGORIES = (
     ("state.py", "SQLite record"),
     ("pydicom/", "pydicom (header parse)"),
     ("tempfile", "spool write (pynetdicom's own chunked receive)"),
-    ("AssociationSocket.ready", "pynetdicom polling loops (1 ms sleeps)"),
-    ("Association._run_reactor", "pynetdicom polling loops (1 ms sleeps)"),
-    ("DULServiceProvider.run_reactor", "pynetdicom polling loops (1 ms sleeps)"),
+    ("AssociationSocket.ready", "pynetdicom's loops (association and DUL threads)"),
+    ("Association._run_reactor", "pynetdicom's loops (association and DUL threads)"),
+    ("DULServiceProvider.run_reactor", "pynetdicom's loops (association and DUL threads)"),
     ("transport.py", "socket receive (pynetdicom transport)"),
     ("pynetdicom/", "DICOM protocol handling (pynetdicom DUL/DIMSE, Python)"),
     ("dicomnode/", "other node code"),
