@@ -11,7 +11,8 @@ connection to one of those waiting on it (the others' ``accept`` finds nothing a
 What must hold across processes lives in the state directory or in shared memory:
 
 - ``node.max_associations`` is one limit for all processes (:class:`AssociationSlots`);
-- storing an instance is serialised by an ``flock`` (``dicomnode.storage.StoreLock``);
+- storing one SOP Instance UID is serialised by ``flock`` locks (``dicomnode.storage.StoreLock``;
+  other instances are stored in parallel);
 - each process spools into its own folder (``spool/<index>``), so one process clearing what its
   aborted transfers left never touches a transfer of another.
 

@@ -24,15 +24,15 @@ import mmap
 import os
 import re
 import shutil
-import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import IO, BinaryIO, cast
+from typing import BinaryIO, cast
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -309,11 +309,12 @@ class StoreResult:
 
 
 @contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block; the
-    kernel releases it if the process dies holding it."""
+def file_lock(path: Path, operation: int = fcntl.LOCK_EX) -> Iterator[None]:
+    """An exclusive (or, with ``fcntl.LOCK_SH``, shared) ``flock`` on a new file description of
+    ``path`` (created if missing) for the ``with`` block; the kernel releases it if the process
+    dies holding it."""
     with path.open("a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        fcntl.flock(handle.fileno(), operation)
         try:
             yield
         finally:
@@ -321,37 +322,47 @@ def file_lock(path: Path) -> Iterator[None]:
 
 
 class StoreLock:
-    """Mutual exclusion for the threads of a process and for the processes sharing a state
-    directory (the listener and its receiver children): a thread lock, then an ``flock`` on
-    ``path`` (released by closing the file, or by the kernel if the process dies)."""
+    """Mutual exclusion for storing, across the threads of a process and the processes sharing
+    a state directory (the listener and its receiver children), by ``flock`` (each hold opens
+    its own file description, so threads exclude each other as processes do; the kernel
+    releases a lock if its process dies).
+
+    - :meth:`instance`: one SOP Instance UID at a time (its check-rename-record step), while
+      instances with other UIDs are stored in parallel: :data:`STRIPES` lock files per kind,
+      chosen by the UID's hash, each held exclusively, under a shared hold of ``path``;
+    - :meth:`folder`: one study folder at a time (its creation, made durable before any
+      instance in it is answered), taken only inside :meth:`instance`;
+    - :meth:`everything`: ``path`` held exclusively, for retention's removals, which must not
+      meet a store in progress.
+
+    The locks are always taken in this order (``path``, instance, folder), so no two holders
+    can wait for each other.
+    """
+
+    STRIPES = 64
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._threads = threading.Lock()
-        self._handle: IO[str] | None = None
 
-    def __enter__(self) -> None:
-        self._threads.acquire()
-        try:
-            handle = self.path.open("a")
-        except BaseException:
-            self._threads.release()
-            raise
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        except BaseException:
-            handle.close()
-            self._threads.release()
-            raise
-        self._handle = handle
+    def _stripe(self, kind: str, key: str) -> Path:
+        index = zlib.crc32(key.encode()) % self.STRIPES
+        return self.path.with_name(f"{self.path.stem}-{kind}{index:02d}{self.path.suffix}")
 
-    def __exit__(self, *exc: object) -> None:
-        handle, self._handle = self._handle, None
-        try:
-            if handle is not None:
-                handle.close()
-        finally:
-            self._threads.release()
+    @contextmanager
+    def instance(self, sop_instance_uid: str) -> Iterator[None]:
+        stripe = self._stripe("i", sop_instance_uid)
+        with file_lock(self.path, fcntl.LOCK_SH), file_lock(stripe):
+            yield
+
+    @contextmanager
+    def folder(self, study_instance_uid: str) -> Iterator[None]:
+        with file_lock(self._stripe("s", study_instance_uid)):
+            yield
+
+    @contextmanager
+    def everything(self) -> Iterator[None]:
+        with file_lock(self.path):
+            yield
 
 
 class InstanceStore:
@@ -363,7 +374,8 @@ class InstanceStore:
     stored file and row and makes the study run again (a corrected re-send). The
     check-rename-record step runs under a lock (:class:`StoreLock`, across threads and
     processes) so two associations sending the same instance at once cannot leave a row that
-    disagrees with its file.
+    disagrees with its file; instances with other UIDs are stored in parallel (their fsyncs
+    overlap, as with one process per association).
     """
 
     def __init__(self, layout: StateLayout, db: StateDB) -> None:
@@ -403,7 +415,7 @@ class InstanceStore:
                 sha256=sha256,
                 calling_ae=calling_ae,
             )
-            with self._lock:
+            with self._lock.instance(header.sop_instance_uid):
                 existing = self.db.instance(header.sop_instance_uid)
                 if (
                     existing is not None
@@ -411,7 +423,7 @@ class InstanceStore:
                     and (same_bytes(existing.path, partial) or same_content(existing.path, partial))
                 ):
                     return StoreResult(existing, StoreOutcome.DUPLICATE)
-                self._publish(partial, final)
+                self._publish(partial, final, header.study_instance_uid)
                 self.db.record_instance(instance, time.time() if now is None else now)
         finally:
             partial.unlink(missing_ok=True)
@@ -422,7 +434,7 @@ class InstanceStore:
         """Remove a finished study idle since ``cutoff``: its rows, then its instance and result
         folders. Runs under the store's lock, so an instance of the study arriving meanwhile is
         either recorded first (and the study is no longer idle) or stored after the removal."""
-        with self._lock:
+        with self._lock.everything():
             if not self.db.forget_study(study_uid, cutoff):
                 return False
             self.layout.remove_study_files(study_uid)
@@ -432,7 +444,7 @@ class InstanceStore:
         """Remove study folders no row refers to, untouched since ``cutoff`` (left by a crash
         between :meth:`forget_study`'s commit and its file removal); returns how many."""
         removed = 0
-        with self._lock:
+        with self._lock.everything():
             known = self.db.study_uids()
             for folder in (self.layout.instances_dir, self.layout.results_dir):
                 for study in folder.iterdir():
@@ -441,11 +453,15 @@ class InstanceStore:
                         removed += 1
         return removed
 
-    def _publish(self, partial: Path, final: Path) -> None:
-        """Rename ``partial`` to ``final`` and fsync the folders whose entries changed."""
-        if not final.parent.is_dir():
-            final.parent.mkdir()
-            fsync_dir(final.parent.parent)
+    def _publish(self, partial: Path, final: Path, study_uid: str) -> None:
+        """Rename ``partial`` to ``final`` and fsync the folders whose entries changed. The
+        study folder is made (and made durable) under its own lock: an instance of the same
+        study stored at the same time waits for that, so it is not answered while the
+        folder's entry could still be lost."""
+        with self._lock.folder(study_uid):
+            if not final.parent.is_dir():
+                final.parent.mkdir()
+                fsync_dir(final.parent.parent)
         os.replace(partial, final)
         fsync_dir(final.parent)
 

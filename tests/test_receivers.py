@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -191,16 +192,39 @@ def _running(pid: int) -> bool:
 
 
 def _hold(lock_path: Path, held: Any, seconds: float) -> None:
-    """In another process: take the lock, say so (``held``: an Event), keep it a while."""
-    with StoreLock(lock_path):
+    """In another process: store-lock SOP Instance UID 1.2.3, say so (``held``: an Event), keep
+    it a while."""
+    with StoreLock(lock_path).instance("1.2.3"):
         held.set()
         time.sleep(seconds)
 
 
-def test_the_store_lock_excludes_other_processes(tmp_path: Path) -> None:
-    """The check-rename-record step of storing (and retention's removal) is serialised across
-    the receiving processes, not only across the threads of one."""
+def _other_stripe(lock: StoreLock, uid: str) -> str:
+    """A UID whose instance lock is not ``uid``'s."""
+    return next(
+        other
+        for n in range(1000)
+        if lock._stripe("i", other := f"{uid}.{n}") != lock._stripe("i", uid)
+    )
+
+
+@pytest.mark.parametrize(
+    ("what", "waits"),
+    [("same instance", True), ("everything", True), ("other instance", False)],
+)
+def test_the_store_lock_excludes_other_processes_per_instance(
+    tmp_path: Path, what: str, waits: bool
+) -> None:
+    """The check-rename-record step of storing one SOP Instance UID is serialised across the
+    receiving processes (not only across the threads of one), and so is retention's removal
+    against every store; instances with other UIDs are stored meanwhile."""
     lock_path = tmp_path / "store.lock"
+    lock = StoreLock(lock_path)
+    take = {
+        "same instance": lambda: lock.instance("1.2.3"),
+        "everything": lock.everything,
+        "other instance": lambda: lock.instance(_other_stripe(lock, "1.2.3")),
+    }[what]
     ctx = multiprocessing.get_context("spawn")
     taken = ctx.Event()
     other = ctx.Process(target=_hold, args=(lock_path, taken, 1.0))
@@ -208,11 +232,35 @@ def test_the_store_lock_excludes_other_processes(tmp_path: Path) -> None:
     try:
         assert taken.wait(30)
         start = time.monotonic()
-        with StoreLock(lock_path):
+        with take():
             waited = time.monotonic() - start
     finally:
         other.join(30)
-    assert waited > 0.5, waited
+    assert (waited > 0.5) is waits, waited
+
+
+def test_the_store_lock_excludes_threads_of_one_process_too(tmp_path: Path) -> None:
+    """Each hold opens its own file description, so two threads exclude each other as two
+    processes do; a study folder lock is held apart from the instance locks."""
+    lock = StoreLock(tmp_path / "store.lock")
+    order: list[str] = []
+    inside = threading.Event()
+
+    def hold() -> None:
+        with lock.instance("1.2.3"):
+            inside.set()
+            time.sleep(0.5)
+            order.append("first out")
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert inside.wait(10)
+    with lock.folder("1.2.3"):  # another kind of lock: not held by the thread
+        order.append("folder")
+    with lock.instance("1.2.3"):
+        order.append("second in")
+    thread.join(10)
+    assert order == ["folder", "first out", "second in"]
 
 
 def test_a_spool_folder_removed_while_idle_comes_back(tmp_path: Path) -> None:
