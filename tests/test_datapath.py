@@ -166,9 +166,10 @@ def read_until(path: DataPath, done: Any, timeout: float = 10.0) -> None:
 
 
 def test_data_path_writes_the_fragments_of_many_pdus_with_one_writev(tmp_path: Path) -> None:
-    """Eight P-DATA-TF PDUs waiting on the socket: one read takes them all; the fragments of the
-    unfinished data set go to the spool file in one ``writev``; the PDU with the last fragment
-    goes to the DIMSE provider, which completes the message (pynetdicom writes that one)."""
+    """Seven P-DATA-TF PDUs waiting on the socket: one read takes them all; the fragments of the
+    unfinished data set (runs of one-fragment PDUs, and a PDU of two fragments, parsed on its
+    own) go to the spool file in one ``writev``; the PDU with the last fragment goes to the
+    DIMSE provider, which completes the message (pynetdicom writes that one)."""
     import socket
 
     rng = np.random.default_rng(3)
@@ -188,14 +189,16 @@ def test_data_path_writes_the_fragments_of_many_pdus_with_one_writev(tmp_path: P
     assoc = _Association(ours, spool)
     path = DataPath(assoc, max_instance_bytes=0, max_pdu=16384)
     try:
-        theirs.sendall(b"".join(p_data(pdv(1, 0x00, f)) for f in fragments))
+        theirs.sendall(b"".join(p_data(pdv(1, 0x00, f)) for f in fragments[:3]))
+        theirs.sendall(p_data(pdv(1, 0x00, fragments[3]), pdv(1, 0x00, fragments[4])))
+        theirs.sendall(b"".join(p_data(pdv(1, 0x00, f)) for f in fragments[5:]))
         theirs.sendall(p_data(pdv(1, 0x02, last)))
         read_until(path, lambda: assoc.dimse.received)
     finally:
         spool.close()
         ours.close()
         theirs.close()
-    assert writes == [7]  # one writev for the seven fragments
+    assert writes == [7]  # one writev for the seven fragments of six PDUs
     assert Path(spool.name).read_bytes() == b"".join(fragments)
     assert assoc.dimse.received == [[(1, b"\x02" + last)]]
     assert assoc.dul.event_queue.empty()
@@ -269,29 +272,37 @@ def large_dx(path: Path, rows: int = 2048, cols: int = 2048) -> Path:
 def test_storescu_instance_takes_the_data_path_into_a_spool_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An 8 MiB instance from DCMTK storescu (64 PDUs of 128 KiB) is handed to the DIMSE
-    provider PDU by PDU (not through pynetdicom's event queue), spooled into a SpoolFile and
-    stored as sent, without a hash."""
+    """An 8 MiB instance from DCMTK storescu (64 PDUs of 128 KiB) takes the data path PDU by
+    PDU (not pynetdicom's event queue): the bulk as runs of fragments, the first and last PDU
+    through the DIMSE provider; it is spooled into a SpoolFile and stored as sent, without a
+    hash."""
     handed: list[bool] = []
+    runs: list[int] = []
     spools: list[SpoolFile] = []
-    data, init = DataPath._data, SpoolFile.__init__
+    data, take, init = DataPath._data, DataPath._take_fragments, SpoolFile.__init__
 
-    def counted_data(self: DataPath, body: bytearray) -> bool:
+    def counted_data(self: DataPath, body: memoryview) -> bool:
         handed.append(data(self, body))
         return handed[-1]
+
+    def counted_take(self: DataPath) -> int:
+        runs.append(take(self))
+        return runs[-1]
 
     def counted_init(self: SpoolFile, **kwargs: Any) -> None:
         init(self, **kwargs)
         spools.append(self)
 
     monkeypatch.setattr(DataPath, "_data", counted_data)
+    monkeypatch.setattr(DataPath, "_take_fragments", counted_take)
     monkeypatch.setattr(SpoolFile, "__init__", counted_init)
     sent = large_dx(tmp_path / "large.dcm")
     with listening(make_config(tmp_path, max_pdu=131072)) as listener:
         done = storescu(listener.port, sent)
         assert done.returncode == 0, done.stderr
         rows = instance_rows(listener)
-    assert len(handed) >= 64 and all(handed)  # every P-DATA-TF PDU took the data path
+    assert all(handed) and len(handed) + sum(runs) >= 64  # every P-DATA-TF PDU: the data path
+    assert sum(runs) >= 60  # the bulk as runs of fragments
     assert len(spools) == 1 and spools[0].size > 8 * 1024 * 1024
     (row,) = rows.values()
     stored = pydicom.dcmread(Path(row["path"]))

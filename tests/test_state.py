@@ -9,8 +9,10 @@ import hashlib
 import os
 import shutil
 import sqlite3
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -115,6 +117,64 @@ def test_roles_opening_a_new_database_together_all_get_it(tmp_path: Path) -> Non
         with StateDB(path) as db:
             assert db.query("PRAGMA journal_mode")[0][0] == "wal"
             assert db.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION
+
+
+def test_rows_recorded_at_once_by_many_threads_share_commits(
+    db: StateDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """32 threads recording at once: every row is there when its call returns, the study's
+    revision counts each, and the rows that arrived during a commit went into one of the
+    next commits (group commit), not one commit each."""
+    from dicomnode import state
+
+    commits: list[int] = []  # rows per commit
+    rows = [0]
+    insert, transaction = state._insert_instance, StateDB.transaction
+
+    def counted_insert(conn: sqlite3.Connection, inst: StoredInstance, now: float) -> None:
+        insert(conn, inst, now)
+        rows[0] += 1
+
+    @contextmanager
+    def slow_transaction(self: StateDB) -> Iterator[sqlite3.Connection]:
+        rows[0] = 0
+        with transaction(self) as conn:
+            yield conn
+            time.sleep(0.01)  # a commit whose sync takes a while, as under load
+        commits.append(rows[0])
+
+    monkeypatch.setattr(state, "_insert_instance", counted_insert)
+    monkeypatch.setattr(StateDB, "transaction", slow_transaction)
+
+    def record(n: int) -> bool:
+        db.record_instance(instance(f"1.2.3.{n}"))
+        return db.instance(f"1.2.3.{n}") is not None  # committed when the call returned
+
+    with ThreadPoolExecutor(32) as pool:
+        assert all(pool.map(record, range(32)))
+    assert sum(commits) == 32 and len(commits) < 32, commits
+    (revision,) = db.query("SELECT revision FROM studies WHERE study_uid = ?", (STUDY,))[0]
+    assert revision == 32
+
+
+def test_a_failed_group_commit_fails_each_of_its_rows_and_the_next_one_works(
+    db: StateDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dicomnode import state
+
+    insert = state._insert_instance
+
+    def failing(conn: sqlite3.Connection, inst: StoredInstance, now: float) -> None:
+        if inst.sop_instance_uid == "1.2.3.99":
+            raise sqlite3.OperationalError("disk I/O error")
+        insert(conn, inst, now)
+
+    monkeypatch.setattr(state, "_insert_instance", failing)
+    with pytest.raises(sqlite3.OperationalError):
+        db.record_instance(instance("1.2.3.99"))
+    assert db.instance("1.2.3.99") is None
+    db.record_instance(instance("1.2.3.100"))
+    assert db.instance("1.2.3.100") is not None and not db._pending
 
 
 def test_study_is_queued_once_after_it_was_quiet_for_stable_seconds(db: StateDB) -> None:
