@@ -337,8 +337,7 @@ class DataPath:
         if capacity > len(self._buffer):
             grown = bytearray(capacity)
             grown[: end - start] = self._view[start:end]
-            self._view.release()
-            self._buffer, self._view = grown, memoryview(grown)
+            self._buffer, self._view = grown, memoryview(grown)  # the old one goes with its views
         elif start > 0 and (start == end or len(self._buffer) - start < needed):
             self._view[: end - start] = self._view[start:end]
         else:

@@ -579,6 +579,25 @@ def test_invalid_source_header_values_are_left_empty_not_copied(tmp_path: Path) 
     assert invalid_header_attributes(pydicom.dcmread(SAMPLES / "DX_highdicom_small.dcm")) == ()
 
 
+@pytest.mark.parametrize(("date", "kept"), [("40261204", False), ("09991231", False),
+                                            ("20261204", True), ("18500101", True)])
+def test_a_study_date_with_a_year_dciodvfy_refuses_is_left_empty(
+    date: str, kept: bool, tmp_path: Path
+) -> None:
+    """pydicom reads any year, dciodvfy only 1000-2999 (fuzz case 20261208:838: a Study Date of
+    40261204, one flipped digit): such a date is damaged and left empty in every result."""
+    ds = pydicom.dcmread(SAMPLES / "DX_highdicom_small.dcm")
+    ds.StudyDate = date
+    ds.save_as(tmp_path / "dated.dcm")
+    view = load_view(tmp_path / "dated.dcm")
+    assert ("StudyDate" in invalid_header_attributes(view.header)) is not kept
+    written = _write(tmp_path, [ImageFinding(view, ONE_BOX, THORAX)])
+    empty = (ACCEPTED_WARNING,) + (() if kept else ("Study Date",))  # DICOMDIR would want one
+    for item in written.all:
+        _dciodvfy(item.path, empty)
+        assert pydicom.dcmread(item.path).StudyDate == (date if kept else "")
+
+
 @pytest.mark.parametrize("spacing", ["\\", "\\0.143", "0.143\\0", "NaN\\0.143"])
 def test_imager_pixel_spacing_without_two_usable_values_is_left_out_of_the_sr(
     spacing: str, tmp_path: Path

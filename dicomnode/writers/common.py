@@ -12,11 +12,11 @@ import copy
 import os
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import highdicom as hd
 import numpy as np
@@ -365,7 +365,16 @@ _TYPE_2 = frozenset(
         "AccessionNumber",
     )
 )
-_PARSED = {"DA": DA, "TM": TM, "DS": float, "IS": int}
+def _date(value: object) -> None:
+    """Raise unless ``value`` is a date pydicom reads with a year from 1000 to 2999: dciodvfy
+    refuses other years, and one there is a damaged value (fuzz case 20261208:838: a Study Date
+    of 40261204)."""
+    year = DA(value).year
+    if not 1000 <= year <= 2999:
+        raise ValueError(f"year {year} out of range")
+
+
+_PARSED: dict[str, Callable[[Any], object]] = {"DA": _date, "TM": TM, "DS": float, "IS": int}
 _SKIPPED_GROUPS = (0x0002,)
 #: The identifying UIDs: the listener stored the instance only if they are usable (VR UI, a UID
 #: it can file), so they are never left out (leading zeros in a component, which pydicom's
