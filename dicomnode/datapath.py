@@ -7,17 +7,25 @@ wrapper; the C-STORE handler then read the whole spooled file back to hash it. T
 copies, a read-back and a SHA-256 of every byte, in Python, on the thread that also receives.
 
 On an association the listener accepted, :class:`DataPath` stands in for the DUL's
-``_read_pdu_data``. It reads each PDU as pynetdicom does (header, then body, through the
-socket's ``recv``, which is the listener's :class:`~dicomnode.limits.PduLengthGuard`), and:
+``_read_pdu_data`` and ``_is_transport_event``. It reads whatever has arrived into one buffer
+per association (one ``readv`` per read, up to :data:`RECEIVE_BYTES`), checks the length of
+every PDU on its header before reading its body (``node.max_pdu`` for P-DATA-TF,
+:data:`MAX_OTHER_PDU` for the others: A-ABORT above it), and:
 
 - counts the data set bytes of every P-DATA-TF PDU against ``node.max_instance_bytes``
   (an unfinished message over the limit aborts the association, as before);
-- hands a P-DATA-TF PDU received while the association is established (state 6, nothing else
-  waiting in the DUL's event queue) to the DIMSE provider at once, as one P-DATA primitive
-  whose values are views of the received buffer: what action DT-2 of the state machine does,
+- writes the data set fragments of the C-STORE being received straight into its spool file,
+  all those of one read with one ``writev`` (runs of one-fragment PDUs are taken without
+  parsing each on its own);
+- hands any other P-DATA-TF PDU received while the association is established (state 6,
+  nothing else waiting in the DUL's event queue) to the DIMSE provider at once, as one P-DATA
+  primitive whose values are views of the buffer: what action DT-2 of the state machine does,
   without the copies and the round trip through the event queue;
 - passes every other PDU (and a P-DATA-TF it cannot parse, or one in any other state) to
   pynetdicom's own decoding, so protocol errors are answered exactly as before.
+
+A PDU that stops half-way waits in the buffer while pynetdicom's loop goes on with its timers
+(the DUL thread never blocks in ``recv``).
 
 The data set then goes into a :class:`SpoolFile`, which pynetdicom's chunked receive creates
 instead of a ``NamedTemporaryFile`` while a listener runs (:func:`spool_files`): unbuffered
@@ -60,12 +68,12 @@ PDU_TYPES = frozenset(range(0x01, 0x08))
 """The PDU types of PS3.8 9.3; pynetdicom reads no body after any other type."""
 ESTABLISHED = "Sta6"
 """PS3.8 Table 9-10: association established, ready for data transfer."""
-_SOURCE_PROVIDER, _INVALID_PDU_PARAMETER_VALUE = 0x02, 0x06  # A-ABORT fields, PS3.8 9.3.8
+SOURCE_PROVIDER, _INVALID_PDU_PARAMETER_VALUE = 0x02, 0x06  # A-ABORT fields, PS3.8 9.3.8
 
 BURST_PDUS = 64
-"""Most PDUs one pass of the DUL's loop reads: pynetdicom's loop (timer checks, its queues, a
-readiness check) runs between bursts instead of between PDUs, and a primitive to send (a
-response) waits for at most the burst in progress."""
+"""Most PDUs, or runs of data set fragments, one pass of the DUL's loop handles: pynetdicom's
+loop (timer checks, its queues) runs between bursts instead of between PDUs, and the burst
+stops as soon as a primitive (a response) waits to be sent."""
 RECEIVE_BYTES = 1024 * 1024
 """Size of an association's receive buffer (larger while a longer PDU arrives): one read takes
 whatever the socket holds, up to this, whatever the PDU size the peer sends."""
@@ -116,7 +124,7 @@ class SpoolFile:
     """The file one incoming data set is spooled into: what pynetdicom's chunked receive uses
     of ``NamedTemporaryFile(delete=False)`` (``name``, ``write``, ``file.flush``, ``close``).
 
-    Writes go straight to the descriptor (``os.write``, no buffer to flush). Created with
+    Writes go straight to the descriptor (``os.writev``, no buffer to flush). Created with
     ``tempfile.mkstemp`` (mode 0600) in ``tempfile``'s folder, which the listener points at its
     spool.
     """
@@ -233,7 +241,7 @@ def refuse_pdu(sock: Any, peer: str, pdu_type: int, reason: str, **fields: int) 
     queue a second close event on failure)."""
     log.warning("pdu_refused", peer=peer, pdu_type=f"0x{pdu_type:02X}", reason=reason, **fields)
     abort = A_ABORT_RQ()
-    abort.source, abort.reason_diagnostic = _SOURCE_PROVIDER, _INVALID_PDU_PARAMETER_VALUE
+    abort.source, abort.reason_diagnostic = SOURCE_PROVIDER, _INVALID_PDU_PARAMETER_VALUE
     with contextlib.suppress(OSError, AttributeError):
         sock.socket.sendall(abort.encode())
 
@@ -430,9 +438,9 @@ class DataPath:
         :meth:`_data` would do with each of them); return how many PDUs were taken (0: the
         next PDU takes the general way)."""
         dul = self.dul
-        spool = getattr(self.assoc.dimse.message, "_data_set_file", None)
+        spool = self._message_spool()
         if (
-            not isinstance(spool, SpoolFile)
+            spool is None
             or dul.state_machine.current_state != ESTABLISHED
             or not dul.event_queue.empty()
         ):
@@ -450,25 +458,29 @@ class DataPath:
                 or control & 0x03
                 or 0 < max_pdu < length
                 or stop > end
-                or (limit > 0 and pending + length - 6 > limit)
+                or (limit > 0 and pending + stop - start - _FRAGMENT_HEAD > limit)
             ):
                 break
-            self._writes.append(view[start + _FRAGMENT_HEAD : stop])
-            pending += length - 6
+            fragment = view[start + _FRAGMENT_HEAD : stop]
+            self._writes.append(fragment)
+            pending += len(fragment)
             start = stop
             taken += 1
         if taken:
             self._start, self.pending, self._writes_to = start, pending, spool
         return taken
 
+    def _message_spool(self) -> SpoolFile | None:
+        """The spool file of the C-STORE request being received, if any."""
+        spool = getattr(self.assoc.dimse.message, "_data_set_file", None)
+        return spool if isinstance(spool, SpoolFile) else None
+
     def _spool_for(self, values: Sequence[tuple[int, memoryview]]) -> SpoolFile | None:
         """The spool file of the C-STORE request being received, if every value is a data set
         fragment that does not end it: what pynetdicom's ``decode_msg`` would only write there."""
-        message = self.assoc.dimse.message
-        spool = getattr(message, "_data_set_file", None)
-        if not isinstance(spool, SpoolFile) or any(value[0] & 0x03 for _, value in values):
+        if any(value[0] & 0x03 for _, value in values):
             return None
-        return spool
+        return self._message_spool()
 
     def _queue_writes(self, spool: SpoolFile, values: Sequence[tuple[int, memoryview]]) -> None:
         self._writes_to = spool

@@ -22,7 +22,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 
 from dicomnode import reactor
 from dicomnode.config import NodeConfig
-from dicomnode.datapath import DataPath
+from dicomnode.datapath import SOURCE_PROVIDER, DataPath
 from dicomnode.logging import get_logger
 from dicomnode.storage import mapped
 
@@ -45,8 +45,6 @@ def space_shortfall(state_dir: Path, incoming: int, node: NodeConfig) -> str | N
         )
     return None
 
-
-_SOURCE_PROVIDER = 0x02
 
 #: Local service primitives (PS3.8 9.2 Table 9-6): requests and responses of our own side.
 _LOCAL_EVENTS = frozenset(("Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"))
@@ -109,7 +107,7 @@ def abort_now(assoc: Any) -> None:
     """Send an A-ABORT (service provider) straight to the socket and stop the association, as
     pynetdicom's DUL does when its own loop fails."""
     abort = A_ABORT_RQ()
-    abort.source, abort.reason_diagnostic = _SOURCE_PROVIDER, 0x00
+    abort.source, abort.reason_diagnostic = SOURCE_PROVIDER, 0x00
     with contextlib.suppress(Exception):
         assoc.dul.socket.send(abort.encode())
     assoc.is_aborted, assoc.is_established = True, False
@@ -123,9 +121,11 @@ class InboundLimits:
     - PDU length (memory): a PDU longer than ``max_pdu`` (P-DATA-TF) or
       :data:`~dicomnode.datapath.MAX_OTHER_PDU` is refused from its header, before its body
       is read (:class:`~dicomnode.datapath.DataPath`).
-    - A stalled transfer: the accepted socket gets ``network_timeout`` as its receive timeout
-      (pynetdicom leaves accepted sockets blocking, so a peer stopping in the middle of a PDU
-      would hold its association, and a ``max_associations`` slot, for ever).
+    - A stalled transfer: the data path never blocks in ``recv`` (a PDU that stops half-way
+      waits in its buffer), so pynetdicom's timers end it: the ARTIM timer
+      (``acse_timeout``) before a whole A-ASSOCIATE-RQ arrived, the idle timer
+      (``network_timeout``) after. The accepted socket gets ``network_timeout`` as its timeout
+      for sends and TLS reads (pynetdicom leaves accepted sockets blocking).
     - Data set size (disk): the data set fragments of each incoming message are counted as its
       PDUs arrive (:class:`~dicomnode.datapath.DataPath`, which reads them); once an unfinished
       message exceeds ``max_instance_bytes`` (0: no limit) the association is aborted

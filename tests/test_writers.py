@@ -584,7 +584,7 @@ def test_invalid_source_header_values_are_left_empty_not_copied(tmp_path: Path) 
 def test_a_study_date_with_a_year_dciodvfy_refuses_is_left_empty(
     date: str, kept: bool, tmp_path: Path
 ) -> None:
-    """pydicom reads any year, dciodvfy only 1000-2999 (fuzz case 20261208:838: a Study Date of
+    """pydicom reads any year, dciodvfy only 1000-2999 (fuzz case 20261208:842: a Study Date of
     40261204, one flipped digit): such a date is damaged and left empty in every result."""
     ds = pydicom.dcmread(SAMPLES / "DX_highdicom_small.dcm")
     ds.StudyDate = date

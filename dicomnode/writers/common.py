@@ -367,7 +367,7 @@ _TYPE_2 = frozenset(
 )
 def _date(value: object) -> None:
     """Raise unless ``value`` is a date pydicom reads with a year from 1000 to 2999: dciodvfy
-    refuses other years, and one there is a damaged value (fuzz case 20261208:838: a Study Date
+    refuses other years, and one there is a damaged value (fuzz case 20261208:842: a Study Date
     of 40261204)."""
     year = DA(value).year
     if not 1000 <= year <= 2999:
@@ -479,8 +479,15 @@ def usable_character_set(header: Dataset) -> bool:
             return False
         if not all(terms):
             return False
-    codec = "ascii" if terms in ([], ["ISO_IR 6"]) else python_encoding.get(terms[0])
-    return _encodable(header, codec if len(terms) < 2 else None)
+    return _encodable(header, _codec(terms))
+
+
+def _codec(terms: list[str]) -> str | None:
+    """The Python codec of the character set ``terms``: None where it has code extensions
+    (several terms), for which only ASCII is taken as certain."""
+    if len(terms) > 1:
+        return None
+    return "ascii" if terms in ([], ["ISO_IR 6"]) else python_encoding.get(terms[0])
 
 
 _TEXT_VRS = frozenset(("SH", "LO", "ST", "LT", "UT", "UC", "PN"))
@@ -631,9 +638,8 @@ def _equipment_fits(header: Dataset, terms: list[str]) -> bool:
     for keyword in _EQUIPMENT:
         if keyword in header:
             equipment[keyword] = copy.deepcopy(header[keyword])
-    codec = "ascii" if terms in ([], ["ISO_IR 6"]) else python_encoding.get(terms[0])
-    return _encodable(equipment, codec if len(terms) < 2 else None) and not (
-        too_long_when_encoded(equipment, terms or [UTF8])
+    return _encodable(equipment, _codec(terms)) and not too_long_when_encoded(
+        equipment, terms or [UTF8]
     )
 
 
