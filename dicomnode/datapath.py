@@ -52,6 +52,7 @@ from pynetdicom import dimse_messages
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import P_DATA
 
+from dicomnode.commands import spool_file_meta, spool_meta
 from dicomnode.logging import get_logger
 
 log = get_logger(__name__)
@@ -165,13 +166,17 @@ class SpoolFile:
 
 @contextlib.contextmanager
 def spool_files() -> Iterator[None]:
-    """While inside, pynetdicom's chunked receive spools into :class:`SpoolFile` objects."""
-    before = dimse_messages.NamedTemporaryFile
-    dimse_messages.NamedTemporaryFile = SpoolFile  # type: ignore[assignment]
+    """While inside, pynetdicom's chunked receive spools into :class:`SpoolFile` objects and
+    writes their File Meta with :mod:`dicomnode.commands` (the same bytes, no dataset)."""
+    names = ("NamedTemporaryFile", "create_file_meta", "write_file_meta_info")
+    before = [getattr(dimse_messages, name) for name in names]
+    for name, stand_in in zip(names, (SpoolFile, spool_meta, spool_file_meta), strict=True):
+        setattr(dimse_messages, name, stand_in)
     try:
         yield
     finally:
-        dimse_messages.NamedTemporaryFile = before
+        for name, original in zip(names, before, strict=True):
+            setattr(dimse_messages, name, original)
 
 
 def parse_pdvs(body: memoryview) -> list[tuple[int, memoryview]] | None:

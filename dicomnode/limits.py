@@ -9,6 +9,7 @@ cannot negotiate is refused where PDUs are read, :mod:`dicomnode.datapath`). Use
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from pynetdicom.fsm import TRANSITION_TABLE
 from pynetdicom.pdu import A_ABORT_RQ
 
 from dicomnode import reactor
+from dicomnode.commands import META_HEAD, fast_store_responses, spooled_data_set_offset
 from dicomnode.config import NodeConfig
 from dicomnode.datapath import SOURCE_PROVIDER, DataPath
 from dicomnode.logging import get_logger
@@ -151,15 +153,17 @@ class InboundLimits:
         return [(evt.EVT_CONN_OPEN, self.on_conn_open)]
 
     def on_conn_open(self, event: evt.Event) -> None:
-        """Install the receive timeout, :func:`guard_association`, the data path (which
-        reads the PDUs and checks their length) and the waiting loops
-        (:mod:`dicomnode.reactor`), before the association's threads run."""
+        """Install the receive timeout, :func:`guard_association`, the C-STORE responses of
+        :mod:`dicomnode.commands`, the data path (which reads the PDUs and checks their
+        length) and the waiting loops (:mod:`dicomnode.reactor`), before the association's
+        threads run."""
         try:
             sock = event.assoc.dul.socket
             if sock is None or sock.socket is None:
                 return
             sock.socket.settimeout(self.timeout)
             guard_association(event.assoc)
+            fast_store_responses(event.assoc)
             data_path = DataPath(event.assoc, self.max_instance_bytes, self.max_pdu)
             data_path.install()
             reactor.install(event.assoc, buffered=data_path.has_pdu)
@@ -169,11 +173,17 @@ class InboundLimits:
 
 def spooled_dataset_size(path: Path) -> int:
     """Bytes of the data set in the spooled file ``path`` (after its File Meta): what
-    pynetdicom's ``split_dataset`` finds, read from a memory map."""
+    pynetdicom's ``split_dataset`` finds. The File Meta's group length gives where the data set
+    starts; a file that does not begin as the listener writes it is parsed instead."""
+    with path.open("rb") as handle:
+        offset = spooled_data_set_offset(handle.read(META_HEAD))
+        size = os.fstat(handle.fileno()).st_size
+    if offset is not None:
+        return size - offset
     with mapped(path) as handle:
         read_preamble(handle, False)
         read_dataset(handle, is_implicit_VR=False, is_little_endian=True, stop_when=_not_meta)
-        return path.stat().st_size - handle.tell()
+        return size - handle.tell()
 
 
 def _not_meta(tag: BaseTag, vr: str | None, length: int) -> bool:
