@@ -130,7 +130,7 @@ def fast_store_responses(assoc: Any) -> None:
         command = _status_only_response(primitive)
         limit = dimse.maximum_pdu_size
         fits = command is not None and (limit == 0 or len(command) <= limit - 6)
-        if not fits or assoc.get_handlers(evt.EVT_DIMSE_SENT):
+        if command is None or not fits or assoc.get_handlers(evt.EVT_DIMSE_SENT):
             send(primitive, context_id)
             return
         pdata = P_DATA()
@@ -198,7 +198,7 @@ def spool_file_meta(fp: BinaryIO, file_meta: Any, enforce_standard: bool = True)
             sop_instance_uid=file_meta.sop_instance_uid,  # type: ignore[arg-type]
             transfer_syntax=file_meta.transfer_syntax,  # type: ignore[arg-type]
         )
-    write_file_meta_info(fp, file_meta, enforce_standard=enforce_standard)
+    write_file_meta_info(fp, file_meta, enforce_standard=enforce_standard)  # type: ignore[arg-type]
 
 
 def spooled_data_set_offset(head: bytes) -> int | None:
