@@ -15,6 +15,7 @@ import struct
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -22,14 +23,22 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, dimse_messages
+from pynetdicom import AE, build_role, dimse_messages, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode import reactor, storage
-from dicomnode.datapath import DataPath, SpoolFile, count_dataset_bytes, parse_pdvs, spool_files
+from dicomnode.datapath import (
+    REUSED_REQUEST_BYTES,
+    DataPath,
+    SpoolFile,
+    count_dataset_bytes,
+    decoded_request,
+    parse_pdvs,
+    spool_files,
+)
 from dicomnode.reactor import AssociationWaiter, DulWaiter, PollingClock
 from dicomnode.receivers import SupportedContexts
-from dicomnode.scp import build_ae
+from tests.faults.fuzz_pdus import Request
 from tests.test_scp import NODE_AE, instance_rows, listening, make_config, storescu
 
 pytestmark = pytest.mark.timeout(120)
@@ -419,19 +428,91 @@ def test_idle_associations_wait_instead_of_polling(
 # -- presentation contexts -------------------------------------------------------------------
 
 
-def test_supported_contexts_copy_is_independent_and_equal(tmp_path: Path) -> None:
-    contexts = SupportedContexts(build_ae(make_config(tmp_path)).supported_contexts)
-    copies = copy.deepcopy(contexts)
-    assert [(c.abstract_syntax, c.transfer_syntax) for c in copies] == [
-        (c.abstract_syntax, c.transfer_syntax) for c in contexts
-    ]
-    assert all(
-        a is not b and a._transfer_syntax is not b._transfer_syntax
-        for a, b in zip(copies, contexts, strict=True)
+def context_state(context: Any) -> tuple[Any, ...]:
+    return (
+        context.context_id,
+        context.abstract_syntax,
+        tuple(context.transfer_syntax),
+        context.scu_role,
+        context.scp_role,
+        context.result,
+        context._as_scu,
+        context._as_scp,
     )
-    copies[0].result = 0
-    copies[0]._transfer_syntax.append("1.2.3")
-    assert contexts[0].result is None and "1.2.3" not in contexts[0].transfer_syntax
+
+
+def test_associations_share_the_contexts_and_negotiation_leaves_them_as_they_were(
+    tmp_path: Path,
+) -> None:
+    """Each association's copy of the server's contexts is a new list of the same objects;
+    two storescu associations (each proposing 128 contexts, some accepted, some not) and a
+    pynetdicom one with role selection leave every context as it was."""
+    with listening(make_config(tmp_path)) as listener:
+        contexts = listener._server.contexts  # type: ignore[union-attr]
+        assert isinstance(contexts, SupportedContexts)
+        shared = copy.deepcopy(contexts)
+        assert shared is not contexts
+        assert all(a is b for a, b in zip(shared, contexts, strict=True))
+        before = [context_state(c) for c in contexts]
+        for name in ("one.dcm", "two.dcm"):
+            done = storescu(listener.port, large_dx(tmp_path / name, rows=64, cols=64))
+            assert done.returncode == 0, done.stderr
+        ae = AE(ae_title="ROLES")
+        ae.add_requested_context(DigitalXRayImageStorageForPresentation)
+        role = build_role(DigitalXRayImageStorageForPresentation, scu_role=True, scp_role=True)
+        assoc = ae.associate("127.0.0.1", listener.port, ae_title=NODE_AE, ext_neg=[role])
+        assert assoc.is_established
+        assoc.release()
+        assert [context_state(c) for c in contexts] == before
+        assert len(instance_rows(listener)) == 2
+
+
+def test_an_association_request_sent_again_is_decoded_once(tmp_path: Path) -> None:
+    """Three storescu associations with the same request: pynetdicom decodes it once, all three
+    are served; a request with other bytes (another calling AE title) is decoded anew."""
+    decoded_request.cache_clear()
+    with listening(make_config(tmp_path)) as listener:
+        for index in range(3):
+            done = storescu(listener.port, large_dx(tmp_path / f"{index}.dcm", rows=64, cols=64))
+            assert done.returncode == 0, done.stderr
+        info = decoded_request.cache_info()
+        assert (info.misses, info.hits) == (1, 2)
+        done = storescu(listener.port, tmp_path / "0.dcm", calling="OTHER_AE")
+        assert done.returncode == 0, done.stderr
+        assert decoded_request.cache_info().misses == 2
+        assert len(instance_rows(listener)) == 3
+    data = bytes(Request().encode())
+    first, problem = decoded_request(data)
+    assert decoded_request(data)[0] is first and problem is None
+    assert first.calling_ae_title == "FUZZ_SCU"
+    # the primitive pynetdicom makes of it is new each time: nothing shared is changed later
+    one, two = first.to_primitive(), first.to_primitive()
+    assert one.presentation_context_definition_list[0] is not (
+        two.presentation_context_definition_list[0]
+    )
+
+
+class _Handlers:
+    def __init__(self, bound: Any) -> None:
+        self.bound = bound
+
+    def get_handlers(self, event: Any) -> list[Any]:
+        return [(print, None)] if event is self.bound else []
+
+
+@pytest.mark.parametrize(
+    ("pdu", "bound", "reused"),
+    [
+        (b"\x01" + bytes(100), None, True),
+        (b"\x01" + bytes(REUSED_REQUEST_BYTES), None, False),  # too long to keep
+        (b"\x01" + bytes(100), evt.EVT_PDU_RECV, False),  # a handler sees every PDU
+        (b"\x01" + bytes(100), evt.EVT_DATA_RECV, False),  # ... or its bytes
+        (b"\x05" + bytes(100), None, False),  # only association requests
+    ],
+)
+def test_which_requests_may_be_reused(pdu: bytes, bound: Any, reused: bool) -> None:
+    path = SimpleNamespace(assoc=_Handlers(bound))
+    assert DataPath._may_reuse_request(path, bytearray(pdu)) is reused  # type: ignore[arg-type]
 
 
 # -- UID parsing -----------------------------------------------------------------------------
