@@ -110,12 +110,19 @@ def _status_only_response(primitive: Any) -> bytes | None:
         return None
     if getattr(primitive, "_dataset_path", None) is not None:
         return None  # pynetdicom would announce a data set
+    if not all(_is_us(value) for value in (primitive.MessageIDBeingRespondedTo, primitive.Status)):
+        return None  # pynetdicom says what is wrong with it
     return store_response_command(
         primitive.MessageIDBeingRespondedTo,
         primitive.AffectedSOPClassUID,
         primitive.AffectedSOPInstanceUID,
         primitive.Status,
     )
+
+
+def _is_us(value: object) -> bool:
+    """Whether ``value`` fits an element of VR US (an unsigned 16-bit integer)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0xFFFF
 
 
 def fast_store_responses(assoc: Any) -> None:

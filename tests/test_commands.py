@@ -130,6 +130,7 @@ def request() -> C_STORE:
         (FakeAssociation(), with_error_comment()),  # an element it does not write
         (FakeAssociation(), request()),  # not a response
         (FakeAssociation(), response(3, CR, "1.2.é", 0)),  # not plain
+        (FakeAssociation(), response(3, CR, DX, 0x10000)),  # not a US value
         (FakeAssociation(max_pdu=100), response(3, CR, DX, 0)),  # needs two fragments
         (FakeAssociation(handlers=[(print, None)]), response(3, CR, DX, 0)),  # someone listens
     ],
