@@ -147,6 +147,18 @@ def fast_store_responses(assoc: Any) -> None:
     setattr(dimse, "send_msg", send_msg)  # noqa: B010 (instance attribute)
 
 
+def _implementation_elements() -> bytes | None:
+    """Implementation Class UID and Version Name (pynetdicom's), as written, once."""
+    uid = _uid(str(PYNETDICOM_IMPLEMENTATION_UID))
+    version = _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")
+    if uid is None or version is None:
+        return None
+    return _explicit(0x0002, 0x0012, b"UI", uid) + _explicit(0x0002, 0x0013, b"SH", version)
+
+
+_IMPLEMENTATION = _implementation_elements()
+
+
 def file_meta_bytes(
     sop_class_uid: object, sop_instance_uid: object, transfer_syntax_uid: object
 ) -> bytes | None:
@@ -154,9 +166,7 @@ def file_meta_bytes(
     pynetdicom's ``create_file_meta`` and pydicom's ``write_file_meta_info`` write for a
     spooled data set, or None when a UID cannot be written plainly."""
     uids = [_uid(value) for value in (sop_class_uid, sop_instance_uid, transfer_syntax_uid)]
-    implementation = _uid(str(PYNETDICOM_IMPLEMENTATION_UID))
-    version = _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")
-    if any(value is None for value in uids) or implementation is None or version is None:
+    if any(value is None for value in uids) or _IMPLEMENTATION is None:
         return None
     sop_class, sop_instance, transfer_syntax = (value or b"" for value in uids)
     body = b"".join(
@@ -165,8 +175,7 @@ def file_meta_bytes(
             _explicit(0x0002, 0x0002, b"UI", sop_class),
             _explicit(0x0002, 0x0003, b"UI", sop_instance),
             _explicit(0x0002, 0x0010, b"UI", transfer_syntax),
-            _explicit(0x0002, 0x0012, b"UI", implementation),
-            _explicit(0x0002, 0x0013, b"SH", version),
+            _IMPLEMENTATION,
         )
     )
     return _explicit(0x0002, 0x0000, b"UL", struct.pack("<I", len(body))) + body

@@ -17,6 +17,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.pdu_primitives import P_DATA
 
+from dicomnode import commands
 from dicomnode.commands import (
     META_HEAD,
     PREAMBLE,
@@ -215,3 +216,42 @@ def test_a_file_not_written_by_the_listener_is_parsed(tmp_path: Path) -> None:
     assert spooled_data_set_offset(path.read_bytes()[:META_HEAD]) is None
     assert spooled_data_set_offset(b"short") is None
     assert spooled_dataset_size(path) == len(data_set)
+
+
+def test_storescu_gets_the_listeners_own_response_and_file_meta(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a real peer (DCMTK storescu): the response to each C-STORE and the stored file's
+    File Meta are the ones written here, storescu accepts the responses (exit 0), and pydicom
+    reads the stored files back with the File Meta pynetdicom would have written."""
+    from tests.test_datapath import large_dx
+    from tests.test_scp import instance_rows, listening, make_config, storescu
+
+    responses: list[bytes | None] = []
+    metas: list[bytes | None] = []
+    respond, meta = commands.store_response_command, commands.file_meta_bytes
+
+    def counted_response(*args: Any) -> bytes | None:
+        responses.append(respond(*args))
+        return responses[-1]
+
+    def counted_meta(*args: Any) -> bytes | None:
+        metas.append(meta(*args))
+        return metas[-1]
+
+    monkeypatch.setattr(commands, "store_response_command", counted_response)
+    monkeypatch.setattr(commands, "file_meta_bytes", counted_meta)
+    sent = [large_dx(tmp_path / f"{index}.dcm", rows=64, cols=64) for index in range(2)]
+    with listening(make_config(tmp_path)) as listener:
+        done = storescu(listener.port, *sent)
+        assert done.returncode == 0, done.stderr
+        rows = instance_rows(listener)
+    assert len(responses) == 2 and all(responses)
+    assert len(metas) == 2 and all(metas)
+    for path in sent:
+        source = pydicom.dcmread(path)
+        stored = Path(rows[source.SOPInstanceUID]["path"])
+        assert stored.read_bytes()[len(PREAMBLE) :].startswith(
+            pydicom_file_meta(source.SOPClassUID, source.SOPInstanceUID, ExplicitVRLittleEndian)
+        )
+        assert pydicom.dcmread(stored).PixelData == source.PixelData
